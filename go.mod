@@ -1,0 +1,3 @@
+module github.com/couponflow/dispatcher
+
+go 1.26.8
