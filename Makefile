@@ -1,0 +1,25 @@
+GO ?= go
+BIN := bin
+
+.PHONY: build test vet fmt bench demo sandbox clean
+
+build:
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+# The README's test command: what CI runs.
+test:
+	$(GO) vet ./...
+	$(GO) test -race ./...
+
+fmt:
+	gofmt -w $$(git ls-files '*.go')
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+# A sandbox on its own, with keys and sandbox.env in .demo/sandbox.
+sandbox:
+	$(GO) run ./cmd/wxsandbox --addr 127.0.0.1:8090 --data-dir .demo/sandbox
+
+clean:
+	rm -rf $(BIN) .demo

@@ -1,0 +1,65 @@
+package wechat
+
+import (
+	"fmt"
+	"regexp"
+	"unicode/utf8"
+)
+
+// The rules WeChat applies to the fields we send, checked before a call so
+// that a bad row fails at enqueue time with a message naming the field,
+// not hours later as a PARAM_ERROR.
+var (
+	// "可包含英文字母, 数字, |, _, *, -等内容, 不允许出现其他不合法符号"
+	outRequestNoRE = regexp.MustCompile(`^[A-Za-z0-9_|*-]{1,128}$`)
+	// OpenIDs are base64url-like strings; anything else is a data error
+	// (a stray space, a quote from a spreadsheet) that WeChat would reject.
+	openIDRE = regexp.MustCompile(`^[A-Za-z0-9_-]{1,128}$`)
+	idRE     = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
+)
+
+// ValidateOutRequestNo checks WeChat's charset and length for out_request_no.
+func ValidateOutRequestNo(s string) error {
+	if s == "" {
+		return invalid("out_request_no is empty")
+	}
+	if len(s) > 128 {
+		return invalid("out_request_no is %d characters long; the limit is 128", utf8.RuneCountInString(s))
+	}
+	if !outRequestNoRE.MatchString(s) {
+		return invalid("out_request_no %q has a character outside letters, digits and | _ * -", s)
+	}
+	return nil
+}
+
+// ValidateOpenID checks that s looks like an openid.
+func ValidateOpenID(s string) error {
+	if s == "" {
+		return invalid("openid is empty")
+	}
+	if len(s) > 128 {
+		return invalid("openid is %d characters long; the limit is 128", utf8.RuneCountInString(s))
+	}
+	if !openIDRE.MatchString(s) {
+		return invalid("openid %q has a character outside letters, digits, _ and -", s)
+	}
+	return nil
+}
+
+func validateID(field, s string, max int) error {
+	switch {
+	case s == "":
+		return invalid("%s is empty", field)
+	case len(s) > max:
+		return invalid("%s is %d characters long; the limit is %d", field, utf8.RuneCountInString(s), max)
+	case !idRE.MatchString(s):
+		return invalid("%s %q has a character outside letters, digits, _ and -", field, s)
+	}
+	return nil
+}
+
+// invalid is a request refused before it was sent: Permanent, because the
+// same request would be refused again.
+func invalid(format string, args ...any) error {
+	return &Error{Class: Permanent, Code: CodeBadRequest, Message: fmt.Sprintf(format, args...)}
+}
