@@ -3,6 +3,23 @@ module github.com/couponflow/dispatcher
 go 1.26.8
 
 require (
-	github.com/wechatpay-apiv3/wechatpay-go v0.2.21 // indirect
-	golang.org/x/time v0.14.0 // indirect
+	github.com/cenkalti/backoff/v4 v4.3.0
+	github.com/hibiken/asynq v0.26.0
+	github.com/redis/go-redis/v9 v9.23.0
+	github.com/schollz/progressbar/v3 v3.19.1
+	github.com/wechatpay-apiv3/wechatpay-go v0.2.21
+	golang.org/x/term v0.47.0
+	golang.org/x/time v0.14.0
+)
+
+require (
+	github.com/cespare/xxhash/v2 v2.3.0 // indirect
+	github.com/google/uuid v1.6.0 // indirect
+	github.com/mitchellh/colorstring v0.0.0-20190213212951-d06e56a500db // indirect
+	github.com/rivo/uniseg v0.4.7 // indirect
+	github.com/robfig/cron/v3 v3.0.1 // indirect
+	github.com/spf13/cast v1.10.0 // indirect
+	go.uber.org/atomic v1.12.0 // indirect
+	golang.org/x/sys v0.49.0 // indirect
+	google.golang.org/protobuf v1.36.10 // indirect
 )

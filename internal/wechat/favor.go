@@ -48,7 +48,7 @@ func (c *Client) SendCoupon(ctx context.Context, req SendCouponRequest) (*SendCo
 	if req.StockCreatorMchID == "" {
 		req.StockCreatorMchID = c.mchID
 	}
-	if err := req.validate(); err != nil {
+	if err := req.Validate(); err != nil {
 		return nil, err
 	}
 	body := cashcoupons.SendCouponRequest{
@@ -77,7 +77,8 @@ func (c *Client) SendCoupon(ctx context.Context, req SendCouponRequest) (*SendCo
 	return &SendCouponResponse{CouponID: *resp.CouponId, RequestID: rid}, nil
 }
 
-func (r SendCouponRequest) validate() error {
+// Validate checks the request as WeChat would, after defaults are applied.
+func (r SendCouponRequest) Validate() error {
 	if err := ValidateOpenID(r.OpenID); err != nil {
 		return err
 	}

@@ -93,7 +93,7 @@ func (c *Client) SendMultiuseCoupon(ctx context.Context, req SendMultiuseRequest
 	if req.CardType == "" {
 		req.CardType = "ID_CARD"
 	}
-	if err := req.validate(c.encryptor.keyID); err != nil {
+	if err := req.Validate(c.encryptor.keyID); err != nil {
 		return nil, err
 	}
 	body := multiuseBody{
@@ -124,7 +124,9 @@ func (c *Client) SendMultiuseCoupon(ctx context.Context, req SendMultiuseRequest
 	return &SendCouponResponse{CouponID: resp.CouponID, RequestID: requestID(result)}, nil
 }
 
-func (r SendMultiuseRequest) validate(keyID string) error {
+// Validate checks the request; keyID is the WeChat Pay key the identity
+// must be encrypted under.
+func (r SendMultiuseRequest) Validate(keyID string) error {
 	if err := ValidateOpenID(r.OpenID); err != nil {
 		return err
 	}

@@ -1,0 +1,137 @@
+package sandbox
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+)
+
+// adminRoutes registers the unsigned control API. Faults never apply here.
+func (s *Server) adminRoutes(mux *http.ServeMux) {
+	mux.HandleFunc("GET /sandbox/healthz", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+	mux.HandleFunc("GET /sandbox/ledger", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, s.Ledger())
+	})
+	mux.HandleFunc("GET /sandbox/env", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		_, _ = io.WriteString(w, s.EnvText())
+	})
+	mux.HandleFunc("GET /sandbox/stocks", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, s.Stocks())
+	})
+	mux.HandleFunc("POST /sandbox/stocks", func(w http.ResponseWriter, r *http.Request) {
+		var spec StockSpec
+		if !readJSON(w, r, &spec) {
+			return
+		}
+		k, err := s.CreateStock(spec)
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusCreated, k)
+	})
+	mux.HandleFunc("GET /sandbox/stocks/{stock_id}", func(w http.ResponseWriter, r *http.Request) {
+		s.writeStock(w, r.PathValue("stock_id"), nil)
+	})
+	mux.HandleFunc("POST /sandbox/stocks/{stock_id}/{action}", func(w http.ResponseWriter, r *http.Request) {
+		id := r.PathValue("stock_id")
+		var err error
+		switch a := r.PathValue("action"); a {
+		case "pause":
+			err = s.SetStockState(id, StatePaused)
+		case "activate":
+			err = s.SetStockState(id, StateActive)
+		case "stop":
+			err = s.SetStockState(id, StateStopped)
+		case "topup":
+			var body struct {
+				Coupons int64 `json:"coupons"`
+			}
+			if !readJSON(w, r, &body) {
+				return
+			}
+			err = s.TopUp(id, body.Coupons)
+		default:
+			writeJSON(w, http.StatusNotFound, map[string]string{"error": fmt.Sprintf("unknown stock action %q: want pause, activate, stop or topup", a)})
+			return
+		}
+		s.writeStock(w, id, err)
+	})
+	mux.HandleFunc("GET /sandbox/faults", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, s.Faults())
+	})
+	mux.HandleFunc("PUT /sandbox/faults", func(w http.ResponseWriter, r *http.Request) {
+		f := s.Faults() // absent fields keep their value
+		if !readJSON(w, r, &f) {
+			return
+		}
+		if err := f.Validate(); err != nil {
+			writeError(w, err)
+			return
+		}
+		s.SetFaults(f)
+		writeJSON(w, http.StatusOK, f)
+	})
+	mux.HandleFunc("POST /sandbox/coupons/{coupon_id}/use", func(w http.ResponseWriter, r *http.Request) {
+		var body struct {
+			ConsumeMchID  string `json:"consume_mchid"`
+			TransactionID string `json:"transaction_id"`
+		}
+		if r.ContentLength != 0 && !readJSON(w, r, &body) {
+			return
+		}
+		id := r.PathValue("coupon_id")
+		if err := s.MarkUsed(id, body.ConsumeMchID, body.TransactionID); err != nil {
+			writeError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]string{"coupon_id": id, "status": StatusUsed})
+	})
+	mux.HandleFunc("/sandbox/", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusNotFound, map[string]string{"error": fmt.Sprintf("no admin endpoint %s %s", r.Method, r.URL.Path)})
+	})
+}
+
+func (s *Server) writeStock(w http.ResponseWriter, id string, err error) {
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	k, ok := s.Stock(id)
+	if !ok {
+		writeError(w, fmt.Errorf("stock %s: %w", id, ErrNotFound))
+		return
+	}
+	writeJSON(w, http.StatusOK, k)
+}
+
+func readJSON(w http.ResponseWriter, r *http.Request, v any) bool {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		writeJSON(w, http.StatusBadRequest, map[string]string{"error": "invalid JSON body: " + err.Error()})
+		return false
+	}
+	return true
+}
+
+func writeError(w http.ResponseWriter, err error) {
+	status := http.StatusBadRequest
+	if errors.Is(err, ErrNotFound) {
+		status = http.StatusNotFound
+	}
+	writeJSON(w, status, map[string]string{"error": err.Error()})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}

@@ -1,0 +1,542 @@
+package sandbox
+
+import (
+	"cmp"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"maps"
+	"os"
+	"slices"
+	"strconv"
+	"time"
+)
+
+// Stock kinds and states.
+const (
+	KindFavor    = "favor"    // cash coupons, /v3/marketing/favor/users/{openid}/coupons
+	KindMultiuse = "multiuse" // consumer funds, /v3/multiuse/users/{openid}/coupons
+
+	StateActive  = "active"
+	StatePaused  = "paused"
+	StateStopped = "stopped"
+)
+
+// Coupon statuses, as the list API spells them.
+const (
+	StatusSended = "SENDED"
+	StatusUsed   = "USED"
+)
+
+// ErrNotFound is wrapped by errors about unknown stocks and coupons.
+var ErrNotFound = errors.New("not found")
+
+// StockSpec describes a stock to create. Zero fields take defaults.
+type StockSpec struct {
+	ID         string `json:"stock_id,omitempty"` // numeric, generated when empty
+	Kind       string `json:"kind,omitempty"`     // KindFavor (default) or KindMultiuse
+	Name       string `json:"name,omitempty"`
+	Budget     int64  `json:"budget"`       // coupons that may be issued, > 0
+	MaxPerUser int64  `json:"max_per_user"` // per openid, 0 = unlimited
+	// CouponValue and CouponMinimum are in fen. A cash coupon defaults to
+	// 100 off a minimum of CouponValue; for a consumer fund CouponValue is the
+	// largest amount one send may carry (default 100000).
+	CouponValue   int64  `json:"coupon_value"`
+	CouponMinimum int64  `json:"coupon_minimum"`
+	CreatorMchID  string `json:"creator_mchid,omitempty"` // default: the sandbox's mchid
+	State         string `json:"state,omitempty"`         // StateActive (default), StatePaused, StateStopped
+}
+
+// Stock is a stock and how much of it has been issued.
+type Stock struct {
+	StockSpec
+	Issued    int64 `json:"issued"`
+	Remaining int64 `json:"remaining"`
+}
+
+// coupon is one issued coupon or consumer fund. ReqValue and ReqMinimum are
+// what the send carried (0 = absent), kept to judge idempotent retries.
+// Records never change once issued (use is kept apart), so a snapshot can
+// share them and encode them outside the lock.
+type coupon struct {
+	ID           string    `json:"coupon_id"`
+	Kind         string    `json:"kind"`
+	StockID      string    `json:"stock_id"`
+	OpenID       string    `json:"openid"`
+	OutRequestNo string    `json:"out_request_no"`
+	SenderMchID  string    `json:"sender_mchid"`
+	AppID        string    `json:"appid"`
+	CreatorMchID string    `json:"creator_mchid,omitempty"` // as sent (favor)
+	ReqValue     int64     `json:"req_value,omitempty"`
+	ReqMinimum   int64     `json:"req_minimum,omitempty"`
+	CardType     string    `json:"card_type,omitempty"`
+	Holder       string    `json:"holder,omitempty"` // salted hash of name and id number
+	Amount       int64     `json:"amount"`
+	Minimum      int64     `json:"minimum"`
+	Created      time.Time `json:"create_time"`
+}
+
+// usage is how a coupon was consumed (MarkUsed).
+type usage struct {
+	Time          time.Time `json:"consume_time"`
+	MchID         string    `json:"consume_mchid"`
+	TransactionID string    `json:"transaction_id"`
+}
+
+func (c *coupon) sameRequest(o *coupon) bool {
+	return c.Kind == o.Kind && c.OpenID == o.OpenID && c.StockID == o.StockID && c.AppID == o.AppID &&
+		c.CreatorMchID == o.CreatorMchID && c.ReqValue == o.ReqValue && c.ReqMinimum == o.ReqMinimum &&
+		c.CardType == o.CardType && c.Holder == o.Holder
+}
+
+// store is the sandbox's state; Server.mu guards it.
+type store struct {
+	stocks     map[string]*Stock
+	stockOrder []string
+	coupons    []*coupon // issue order
+	byID       map[string]*coupon
+	byOpenID   map[string][]*coupon
+	byRequest  map[string]*coupon // sender mchid + "\x00" + out_request_no
+	perUser    map[string]int64   // stock id + "\x00" + openid
+	used       map[string]usage   // by coupon id
+	requests   map[string]int64
+	faults     map[string]int64
+	nextCoupon int64
+	nextStock  int64
+	dirty      bool
+}
+
+func newStore() *store {
+	return &store{
+		stocks:     map[string]*Stock{},
+		byID:       map[string]*coupon{},
+		byOpenID:   map[string][]*coupon{},
+		byRequest:  map[string]*coupon{},
+		perUser:    map[string]int64{},
+		used:       map[string]usage{},
+		requests:   map[string]int64{},
+		faults:     map[string]int64{},
+		nextCoupon: 10000000000,
+		nextStock:  16000001,
+	}
+}
+
+func (st *store) addCoupon(c *coupon) {
+	st.coupons = append(st.coupons, c)
+	st.byID[c.ID] = c
+	st.byOpenID[c.OpenID] = append(st.byOpenID[c.OpenID], c)
+	st.byRequest[c.SenderMchID+"\x00"+c.OutRequestNo] = c
+	st.perUser[c.StockID+"\x00"+c.OpenID]++
+}
+
+func (st *store) addStock(k *Stock) {
+	st.stocks[k.ID] = k
+	st.stockOrder = append(st.stockOrder, k.ID)
+}
+
+func (k *Stock) view() Stock {
+	v := *k
+	v.Remaining = max(0, v.Budget-v.Issued)
+	return v
+}
+
+func (st *store) status(c *coupon) string {
+	if _, ok := st.used[c.ID]; ok {
+		return StatusUsed
+	}
+	return StatusSended
+}
+
+// snapshot is state.json.
+type snapshot struct {
+	NextCouponID int64            `json:"next_coupon_id"`
+	NextStockID  int64            `json:"next_stock_id"`
+	Stocks       []Stock          `json:"stocks"`
+	Coupons      []*coupon        `json:"coupons"`
+	Used         map[string]usage `json:"used"`
+	Requests     map[string]int64 `json:"requests"`
+	Faults       map[string]int64 `json:"faults"`
+}
+
+func (st *store) snapshot() snapshot {
+	sn := snapshot{
+		NextCouponID: st.nextCoupon,
+		NextStockID:  st.nextStock,
+		Stocks:       make([]Stock, 0, len(st.stockOrder)),
+		Coupons:      slices.Clip(st.coupons), // shared: records never change, the store only appends
+		Used:         maps.Clone(st.used),
+		Requests:     maps.Clone(st.requests),
+		Faults:       maps.Clone(st.faults),
+	}
+	for _, id := range st.stockOrder {
+		sn.Stocks = append(sn.Stocks, st.stocks[id].view())
+	}
+	return sn
+}
+
+func (s *Server) loadState() error {
+	if s.dir == "" {
+		return nil
+	}
+	b, err := os.ReadFile(s.path(StateFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var sn snapshot
+	if err := json.Unmarshal(b, &sn); err != nil {
+		return fmt.Errorf("%s: %w", s.path(StateFile), err)
+	}
+	st := newStore()
+	st.nextCoupon = max(st.nextCoupon, sn.NextCouponID)
+	st.nextStock = max(st.nextStock, sn.NextStockID)
+	for _, k := range sn.Stocks {
+		st.addStock(&k)
+	}
+	for _, c := range sn.Coupons {
+		st.addCoupon(c)
+		if n, err := strconv.ParseInt(c.ID, 10, 64); err == nil && n >= st.nextCoupon {
+			st.nextCoupon = n + 1
+		}
+	}
+	maps.Copy(st.used, sn.Used)
+	maps.Copy(st.requests, sn.Requests)
+	maps.Copy(st.faults, sn.Faults)
+	s.st = st
+	return nil
+}
+
+// save writes state.json if anything changed since the last save. The
+// snapshot is copied under the lock and encoded outside it.
+func (s *Server) save() error {
+	if s.dir == "" {
+		return nil
+	}
+	s.saveMu.Lock()
+	defer s.saveMu.Unlock()
+	s.mu.Lock()
+	if !s.st.dirty {
+		s.mu.Unlock()
+		return nil
+	}
+	sn := s.st.snapshot()
+	s.st.dirty = false
+	s.mu.Unlock()
+
+	b, err := json.Marshal(sn)
+	if err == nil {
+		err = writeFileAtomic(s.path(StateFile), b, 0o600)
+	}
+	if err != nil {
+		s.mu.Lock()
+		s.st.dirty = true
+		s.mu.Unlock()
+		return fmt.Errorf("save %s: %w", s.path(StateFile), err)
+	}
+	return nil
+}
+
+// saveLoop saves at most every second, and spaces saves to ten times their
+// duration so that encoding a large ledger never takes over a benchmark.
+func (s *Server) saveLoop() {
+	defer close(s.saverDone)
+	t := time.NewTimer(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stopSaver:
+			return
+		case <-t.C:
+			start := time.Now()
+			if err := s.save(); err != nil {
+				s.log.Error("persist state", "err", err)
+			}
+			t.Reset(max(time.Second, 10*time.Since(start)))
+		}
+	}
+}
+
+// CreateStock adds a stock; zero fields of spec take their defaults.
+func (s *Server) CreateStock(spec StockSpec) (Stock, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.createStockLocked(spec)
+}
+
+func (s *Server) createStockLocked(spec StockSpec) (Stock, error) {
+	if spec.Kind == "" {
+		spec.Kind = KindFavor
+	}
+	if spec.State == "" {
+		spec.State = StateActive
+	}
+	if spec.CreatorMchID == "" {
+		spec.CreatorMchID = s.id.MchID
+	}
+	switch spec.Kind {
+	case KindFavor:
+		spec.Name = cmp.Or(spec.Name, "沙箱代金券")
+		spec.CouponValue = cmp.Or(spec.CouponValue, 100)
+		spec.CouponMinimum = cmp.Or(spec.CouponMinimum, spec.CouponValue)
+	case KindMultiuse:
+		spec.Name = cmp.Or(spec.Name, "沙箱消费金")
+		spec.CouponValue = cmp.Or(spec.CouponValue, 100000)
+	default:
+		return Stock{}, fmt.Errorf("kind must be %q or %q, got %q", KindFavor, KindMultiuse, spec.Kind)
+	}
+	switch {
+	case spec.Budget <= 0:
+		return Stock{}, fmt.Errorf("budget must be > 0, got %d", spec.Budget)
+	case spec.MaxPerUser < 0:
+		return Stock{}, fmt.Errorf("max_per_user must be >= 0 (0 = unlimited), got %d", spec.MaxPerUser)
+	case spec.CouponValue <= 0:
+		return Stock{}, fmt.Errorf("coupon_value must be > 0, got %d", spec.CouponValue)
+	case spec.Kind == KindFavor && spec.CouponMinimum < spec.CouponValue:
+		return Stock{}, fmt.Errorf("coupon_minimum must be >= coupon_value (%d), got %d", spec.CouponValue, spec.CouponMinimum)
+	case !validState(spec.State):
+		return Stock{}, fmt.Errorf("state must be %q, %q or %q, got %q", StateActive, StatePaused, StateStopped, spec.State)
+	case len(spec.CreatorMchID) > 20:
+		return Stock{}, fmt.Errorf("creator_mchid must be at most 20 characters")
+	}
+	if spec.ID == "" {
+		for spec.ID == "" || s.st.stocks[spec.ID] != nil {
+			spec.ID = strconv.FormatInt(s.st.nextStock, 10)
+			s.st.nextStock++
+		}
+	} else if !isDigits(spec.ID) || len(spec.ID) > 20 {
+		return Stock{}, fmt.Errorf("stock_id must be 1 to 20 digits, got %q", spec.ID)
+	} else if s.st.stocks[spec.ID] != nil {
+		return Stock{}, fmt.Errorf("stock_id %s already exists", spec.ID)
+	}
+	k := &Stock{StockSpec: spec}
+	s.st.addStock(k)
+	s.st.dirty = true
+	return k.view(), nil
+}
+
+func validState(v string) bool { return v == StateActive || v == StatePaused || v == StateStopped }
+
+func isDigits(v string) bool {
+	for _, r := range v {
+		if r < '0' || r > '9' {
+			return false
+		}
+	}
+	return v != ""
+}
+
+// Stock returns a stock by id.
+func (s *Server) Stock(id string) (Stock, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if k := s.st.stocks[id]; k != nil {
+		return k.view(), true
+	}
+	return Stock{}, false
+}
+
+// Stocks returns all stocks in creation order.
+func (s *Server) Stocks() []Stock {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]Stock, 0, len(s.st.stockOrder))
+	for _, id := range s.st.stockOrder {
+		out = append(out, s.st.stocks[id].view())
+	}
+	return out
+}
+
+// SetStockState moves a stock to StateActive, StatePaused or StateStopped.
+func (s *Server) SetStockState(id, state string) error {
+	if !validState(state) {
+		return fmt.Errorf("state must be %q, %q or %q, got %q", StateActive, StatePaused, StateStopped, state)
+	}
+	return s.updateStock(id, func(k *Stock) error { k.State = state; return nil })
+}
+
+// TopUp adds n coupons to a stock's budget.
+func (s *Server) TopUp(id string, n int64) error {
+	if n <= 0 {
+		return fmt.Errorf("coupons must be > 0, got %d", n)
+	}
+	return s.updateStock(id, func(k *Stock) error { k.Budget += n; return nil })
+}
+
+func (s *Server) updateStock(id string, f func(*Stock) error) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	k := s.st.stocks[id]
+	if k == nil {
+		return fmt.Errorf("stock %s: %w", id, ErrNotFound)
+	}
+	if err := f(k); err != nil {
+		return err
+	}
+	s.st.dirty = true
+	return nil
+}
+
+// MarkUsed marks a coupon USED, as if a payment had consumed it, so that the
+// list API shows its consume_information. Empty arguments take defaults: the
+// sandbox's mchid and a generated transaction id.
+func (s *Server) MarkUsed(couponID, consumeMchID, transactionID string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.st.byID[couponID] == nil {
+		return fmt.Errorf("coupon %s: %w", couponID, ErrNotFound)
+	}
+	if _, ok := s.st.used[couponID]; ok {
+		return fmt.Errorf("coupon %s is already used", couponID)
+	}
+	now := time.Now()
+	s.st.used[couponID] = usage{
+		Time:          now,
+		MchID:         cmp.Or(consumeMchID, s.id.MchID),
+		TransactionID: cmp.Or(transactionID, "42000"+now.Format("20060102")+randDigits(15)),
+	}
+	s.st.dirty = true
+	return nil
+}
+
+// Ledger is everything the sandbox has issued and answered: the same JSON as
+// GET /sandbox/ledger.
+type Ledger struct {
+	Coupons []LedgerCoupon `json:"coupons"` // in issue order
+	// Requests counts API requests by "<http status> <code>": "200 OK",
+	// "429 FREQUENCY_LIMIT_EXCEED", "0 CONNECTION_DROPPED"…
+	Requests map[string]int64 `json:"requests"`
+	// Faults counts injected faults: commit_fail_500, commit_fail_drop,
+	// bad_signature, latency, system_error.
+	Faults map[string]int64 `json:"faults"`
+}
+
+// LedgerCoupon is one issued coupon.
+type LedgerCoupon struct {
+	OutRequestNo string `json:"out_request_no"`
+	OpenID       string `json:"openid"`
+	StockID      string `json:"stock_id"`
+	CouponID     string `json:"coupon_id"`
+	CreateTime   string `json:"create_time"` // RFC 3339, +08:00
+	Kind         string `json:"kind"`        // KindFavor or KindMultiuse
+	Status       string `json:"status"`      // SENDED or USED
+}
+
+// Ledger returns a copy of the ledger.
+func (s *Server) Ledger() Ledger {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l := Ledger{
+		Coupons:  make([]LedgerCoupon, len(s.st.coupons)),
+		Requests: maps.Clone(s.st.requests),
+		Faults:   maps.Clone(s.st.faults),
+	}
+	for i, c := range s.st.coupons {
+		l.Coupons[i] = LedgerCoupon{c.OutRequestNo, c.OpenID, c.StockID, c.ID, rfc3339(c.Created), c.Kind, s.st.status(c)}
+	}
+	return l
+}
+
+func (s *Server) count(status int, code string) {
+	s.mu.Lock()
+	s.st.requests[strconv.Itoa(status)+" "+code]++
+	s.st.dirty = true
+	s.mu.Unlock()
+}
+
+func (s *Server) countFault(name string) {
+	s.mu.Lock()
+	s.st.faults[name]++
+	s.st.dirty = true
+	s.mu.Unlock()
+}
+
+var cst = time.FixedZone("CST", 8*3600)
+
+func rfc3339(t time.Time) string { return t.In(cst).Format(time.RFC3339) }
+
+// issue applies the stock rules and idempotency to a send and returns the
+// coupon: the original one for a retry with the same out_request_no.
+func (s *Server) issue(q *coupon) (*coupon, *apiError) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.st
+	// Before any state or budget check: a retry after a commit-then-fail
+	// must get its coupon even if the stock has since run out.
+	if c := st.byRequest[q.SenderMchID+"\x00"+q.OutRequestNo]; c != nil {
+		if c.sameRequest(q) {
+			return c, nil
+		}
+		return nil, errInvalid("out_request_no %s 已使用: it was already used with different parameters", q.OutRequestNo)
+	}
+	k := st.stocks[q.StockID]
+	switch {
+	case k == nil:
+		return nil, &apiError{404, "RESOURCE_NOT_EXISTS", fmt.Sprintf("批次不存在: stock_id %s not found", q.StockID)}
+	case k.Kind != q.Kind:
+		return nil, errInvalid("批次类型不匹配: stock %s is a %s stock, not %s", k.ID, k.Kind, q.Kind)
+	case q.Kind == KindFavor && k.CreatorMchID != q.CreatorMchID:
+		return nil, &apiError{403, "REQUEST_BLOCKED", fmt.Sprintf("商户无权发券: stock_creator_mchid %s did not create stock %s", q.CreatorMchID, k.ID)}
+	case k.State != StateActive:
+		return nil, errInvalid("活动已结束或未激活: stock %s is %s", k.ID, k.State)
+	case q.Kind == KindMultiuse && q.Amount > k.CouponValue:
+		return nil, errParam("amount %d exceeds the stock's maximum of %d", q.Amount, k.CouponValue)
+	case k.Issued >= k.Budget:
+		return nil, &apiError{403, "NOT_ENOUGH", fmt.Sprintf("批次预算不足: stock %s has issued all %d coupons", k.ID, k.Budget)}
+	case k.MaxPerUser > 0 && st.perUser[k.ID+"\x00"+q.OpenID] >= k.MaxPerUser:
+		return nil, &apiError{403, "REQUEST_BLOCKED", fmt.Sprintf("用户被限领拦截: the user already holds %d coupon(s) of stock %s", k.MaxPerUser, k.ID)}
+	}
+	c := *q
+	c.ID = strconv.FormatInt(st.nextCoupon, 10)
+	st.nextCoupon++
+	c.Created = time.Now()
+	if c.Kind == KindFavor && c.ReqValue == 0 {
+		c.Amount, c.Minimum = k.CouponValue, k.CouponMinimum
+	}
+	k.Issued++
+	st.addCoupon(&c)
+	st.dirty = true
+	return &c, nil
+}
+
+// listFilter selects coupons for the list API.
+type listFilter struct {
+	openID, kind, stockID, status   string
+	creator, sender, availableMchID string
+}
+
+type listed struct {
+	c     *coupon
+	stock Stock
+	used  *usage
+}
+
+func (s *Server) find(f listFilter) []listed {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []listed
+	for _, c := range s.st.byOpenID[f.openID] {
+		k := s.st.stocks[c.StockID]
+		status := s.st.status(c)
+		switch {
+		case c.Kind != f.kind,
+			f.availableMchID != "" && (status != StatusSended || k.CreatorMchID != f.availableMchID),
+			f.availableMchID == "" && f.stockID != "" && c.StockID != f.stockID,
+			f.availableMchID == "" && f.status != "" && status != f.status,
+			f.creator != "" && k.CreatorMchID != f.creator,
+			f.sender != "" && c.SenderMchID != f.sender:
+			continue
+		}
+		l := listed{c: c, stock: *k}
+		if u, ok := s.st.used[c.ID]; ok {
+			l.used = &u
+		}
+		out = append(out, l)
+	}
+	slices.SortStableFunc(out, func(a, b listed) int {
+		return cmp.Or(a.c.Created.Compare(b.c.Created), cmp.Compare(len(a.c.ID), len(b.c.ID)), cmp.Compare(a.c.ID, b.c.ID))
+	})
+	return out
+}

@@ -1,0 +1,76 @@
+package wechat
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"testing"
+
+	"github.com/wechatpay-apiv3/wechatpay-go/core"
+)
+
+func TestClassifyAPIErrors(t *testing.T) {
+	cases := []struct {
+		status int
+		code   string
+		msg    string
+		want   Class
+	}{
+		{429, "FREQUENCY_LIMIT_EXCEED", "接口限频", RateLimited},
+		{403, "FREQUENCY_LIMITED", "", RateLimited},
+		{400, "INVALID_REQUEST", "请求过于频繁，请稍后再试", RateLimited},
+		{400, "INVALID_REQUEST", "calls are too frequent", RateLimited},
+		{403, "NOT_ENOUGH", "批次预算不足", BudgetExhausted},
+		{500, "SYSTEM_ERROR", "系统错误", Ambiguous},
+		{502, "", "", Ambiguous},
+		{400, "PARAM_ERROR", "批次号必填", Permanent},
+		{400, "INVALID_REQUEST", "活动已结束或未激活", Permanent},
+		{400, "MCH_NOT_EXISTS", "", Permanent},
+		{400, "APPID_MCHID_NOT_MATCH", "", Permanent},
+		{403, "USER_ACCOUNT_ABNORMAL", "", Permanent},
+		{403, "REQUEST_BLOCKED", "用户被限领拦截", Permanent},
+		{404, "RESOURCE_NOT_EXISTS", "", Permanent},
+		{401, "SIGN_ERROR", "", Permanent},
+		{409, "SOMETHING_NEW", "", Permanent},
+	}
+	for _, c := range cases {
+		h := http.Header{}
+		h.Set("Request-Id", "rid-1")
+		err := classify(&core.APIError{StatusCode: c.status, Code: c.code, Message: c.msg, Header: h}, nil)
+		var e *Error
+		if !errors.As(err, &e) {
+			t.Fatalf("%d %s: not an *Error: %v", c.status, c.code, err)
+		}
+		if e.Class != c.want || e.StatusCode != c.status || e.RequestID != "rid-1" {
+			t.Errorf("%d %s %q: got %s status %d request id %q, want %s", c.status, c.code, c.msg, e.Class, e.StatusCode, e.RequestID, c.want)
+		}
+		if c.code == "" && e.Code != "HTTP_502" {
+			t.Errorf("a body without a code got code %q", e.Code)
+		}
+		if ClassOf(err) != c.want {
+			t.Errorf("ClassOf disagrees for %s", c.code)
+		}
+	}
+}
+
+func TestClassifyTransportErrors(t *testing.T) {
+	if got := ClassOf(classify(context.DeadlineExceeded, nil)); got != Ambiguous {
+		t.Errorf("timeout: %s", got)
+	}
+	var e *Error
+	errors.As(classify(context.DeadlineExceeded, nil), &e)
+	if e.Code != CodeTimeout {
+		t.Errorf("timeout code %q", e.Code)
+	}
+	errors.As(classify(errors.New("connection reset by peer"), &core.APIResult{}), &e)
+	if e.Class != Ambiguous || e.Code != CodeNetwork {
+		t.Errorf("reset: %s %s", e.Class, e.Code)
+	}
+	errors.As(classify(errors.New("verify fail"), &core.APIResult{Response: &http.Response{StatusCode: 200, Header: http.Header{}}}), &e)
+	if e.Class != Ambiguous || e.Code != CodeBadSignature || e.StatusCode != 200 {
+		t.Errorf("bad signature: %s %s %d", e.Class, e.Code, e.StatusCode)
+	}
+	if ClassOf(nil) != Success || ClassOf(errors.New("foreign")) != Ambiguous {
+		t.Error("ClassOf of nil or a foreign error")
+	}
+}
