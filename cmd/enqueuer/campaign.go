@@ -1,0 +1,174 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/schollz/progressbar/v3"
+	"golang.org/x/term"
+
+	"github.com/couponflow/dispatcher/internal/campaign"
+	"github.com/couponflow/dispatcher/internal/enqueue"
+	"github.com/couponflow/dispatcher/internal/idempotency"
+	"github.com/couponflow/dispatcher/internal/tasks"
+)
+
+func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	c := newFlags("campaign", "--file users.csv|users.jsonl --stock-id ID [flags]", stderr)
+	file := c.fs.String("file", "", "recipients: CSV with a header (openid, out_request_no, coupon_value, coupon_minimum) or JSON lines")
+	format := c.fs.String("format", "", "csv or jsonl; default by the file's extension or content")
+	stock := c.fs.String("stock-id", "", "stock (批次) id")
+	creator := c.fs.String("creator-mchid", "", "stock_creator_mchid; default the merchant id")
+	name := c.fs.String("campaign", "", "campaign name; default the file's base name. Rows without out_request_no get one derived from the merchant, this name and the openid, so keep it when re-running")
+	deadline := c.fs.String("deadline", "72h", "how long sends wait on an exhausted budget: a duration or an RFC 3339 time (kept from the first run)")
+	concurrency := c.fs.Int("concurrency", 32, "enqueues in flight at once")
+	queue := c.fs.String("queue", tasks.DefaultQueue, "asynq queue")
+	showInvalid := c.fs.Int("show-invalid", 20, "invalid rows listed in the summary; the rest are counted")
+	progress := c.fs.String("progress", "auto", "auto (a bar on a terminal, lines otherwise), bar, lines or none")
+	if err := c.parse(args); err != nil {
+		return err
+	}
+	if err := need("--file", *file, "--stock-id", *stock, "--mchid or WECHATPAY_MCHID", c.wx.MchID, "--appid or WECHATPAY_APPID", c.wx.AppID); err != nil {
+		return err
+	}
+	if *name == "" {
+		*name = campaignFromFile(*file)
+	}
+	if err := tasks.ValidateCampaign(*name); err != nil {
+		return &exitError{code: 2, err: err}
+	}
+	dl, err := parseDeadline(*deadline)
+	if err != nil {
+		return &exitError{code: 2, err: err}
+	}
+	reader, closer, err := campaign.Open(*file, campaign.Options{Format: *format})
+	if err != nil {
+		return &exitError{code: 2, err: err}
+	}
+	defer closer.Close()
+	var size int64
+	if fi, err := os.Stat(*file); err == nil {
+		size = fi.Size()
+	}
+
+	rdb, err := c.redis(ctx, *concurrency+4)
+	if err != nil {
+		return err
+	}
+	defer rdb.Close()
+	meta, err := idempotency.New(rdb).SaveCampaign(ctx, idempotency.Campaign{Name: *name, MchID: c.wx.MchID, Deadline: dl})
+	if err != nil {
+		return err
+	}
+	if meta.MchID != c.wx.MchID {
+		return &exitError{code: 2, err: fmt.Errorf("campaign %q belongs to merchant %s, not %s; choose another --campaign", *name, meta.MchID, c.wx.MchID)}
+	}
+	fmt.Fprintf(stderr, "campaign %s: %s → stock %s, queue %s, deadline %s\n", *name, *file, *stock, *queue, meta.Deadline.Format(time.RFC3339))
+
+	var stats enqueue.Stats
+	start := time.Now()
+	stopProgress := showProgress(*progress, stderr, size, &stats, start)
+	runErr := c.producer(rdb, *queue).Bulk(ctx, reader, enqueue.Campaign{
+		Name: *name, MchID: c.wx.MchID, AppID: c.wx.AppID, StockID: *stock, StockCreatorMchID: *creator, Deadline: meta.Deadline,
+	}, &stats, enqueue.BulkOptions{Concurrency: *concurrency, KeepInvalid: *showInvalid})
+	stopProgress()
+
+	elapsed := time.Since(start)
+	rows := stats.Enqueued.Load() + stats.Duplicates.Load() + stats.Invalid.Load()
+	fmt.Fprintf(stdout, "campaign %s: enqueued %d, duplicates %d, invalid %d, in %s (%.0f rows/s)\n",
+		*name, stats.Enqueued.Load(), stats.Duplicates.Load(), stats.Invalid.Load(), elapsed.Round(time.Millisecond), float64(rows)/elapsed.Seconds())
+	if inv := stats.InvalidRows(); len(inv) > 0 {
+		fmt.Fprintln(stdout, "invalid rows (skipped):")
+		for _, line := range inv {
+			fmt.Fprintln(stdout, "  "+line)
+		}
+		if more := stats.Invalid.Load() - int64(len(inv)); more > 0 {
+			fmt.Fprintf(stdout, "  … and %d more\n", more)
+		}
+	}
+	if runErr != nil {
+		if rows == 0 {
+			return &exitError{code: 2, err: runErr}
+		}
+		return runErr
+	}
+	fmt.Fprintf(stdout, "follow it with: enqueuer status --campaign %s\n", *name)
+	return nil
+}
+
+var unsafeName = regexp.MustCompile(`[^A-Za-z0-9_.-]+`)
+
+func campaignFromFile(path string) string {
+	base := strings.TrimSuffix(filepath.Base(path), filepath.Ext(path))
+	base = strings.Trim(unsafeName.ReplaceAllString(base, "-"), "-.")
+	if len(base) > 64 {
+		base = base[:64]
+	}
+	if base == "" {
+		base = "campaign"
+	}
+	return base
+}
+
+// showProgress draws a bar on a terminal, or writes a line every few
+// seconds to a log; the returned func stops it.
+func showProgress(mode string, w io.Writer, size int64, stats *enqueue.Stats, start time.Time) func() {
+	if mode == "auto" {
+		mode = "lines"
+		if f, ok := w.(*os.File); ok && term.IsTerminal(int(f.Fd())) && size > 0 {
+			mode = "bar"
+		}
+	}
+	done := make(chan struct{})
+	finished := make(chan struct{})
+	describe := func() string {
+		return fmt.Sprintf("line %d: %d enqueued, %d duplicates, %d invalid", stats.Lines.Load(),
+			stats.Enqueued.Load(), stats.Duplicates.Load(), stats.Invalid.Load())
+	}
+	switch mode {
+	case "none":
+		close(finished)
+	case "bar":
+		bar := progressbar.NewOptions64(size, progressbar.OptionSetWriter(w), progressbar.OptionShowBytes(true),
+			progressbar.OptionSetPredictTime(true), progressbar.OptionThrottle(200*time.Millisecond),
+			progressbar.OptionShowDescriptionAtLineEnd(), progressbar.OptionSetWidth(30))
+		go func() {
+			defer close(finished)
+			t := time.NewTicker(200 * time.Millisecond)
+			defer t.Stop()
+			for {
+				bar.Describe(describe())
+				_ = bar.Set64(stats.Bytes.Load())
+				select {
+				case <-done:
+					_ = bar.Finish()
+					fmt.Fprintln(w)
+					return
+				case <-t.C:
+				}
+			}
+		}()
+	default:
+		go func() {
+			defer close(finished)
+			t := time.NewTicker(5 * time.Second)
+			defer t.Stop()
+			for {
+				select {
+				case <-done:
+					return
+				case <-t.C:
+					n := stats.Enqueued.Load() + stats.Duplicates.Load() + stats.Invalid.Load()
+					fmt.Fprintf(w, "%s, %.0f rows/s\n", describe(), float64(n)/time.Since(start).Seconds())
+				}
+			}
+		}()
+	}
+	return func() { close(done); <-finished }
+}

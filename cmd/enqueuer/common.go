@@ -1,0 +1,88 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/hibiken/asynq"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/couponflow/dispatcher/internal/enqueue"
+	"github.com/couponflow/dispatcher/internal/envflag"
+	"github.com/couponflow/dispatcher/internal/idempotency"
+	"github.com/couponflow/dispatcher/internal/redisconn"
+	"github.com/couponflow/dispatcher/internal/wechat"
+)
+
+// common are the flags every command shares.
+type common struct {
+	fs        *flag.FlagSet
+	wx        wechat.Config
+	redisAddr string
+}
+
+func newFlags(name, synopsis string, stderr io.Writer) *common {
+	c := &common{fs: flag.NewFlagSet(name, flag.ContinueOnError), wx: wechat.ConfigFromEnv()}
+	c.fs.SetOutput(stderr)
+	c.fs.Usage = func() {
+		fmt.Fprintf(stderr, "usage: enqueuer %s %s\n\nflags:\n", name, synopsis)
+		c.fs.PrintDefaults()
+	}
+	c.wx.RegisterFlags(c.fs)
+	c.fs.StringVar(&c.redisAddr, "redis-addr", redisconn.DefaultAddr, "Redis host:port")
+	return c
+}
+
+func (c *common) parse(args []string) error {
+	if err := envflag.Parse(c.fs, map[string]string{"redis-addr": redisconn.EnvAddr}, args); err != nil {
+		return &exitError{code: 2, err: err}
+	}
+	if c.fs.NArg() > 0 {
+		return &exitError{code: 2, err: fmt.Errorf("unexpected argument %q", c.fs.Arg(0))}
+	}
+	return nil
+}
+
+// need reports every named flag that is empty, by flag and variable name.
+func need(pairs ...string) error {
+	var missing []string
+	for i := 0; i+1 < len(pairs); i += 2 {
+		if strings.TrimSpace(pairs[i+1]) == "" {
+			missing = append(missing, pairs[i])
+		}
+	}
+	if len(missing) > 0 {
+		return &exitError{code: 2, err: fmt.Errorf("missing %s", strings.Join(missing, ", "))}
+	}
+	return nil
+}
+
+func (c *common) redis(ctx context.Context, pool int) (redis.UniversalClient, error) {
+	return redisconn.Open(ctx, c.redisAddr, pool)
+}
+
+func (c *common) producer(rdb redis.UniversalClient, queue string) *enqueue.Producer {
+	return enqueue.New(asynq.NewClientFromRedisClient(rdb), idempotency.New(rdb), enqueue.WithQueue(queue))
+}
+
+// parseDeadline takes a duration from now or an RFC 3339 time.
+func parseDeadline(s string) (time.Time, error) {
+	if d, err := time.ParseDuration(s); err == nil {
+		if d <= 0 {
+			return time.Time{}, fmt.Errorf("--deadline %q must be in the future", s)
+		}
+		return time.Now().Add(d), nil
+	}
+	t, err := time.Parse(time.RFC3339, s)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("--deadline %q is neither a duration (72h) nor an RFC 3339 time", s)
+	}
+	if !t.After(time.Now()) {
+		return time.Time{}, fmt.Errorf("--deadline %s is in the past", s)
+	}
+	return t, nil
+}

@@ -1,0 +1,74 @@
+// Command enqueuer is the operator's tool: it queues sends, one or a whole
+// campaign file, and reads back a campaign's status, its report, and a
+// user's coupons.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+// exitError carries a status other than 1.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string { return e.err.Error() }
+
+const usage = `usage: enqueuer <command> [flags]
+
+commands:
+  send       queue one send
+  campaign   queue a send for every recipient of a CSV or JSON-lines file
+  status     a campaign's progress
+  report     a campaign's results, one CSV line per recipient
+  coupons    a user's coupons, through the WeChat Pay list API
+
+Run "enqueuer <command> -h" for its flags. Every command reads REDIS_ADDR
+and the WECHATPAY_* variables (see the README).
+`
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	if err == nil {
+		return
+	}
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(2)
+	}
+	fmt.Fprintln(os.Stderr, "enqueuer:", err)
+	var ee *exitError
+	if errors.As(err, &ee) {
+		os.Exit(ee.code)
+	}
+	os.Exit(1)
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return &exitError{code: 2, err: errors.New("no command given")}
+	}
+	cmds := map[string]func(context.Context, []string, io.Writer, io.Writer) error{
+		"send": cmdSend, "campaign": cmdCampaign, "status": cmdStatus, "report": cmdReport, "coupons": cmdCoupons,
+	}
+	cmd, ok := cmds[args[0]]
+	if !ok {
+		if args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+			fmt.Fprint(stdout, usage)
+			return nil
+		}
+		fmt.Fprint(stderr, usage)
+		return &exitError{code: 2, err: fmt.Errorf("unknown command %q", args[0])}
+	}
+	return cmd(ctx, args[1:], stdout, stderr)
+}

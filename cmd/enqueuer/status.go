@@ -1,0 +1,223 @@
+package main
+
+import (
+	"context"
+	"encoding/csv"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"strconv"
+	"time"
+
+	"github.com/couponflow/dispatcher/internal/idempotency"
+	"github.com/couponflow/dispatcher/internal/wechat"
+)
+
+func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	c := newFlags("status", "--campaign NAME [--watch 2s] [--json]", stderr)
+	name := c.fs.String("campaign", "", "campaign name; empty lists the campaigns")
+	watch := c.fs.Duration("watch", 0, "print again at this interval until every send is done")
+	asJSON := c.fs.Bool("json", false, "print JSON")
+	if err := c.parse(args); err != nil {
+		return err
+	}
+	rdb, err := c.redis(ctx, 2)
+	if err != nil {
+		return err
+	}
+	defer rdb.Close()
+	store := idempotency.New(rdb)
+	if *name == "" {
+		names, err := store.Campaigns(ctx)
+		if err != nil {
+			return err
+		}
+		for _, n := range names {
+			fmt.Fprintln(stdout, n)
+		}
+		return nil
+	}
+	meta, err := store.Campaign(ctx, *name)
+	if err != nil {
+		return err
+	}
+	if meta.Name == "" {
+		return &exitError{code: 2, err: fmt.Errorf("no campaign %q; run enqueuer status without --campaign to list them", *name)}
+	}
+	for {
+		st, err := store.Status(ctx, *name)
+		if err != nil {
+			return err
+		}
+		if *asJSON {
+			printStatusJSON(stdout, meta, st)
+		} else {
+			printStatus(stdout, meta, st)
+		}
+		if *watch <= 0 || st.Done() {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(*watch):
+		}
+	}
+}
+
+func printStatus(w io.Writer, meta idempotency.Campaign, st idempotency.Status) {
+	done := st.ByState[idempotency.Succeeded] + st.ByState[idempotency.Failed]
+	pct := 0.0
+	if st.Total > 0 {
+		pct = 100 * float64(done) / float64(st.Total)
+	}
+	fmt.Fprintf(w, "campaign %s (merchant %s, deadline %s): %d of %d done (%.1f%%), %.1f sends/s over the last minute, %.1f over 10s\n",
+		meta.Name, meta.MchID, meta.Deadline.Format(time.RFC3339), done, st.Total, pct, st.Rate, st.Rate10s)
+	for _, s := range idempotency.States {
+		fmt.Fprintf(w, "  %-15s %d\n", s, st.ByState[s])
+	}
+	codes := make([]string, 0, len(st.FailedByCode))
+	for code := range st.FailedByCode {
+		codes = append(codes, code)
+	}
+	sort.Strings(codes)
+	for _, code := range codes {
+		fmt.Fprintf(w, "    failed %-22s %d\n", code, st.FailedByCode[code])
+	}
+}
+
+func printStatusJSON(w io.Writer, meta idempotency.Campaign, st idempotency.Status) {
+	byState := map[string]int64{}
+	for s, n := range st.ByState {
+		byState[string(s)] = n
+	}
+	_ = json.NewEncoder(w).Encode(map[string]any{
+		"campaign": meta.Name, "mchid": meta.MchID, "deadline": meta.Deadline.Format(time.RFC3339),
+		"total": st.Total, "by_state": byState, "failed_by_code": st.FailedByCode,
+		"rate_per_second": st.Rate, "rate_10s": st.Rate10s, "done": st.Done(),
+	})
+}
+
+func cmdReport(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	c := newFlags("report", "--campaign NAME --out results.csv", stderr)
+	name := c.fs.String("campaign", "", "campaign name")
+	out := c.fs.String("out", "", "CSV file to write; - for standard output")
+	if err := c.parse(args); err != nil {
+		return err
+	}
+	if err := need("--campaign", *name, "--out", *out); err != nil {
+		return err
+	}
+	rdb, err := c.redis(ctx, 2)
+	if err != nil {
+		return err
+	}
+	defer rdb.Close()
+	store := idempotency.New(rdb)
+	if meta, err := store.Campaign(ctx, *name); err != nil {
+		return err
+	} else if meta.Name == "" {
+		return &exitError{code: 2, err: fmt.Errorf("no campaign %q", *name)}
+	}
+	var w io.Writer = stdout
+	var f *os.File
+	if *out != "-" {
+		// Written beside the target and renamed, so a report that is read
+		// is always a whole one.
+		f, err = os.CreateTemp(dirOf(*out), ".report-*.csv")
+		if err != nil {
+			return err
+		}
+		defer os.Remove(f.Name())
+		w = f
+	}
+	cw := csv.NewWriter(w)
+	_ = cw.Write([]string{"out_request_no", "openid", "state", "coupon_id", "error_code", "error_message", "attempts", "first_attempt", "last_attempt"})
+	n := 0
+	err = store.Each(ctx, *name, func(r idempotency.Record) error {
+		n++
+		code, msg := r.Code, r.Message
+		if r.State == idempotency.Succeeded {
+			code, msg = "", ""
+		}
+		return cw.Write([]string{r.OutRequestNo, r.OpenID, string(r.State), r.CouponID, code, msg,
+			strconv.Itoa(r.Attempts), stamp(r.FirstAttempt), stamp(r.LastAttempt)})
+	})
+	cw.Flush()
+	if err == nil {
+		err = cw.Error()
+	}
+	if err != nil {
+		return err
+	}
+	if f != nil {
+		if err := f.Close(); err != nil {
+			return err
+		}
+		if err := os.Rename(f.Name(), *out); err != nil {
+			return err
+		}
+		fmt.Fprintf(stderr, "wrote %d rows to %s\n", n, *out)
+	}
+	return nil
+}
+
+func stamp(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.UTC().Format(time.RFC3339Nano)
+}
+
+func dirOf(path string) string {
+	for i := len(path) - 1; i >= 0; i-- {
+		if path[i] == '/' {
+			return path[:i+1]
+		}
+	}
+	return "."
+}
+
+func cmdCoupons(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	c := newFlags("coupons", "--openid ID [--stock-id ID] [--status SENDED|USED] [--json]", stderr)
+	openid := c.fs.String("openid", "", "user's openid")
+	stock := c.fs.String("stock-id", "", "only this stock")
+	status := c.fs.String("status", "", "SENDED or USED")
+	creator := c.fs.String("creator-mchid", "", "creator_mchid filter; default the merchant id unless --available-mchid or --sender-mchid is set")
+	sender := c.fs.String("sender-mchid", "", "sender_mchid filter")
+	available := c.fs.String("available-mchid", "", "available_mchid filter (WeChat then returns only usable coupons, unpaged)")
+	business := c.fs.String("business-type", "", "MULTIUSE to list consumer funds")
+	asJSON := c.fs.Bool("json", false, "print JSON")
+	if err := c.parse(args); err != nil {
+		return err
+	}
+	if err := need("--openid", *openid); err != nil {
+		return err
+	}
+	if err := c.wx.Validate(); err != nil {
+		return &exitError{code: 2, err: fmt.Errorf("WeChat Pay configuration:\n%w", err)}
+	}
+	wx, err := wechat.New(ctx, c.wx)
+	if err != nil {
+		return err
+	}
+	coupons, err := wx.ListAllUserCoupons(ctx, wechat.ListCouponsRequest{OpenID: *openid, StockID: *stock, Status: *status,
+		CreatorMchID: *creator, SenderMchID: *sender, AvailableMchID: *available, BusinessType: *business})
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return json.NewEncoder(stdout).Encode(coupons)
+	}
+	fmt.Fprintf(stdout, "%d coupons of %s\n", len(coupons), *openid)
+	for _, cp := range coupons {
+		amount := ""
+		if cp.NormalCoupon != nil {
+			amount = fmt.Sprintf("%d/%d fen", cp.NormalCoupon.CouponAmount, cp.NormalCoupon.TransactionMinimum)
+		}
+		fmt.Fprintf(stdout, "  %s  stock %s  %-6s  %s  %s\n", cp.CouponID, cp.StockID, cp.Status, cp.CreateTime, amount)
+	}
+	return nil
+}

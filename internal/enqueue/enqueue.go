@@ -1,0 +1,101 @@
+// Package enqueue is the producer's side: it records a send in the
+// idempotency store and queues its task, so that the same send offered
+// twice, even after it has completed and asynq has forgotten it, is
+// reported as a duplicate and never queued again.
+package enqueue
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/hibiken/asynq"
+
+	"github.com/couponflow/dispatcher/internal/idempotency"
+	"github.com/couponflow/dispatcher/internal/tasks"
+)
+
+// Producer enqueues sends.
+type Producer struct {
+	client *asynq.Client
+	store  *idempotency.Store
+	queue  string
+}
+
+// Option configures a Producer.
+type Option func(*Producer)
+
+// WithQueue sends tasks to queue instead of tasks.DefaultQueue.
+func WithQueue(q string) Option { return func(p *Producer) { p.queue = q } }
+
+// New returns a producer that queues through client and records in store.
+func New(client *asynq.Client, store *idempotency.Store, opts ...Option) *Producer {
+	p := &Producer{client: client, store: store, queue: tasks.DefaultQueue}
+	for _, o := range opts {
+		o(p)
+	}
+	return p
+}
+
+// Outcome of one Enqueue.
+type Outcome int
+
+const (
+	// Enqueued: the task is queued now.
+	Enqueued Outcome = iota
+	// Duplicate: the send was queued or done already; nothing changed.
+	Duplicate
+)
+
+func (o Outcome) String() string {
+	if o == Duplicate {
+		return "duplicate"
+	}
+	return "enqueued"
+}
+
+// Result says what Enqueue did.
+type Result struct {
+	Outcome Outcome
+	TaskID  string
+	// State is the state the send was already in, for a duplicate.
+	State idempotency.State
+}
+
+// InvalidError is a send refused before anything was written.
+type InvalidError struct{ Err error }
+
+func (e *InvalidError) Error() string { return e.Err.Error() }
+func (e *InvalidError) Unwrap() error { return e.Err }
+
+// Enqueue validates args, records the send and queues it. An error other
+// than *InvalidError means Redis failed; running the same Enqueue again
+// is safe and completes the work.
+func (p *Producer) Enqueue(ctx context.Context, args tasks.Args) (Result, error) {
+	task, err := tasks.NewTask(args, asynq.Queue(p.queue))
+	if err != nil {
+		return Result{}, &InvalidError{Err: err}
+	}
+	b := args.Base()
+	res := Result{TaskID: args.Key().TaskID()}
+	created, state, err := p.store.Register(ctx, idempotency.Send{
+		MchID: b.MchID, OutRequestNo: b.OutRequestNo, Campaign: b.Campaign, OpenID: b.OpenID, StockID: b.StockID,
+	})
+	if err != nil {
+		return Result{}, err
+	}
+	if !created && state.Terminal() {
+		// asynq has forgotten a finished task's id; the record has not.
+		return Result{Outcome: Duplicate, TaskID: res.TaskID, State: state}, nil
+	}
+	// A send registered but not yet queued is what an interrupted earlier
+	// run leaves behind; queueing it now completes that run.
+	_, err = p.client.EnqueueContext(ctx, task)
+	switch {
+	case errors.Is(err, asynq.ErrTaskIDConflict):
+		return Result{Outcome: Duplicate, TaskID: res.TaskID, State: state}, nil
+	case err != nil:
+		return Result{}, fmt.Errorf("enqueueing %s: %w", b.OutRequestNo, err)
+	}
+	return res, nil
+}

@@ -1,0 +1,166 @@
+package idempotency
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Campaign describes a campaign as its producer declared it.
+type Campaign struct {
+	Name      string
+	MchID     string
+	Deadline  time.Time // budget waits end here
+	CreatedAt time.Time
+}
+
+func (s *Store) metaKey(campaign string) string {
+	return fmt.Sprintf("%s:{%s}:meta", s.prefix, campaign)
+}
+
+// SaveCampaign records a campaign the first time it is seen; a re-run keeps
+// the original creation time and deadline, so that resuming an interrupted
+// enqueue does not move the goalposts.
+func (s *Store) SaveCampaign(ctx context.Context, c Campaign) (Campaign, error) {
+	key := s.metaKey(c.Name)
+	_, err := s.rdb.TxPipelined(ctx, func(p redis.Pipeliner) error {
+		p.HSetNX(ctx, key, "mchid", c.MchID)
+		p.HSetNX(ctx, key, "deadline", strconv.FormatInt(c.Deadline.Unix(), 10))
+		p.HSetNX(ctx, key, "created_at", strconv.FormatInt(s.now().Unix(), 10))
+		return nil
+	})
+	if err == nil {
+		err = s.rdb.SAdd(ctx, s.campaignsKey(), c.Name).Err()
+	}
+	if err != nil {
+		return Campaign{}, fmt.Errorf("idempotency: saving campaign %s: %w", c.Name, err)
+	}
+	return s.Campaign(ctx, c.Name)
+}
+
+// Campaign reads a campaign's description; Name is "" if it is unknown.
+func (s *Store) Campaign(ctx context.Context, name string) (Campaign, error) {
+	m, err := s.rdb.HGetAll(ctx, s.metaKey(name)).Result()
+	if err != nil {
+		return Campaign{}, fmt.Errorf("idempotency: reading campaign %s: %w", name, err)
+	}
+	if len(m) == 0 {
+		return Campaign{}, nil
+	}
+	deadline, _ := strconv.ParseInt(m["deadline"], 10, 64)
+	created, _ := strconv.ParseInt(m["created_at"], 10, 64)
+	return Campaign{Name: name, MchID: m["mchid"], Deadline: time.Unix(deadline, 0), CreatedAt: time.Unix(created, 0)}, nil
+}
+
+// Campaigns lists the names of every campaign, sorted.
+func (s *Store) Campaigns(ctx context.Context) ([]string, error) {
+	names, err := s.rdb.SMembers(ctx, s.campaignsKey()).Result()
+	sort.Strings(names)
+	return names, err
+}
+
+// Status is a campaign's progress.
+type Status struct {
+	Campaign string
+	Total    int64           // sends registered
+	ByState  map[State]int64 // every state, zeros included
+	// FailedByCode counts permanent failures by WeChat's code.
+	FailedByCode map[string]int64
+	// Rate is successes per second over the last minute, and Rate10s over
+	// the last ten seconds.
+	Rate, Rate10s float64
+}
+
+// Done reports whether every send has reached a terminal state.
+func (st Status) Done() bool {
+	return st.Total > 0 && st.ByState[Succeeded]+st.ByState[Failed] == st.Total
+}
+
+// Status reads a campaign's counters and its recent send rate in one round trip.
+func (s *Store) Status(ctx context.Context, campaign string) (Status, error) {
+	now := s.now().Unix()
+	rateKeys := make([]string, 60)
+	for i := range rateKeys {
+		// The current second is still filling; count the 60 before it.
+		rateKeys[i] = s.rateKey(campaign, now-1-int64(i))
+	}
+	var counts *redis.MapStringStringCmd
+	var rates *redis.SliceCmd
+	_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		counts = p.HGetAll(ctx, s.countsKey(campaign))
+		rates = p.MGet(ctx, rateKeys...)
+		return nil
+	})
+	if err != nil {
+		return Status{}, fmt.Errorf("idempotency: status of %s: %w", campaign, err)
+	}
+	st := Status{Campaign: campaign, ByState: map[State]int64{}, FailedByCode: map[string]int64{}}
+	for _, state := range States {
+		st.ByState[state] = 0
+	}
+	for k, v := range counts.Val() {
+		n, _ := strconv.ParseInt(v, 10, 64)
+		switch {
+		case k == "total":
+			st.Total = n
+		case strings.HasPrefix(k, "failed:"):
+			if n != 0 {
+				st.FailedByCode[strings.TrimPrefix(k, "failed:")] = n
+			}
+		default:
+			st.ByState[State(k)] = n
+		}
+	}
+	var sum60, sum10 int64
+	for i, v := range rates.Val() {
+		if sv, ok := v.(string); ok {
+			n, _ := strconv.ParseInt(sv, 10, 64)
+			sum60 += n
+			if i < 10 {
+				sum10 += n
+			}
+		}
+	}
+	st.Rate, st.Rate10s = float64(sum60)/60, float64(sum10)/10
+	return st, nil
+}
+
+// Each calls fn for every send of a campaign, in the order they were
+// registered, reading in batches so that a campaign of millions streams.
+func (s *Store) Each(ctx context.Context, campaign string, fn func(Record) error) error {
+	const batch = 1000
+	for start := int64(0); ; start += batch {
+		members, err := s.rdb.LRange(ctx, s.membersKey(campaign), start, start+batch-1).Result()
+		if err != nil {
+			return fmt.Errorf("idempotency: listing %s: %w", campaign, err)
+		}
+		if len(members) == 0 {
+			return nil
+		}
+		cmds := make([]*redis.MapStringStringCmd, len(members))
+		_, err = s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for i, m := range members {
+				mch, orn, _ := strings.Cut(m, ":")
+				cmds[i] = p.HGetAll(ctx, s.recordKey(campaign, mch, orn))
+			}
+			return nil
+		})
+		if err != nil {
+			return fmt.Errorf("idempotency: reading %s: %w", campaign, err)
+		}
+		for i, m := range members {
+			mch, orn, _ := strings.Cut(m, ":")
+			if err := fn(recordFrom(mch, orn, cmds[i].Val())); err != nil {
+				return err
+			}
+		}
+		if len(members) < batch {
+			return nil
+		}
+	}
+}

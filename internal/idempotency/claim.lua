@@ -1,0 +1,33 @@
+-- KEYS: record, counts, members
+-- ARGV: owner, now_ms, lease_ms, campaign, mchid, out_request_no, openid, stock_id
+local rec = KEYS[1]
+local now = tonumber(ARGV[2])
+local st = redis.call('HGET', rec, 'state')
+if st == 'succeeded' or st == 'failed' then
+  return 'terminal'
+end
+if not st then
+  -- Enqueued by a producer that did not register it: register it now, so
+  -- that nothing is ever sent without a record.
+  redis.call('HSET', rec, 'state', 'pending', 'campaign', ARGV[4], 'openid', ARGV[7],
+    'stock_id', ARGV[8], 'created_at', ARGV[2], 'attempts', 0)
+  redis.call('HINCRBY', KEYS[2], 'pending', 1)
+  redis.call('HINCRBY', KEYS[2], 'total', 1)
+  redis.call('RPUSH', KEYS[3], ARGV[5] .. ':' .. ARGV[6])
+  st = 'pending'
+elseif st == 'in_flight' then
+  local owner = redis.call('HGET', rec, 'owner')
+  local lease_until = tonumber(redis.call('HGET', rec, 'lease_until') or '0')
+  if owner ~= ARGV[1] and lease_until > now then
+    return 'busy'
+  end
+  -- The holder's lease ran out (it crashed, or hangs): its call may have
+  -- issued the coupon, which the resend of the same request will return.
+end
+redis.call('HINCRBY', KEYS[2], st, -1)
+redis.call('HINCRBY', KEYS[2], 'in_flight', 1)
+redis.call('HSET', rec, 'state', 'in_flight', 'owner', ARGV[1], 'lease_until', now + tonumber(ARGV[3]),
+  'last_at', ARGV[2])
+redis.call('HSETNX', rec, 'first_at', ARGV[2])
+redis.call('HINCRBY', rec, 'attempts', 1)
+return 'claimed'

@@ -1,0 +1,277 @@
+// Package idempotency is the durable record of every send, in Redis. asynq
+// forgets a task id once the task succeeds and keeps only a bounded archive,
+// so it cannot say what was sent; this package can. One hash per
+// (merchant, out_request_no) holds the state, the coupon id or the last
+// error, the attempts and their times; per-campaign counters move with it
+// in the same atomic step, so status is a single read.
+//
+// Before each WeChat call a worker claims the send with a lease: two
+// deliveries of one task (asynq is at-least-once) never call WeChat at the
+// same time, and a send already recorded as succeeded or failed is never
+// sent again.
+package idempotency
+
+import (
+	"context"
+	_ "embed"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// State of one send.
+type State string
+
+const (
+	Pending       State = "pending"        // enqueued, never tried
+	InFlight      State = "in_flight"      // claimed; a call may be under way
+	Retrying      State = "retrying"       // the last call was ambiguous; it will be resent as is
+	WaitingRate   State = "waiting_rate"   // WeChat said too many calls; waiting
+	WaitingBudget State = "waiting_budget" // the stock's budget was exhausted; waiting for a top-up
+	Succeeded     State = "succeeded"      // the coupon exists: CouponID
+	Failed        State = "failed"         // permanently refused: Code, Message
+)
+
+// States lists every state, in the order status shows them.
+var States = []State{Pending, InFlight, Retrying, WaitingRate, WaitingBudget, Succeeded, Failed}
+
+// Terminal reports whether no further call will be made.
+func (s State) Terminal() bool { return s == Succeeded || s == Failed }
+
+// Record is what the store knows of one send.
+type Record struct {
+	MchID        string
+	OutRequestNo string
+	Campaign     string
+	OpenID       string
+	StockID      string
+	State        State
+	CouponID     string
+	Code         string // last error code, "" after a success
+	Message      string
+	Attempts     int
+	FirstAttempt time.Time // zero if never tried
+	LastAttempt  time.Time
+}
+
+// Send names one send and says where it belongs.
+type Send struct {
+	MchID        string
+	OutRequestNo string
+	Campaign     string
+	OpenID       string
+	StockID      string
+}
+
+// Store is the Redis-backed record. Keys of one campaign share a hash tag,
+// so a campaign's records and counters live on one Redis Cluster slot and
+// every script touches a single slot.
+type Store struct {
+	rdb    redis.UniversalClient
+	prefix string
+	now    func() time.Time
+}
+
+// Option configures a Store.
+type Option func(*Store)
+
+// WithPrefix sets the key prefix (default "cf").
+func WithPrefix(p string) Option { return func(s *Store) { s.prefix = p } }
+
+// New returns a store over rdb.
+func New(rdb redis.UniversalClient, opts ...Option) *Store {
+	s := &Store{rdb: rdb, prefix: "cf", now: time.Now}
+	for _, o := range opts {
+		o(s)
+	}
+	return s
+}
+
+func (s *Store) recordKey(campaign, mchID, outRequestNo string) string {
+	return fmt.Sprintf("%s:{%s}:send:%s:%s", s.prefix, campaign, mchID, outRequestNo)
+}
+func (s *Store) countsKey(campaign string) string {
+	return fmt.Sprintf("%s:{%s}:counts", s.prefix, campaign)
+}
+func (s *Store) membersKey(campaign string) string {
+	return fmt.Sprintf("%s:{%s}:members", s.prefix, campaign)
+}
+func (s *Store) rateKey(campaign string, sec int64) string {
+	return fmt.Sprintf("%s:{%s}:rate:%d", s.prefix, campaign, sec)
+}
+func (s *Store) campaignsKey() string { return s.prefix + ":campaigns" }
+func (s *Store) userLockKey(mchID, openID string) string {
+	return fmt.Sprintf("%s:user:{%s:%s}", s.prefix, mchID, openID)
+}
+
+var (
+	//go:embed register.lua
+	registerLua    string
+	registerScript = redis.NewScript(registerLua)
+	//go:embed claim.lua
+	claimLua    string
+	claimScript = redis.NewScript(claimLua)
+	//go:embed finish.lua
+	finishLua    string
+	finishScript = redis.NewScript(finishLua)
+	//go:embed unlock.lua
+	unlockLua    string
+	unlockScript = redis.NewScript(unlockLua)
+)
+
+// Register creates the record of a send as pending, adds it to its
+// campaign and counts it, unless it exists. It returns whether it was
+// created and, if not, the state it is in: a producer must not enqueue a
+// send whose record is terminal, since asynq no longer remembers its task id.
+func (s *Store) Register(ctx context.Context, send Send) (created bool, state State, err error) {
+	keys := []string{s.recordKey(send.Campaign, send.MchID, send.OutRequestNo), s.countsKey(send.Campaign),
+		s.membersKey(send.Campaign)}
+	res, err := registerScript.Run(ctx, s.rdb, keys, send.Campaign, send.MchID, send.OutRequestNo,
+		send.OpenID, send.StockID, s.now().UnixMilli()).Text()
+	if err != nil {
+		return false, "", fmt.Errorf("idempotency: registering %s: %w", send.OutRequestNo, err)
+	}
+	if res == "new" {
+		return true, Pending, nil
+	}
+	return false, State(res), nil
+}
+
+// Claim is the outcome of TryClaim.
+type Claim struct {
+	// Acquired: this caller may call WeChat now, and must Finish.
+	Acquired bool
+	// Record is the send as it stood: for a terminal send, its result.
+	Record Record
+	// Busy: another delivery holds the send, or another send to the same
+	// user is in flight; try again shortly.
+	Busy bool
+}
+
+// ErrLeaseLost is returned by Finish when another delivery claimed the send
+// after this one's lease ran out; the result was not recorded.
+var ErrLeaseLost = errors.New("idempotency: lease lost to another delivery")
+
+// TryClaim takes the send for owner for lease, together with a lock on its
+// user (WeChat answers parallel sends to one openid with spurious
+// rule-limit errors). A terminal send is returned as it is, unclaimed.
+func (s *Store) TryClaim(ctx context.Context, send Send, owner string, lease time.Duration) (Claim, error) {
+	lockKey := s.userLockKey(send.MchID, send.OpenID)
+	lockVal := owner + "|" + send.OutRequestNo
+	// The user lock is its own key (its own Cluster slot), so it is taken
+	// with a plain SET NX rather than inside the claim script.
+	ok, err := s.rdb.SetNX(ctx, lockKey, lockVal, lease).Result()
+	if err != nil {
+		return Claim{}, fmt.Errorf("idempotency: locking user of %s: %w", send.OutRequestNo, err)
+	}
+	if !ok {
+		// Our own earlier attempt may hold it (a redelivery of the same
+		// send by the same owner); otherwise someone else is sending.
+		cur, err := s.rdb.Get(ctx, lockKey).Result()
+		if err != nil && !errors.Is(err, redis.Nil) {
+			return Claim{}, fmt.Errorf("idempotency: reading user lock: %w", err)
+		}
+		if cur != lockVal {
+			rec, err := s.Get(ctx, send)
+			if err != nil {
+				return Claim{}, err
+			}
+			if rec.State.Terminal() {
+				return Claim{Record: rec}, nil
+			}
+			return Claim{Busy: true, Record: rec}, nil
+		}
+		s.rdb.PExpire(ctx, lockKey, lease)
+	}
+	now := s.now()
+	res, err := claimScript.Run(ctx, s.rdb,
+		[]string{s.recordKey(send.Campaign, send.MchID, send.OutRequestNo), s.countsKey(send.Campaign),
+			s.membersKey(send.Campaign)},
+		owner, now.UnixMilli(), lease.Milliseconds(), send.Campaign, send.MchID, send.OutRequestNo,
+		send.OpenID, send.StockID).Text()
+	if err != nil {
+		s.unlock(ctx, lockKey, lockVal)
+		return Claim{}, fmt.Errorf("idempotency: claiming %s: %w", send.OutRequestNo, err)
+	}
+	if res != "claimed" {
+		s.unlock(ctx, lockKey, lockVal)
+	}
+	rec, err := s.Get(ctx, send)
+	if err != nil {
+		return Claim{}, err
+	}
+	switch res {
+	case "claimed":
+		return Claim{Acquired: true, Record: rec}, nil
+	case "busy":
+		return Claim{Busy: true, Record: rec}, nil
+	default: // terminal
+		return Claim{Record: rec}, nil
+	}
+}
+
+// Result is what a call came to.
+type Result struct {
+	State    State // Succeeded, Failed, Retrying, WaitingRate or WaitingBudget
+	CouponID string
+	Code     string
+	Message  string
+}
+
+// Finish records the result of the call owner made and releases the send
+// and its user, in one atomic step with the campaign counters. A success is
+// recorded even if the lease was lost meanwhile: a coupon that WeChat
+// issued must never be missing from the record.
+func (s *Store) Finish(ctx context.Context, send Send, owner string, r Result) error {
+	now := s.now()
+	res, err := finishScript.Run(ctx, s.rdb,
+		[]string{s.recordKey(send.Campaign, send.MchID, send.OutRequestNo), s.countsKey(send.Campaign),
+			s.rateKey(send.Campaign, now.Unix())},
+		owner, string(r.State), r.CouponID, r.Code, r.Message, now.UnixMilli()).Text()
+	if err != nil {
+		return fmt.Errorf("idempotency: recording %s: %w", send.OutRequestNo, err)
+	}
+	s.unlock(ctx, s.userLockKey(send.MchID, send.OpenID), owner+"|"+send.OutRequestNo)
+	if res == "lost" {
+		return ErrLeaseLost
+	}
+	return nil
+}
+
+func (s *Store) unlock(ctx context.Context, key, val string) {
+	// Best effort: a lock left behind expires with its lease.
+	_ = unlockScript.Run(ctx, s.rdb, []string{key}, val).Err()
+}
+
+// Get reads the record of a send; a send never registered reads as a
+// zero Record with State "".
+func (s *Store) Get(ctx context.Context, send Send) (Record, error) {
+	m, err := s.rdb.HGetAll(ctx, s.recordKey(send.Campaign, send.MchID, send.OutRequestNo)).Result()
+	if err != nil {
+		return Record{}, fmt.Errorf("idempotency: reading %s: %w", send.OutRequestNo, err)
+	}
+	return recordFrom(send.MchID, send.OutRequestNo, m), nil
+}
+
+func recordFrom(mchID, outRequestNo string, m map[string]string) Record {
+	r := Record{
+		MchID: mchID, OutRequestNo: outRequestNo, Campaign: m["campaign"], OpenID: m["openid"],
+		StockID: m["stock_id"], State: State(m["state"]), CouponID: m["coupon_id"], Code: m["code"],
+		Message: m["message"],
+	}
+	r.Attempts, _ = strconv.Atoi(m["attempts"])
+	r.FirstAttempt = millis(m["first_at"])
+	r.LastAttempt = millis(m["last_at"])
+	return r
+}
+
+func millis(s string) time.Time {
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n == 0 {
+		return time.Time{}
+	}
+	return time.UnixMilli(n)
+}

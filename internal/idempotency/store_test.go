@@ -1,0 +1,247 @@
+package idempotency
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/couponflow/dispatcher/internal/redistest"
+)
+
+func newStore(t *testing.T) *Store {
+	t.Helper()
+	return New(redistest.Start(t).Client())
+}
+
+func send(n int) Send {
+	return Send{MchID: "1900000001", OutRequestNo: fmt.Sprintf("r%d", n), Campaign: "c1", OpenID: fmt.Sprintf("o%d", n), StockID: "s1"}
+}
+
+func wantCounts(t *testing.T, s *Store, want map[State]int64) Status {
+	t.Helper()
+	st, err := s.Status(context.Background(), "c1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sum int64
+	for _, state := range States {
+		sum += st.ByState[state]
+		if st.ByState[state] != want[state] {
+			t.Errorf("%s = %d, want %d (all: %v)", state, st.ByState[state], want[state], st.ByState)
+		}
+	}
+	if sum != st.Total {
+		t.Errorf("states add up to %d, total is %d", sum, st.Total)
+	}
+	return st
+}
+
+func TestRegisterOnce(t *testing.T) {
+	s, ctx := newStore(t), context.Background()
+	created, state, err := s.Register(ctx, send(1))
+	if err != nil || !created || state != Pending {
+		t.Fatalf("first: %v %v %v", created, state, err)
+	}
+	created, state, err = s.Register(ctx, send(1))
+	if err != nil || created || state != Pending {
+		t.Fatalf("second: %v %v %v", created, state, err)
+	}
+	wantCounts(t, s, map[State]int64{Pending: 1})
+}
+
+func TestClaimFinishLifecycle(t *testing.T) {
+	s, ctx := newStore(t), context.Background()
+	a := send(1)
+	s.Register(ctx, a)
+	c, err := s.TryClaim(ctx, a, "w1", time.Minute)
+	if err != nil || !c.Acquired || c.Record.State != InFlight || c.Record.Attempts != 1 {
+		t.Fatalf("claim: %+v %v", c, err)
+	}
+	wantCounts(t, s, map[State]int64{InFlight: 1})
+	if c2, _ := s.TryClaim(ctx, a, "w2", time.Minute); c2.Acquired || !c2.Busy {
+		t.Fatalf("a second delivery got %+v while the first was in flight", c2)
+	}
+	if err := s.Finish(ctx, a, "w1", Result{State: Retrying, Code: "SYSTEM_ERROR", Message: "boom"}); err != nil {
+		t.Fatal(err)
+	}
+	wantCounts(t, s, map[State]int64{Retrying: 1})
+	c, _ = s.TryClaim(ctx, a, "w2", time.Minute)
+	if !c.Acquired || c.Record.Attempts != 2 {
+		t.Fatalf("retry claim: %+v", c)
+	}
+	if err := s.Finish(ctx, a, "w2", Result{State: Succeeded, CouponID: "c-1"}); err != nil {
+		t.Fatal(err)
+	}
+	st := wantCounts(t, s, map[State]int64{Succeeded: 1})
+	if !st.Done() {
+		t.Error("campaign not done")
+	}
+	c, _ = s.TryClaim(ctx, a, "w3", time.Minute)
+	if c.Acquired || c.Busy || c.Record.State != Succeeded || c.Record.CouponID != "c-1" {
+		t.Fatalf("claim after success: %+v", c)
+	}
+	rec, _ := s.Get(ctx, a)
+	if rec.FirstAttempt.IsZero() || rec.LastAttempt.Before(rec.FirstAttempt) || rec.Code != "" {
+		t.Fatalf("record %+v", rec)
+	}
+}
+
+func TestFailedByCode(t *testing.T) {
+	s, ctx := newStore(t), context.Background()
+	for i, code := range []string{"PARAM_ERROR", "PARAM_ERROR", "REQUEST_BLOCKED"} {
+		a := send(i)
+		s.Register(ctx, a)
+		s.TryClaim(ctx, a, "w", time.Minute)
+		if err := s.Finish(ctx, a, "w", Result{State: Failed, Code: code, Message: "no"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st := wantCounts(t, s, map[State]int64{Failed: 3})
+	if st.FailedByCode["PARAM_ERROR"] != 2 || st.FailedByCode["REQUEST_BLOCKED"] != 1 {
+		t.Fatalf("by code: %v", st.FailedByCode)
+	}
+}
+
+func TestExpiredLeaseIsTakenOverAndSuccessAlwaysRecorded(t *testing.T) {
+	s, ctx := newStore(t), context.Background()
+	a := send(1)
+	s.Register(ctx, a)
+	if c, _ := s.TryClaim(ctx, a, "crashed", 100*time.Millisecond); !c.Acquired {
+		t.Fatal("first claim")
+	}
+	time.Sleep(200 * time.Millisecond)
+	if c, _ := s.TryClaim(ctx, a, "rescuer", time.Minute); !c.Acquired || c.Record.Attempts != 2 {
+		t.Fatalf("takeover: %+v", c)
+	}
+	// The slow first holder comes back with an error: its word no longer counts.
+	if err := s.Finish(ctx, a, "crashed", Result{State: Retrying, Code: "TIMEOUT"}); !errors.Is(err, ErrLeaseLost) {
+		t.Fatalf("stale finish: %v", err)
+	}
+	// But a coupon it saw issued is recorded whatever the lease says.
+	if err := s.Finish(ctx, a, "crashed", Result{State: Succeeded, CouponID: "c-9"}); err != nil {
+		t.Fatal(err)
+	}
+	wantCounts(t, s, map[State]int64{Succeeded: 1})
+	if err := s.Finish(ctx, a, "rescuer", Result{State: Succeeded, CouponID: "c-9"}); err != nil {
+		t.Fatal(err)
+	}
+	wantCounts(t, s, map[State]int64{Succeeded: 1})
+}
+
+func TestOneSendPerUserAtATime(t *testing.T) {
+	s, ctx := newStore(t), context.Background()
+	a, b := send(1), send(2)
+	b.OpenID = a.OpenID
+	s.Register(ctx, a)
+	s.Register(ctx, b)
+	if c, _ := s.TryClaim(ctx, a, "w1", time.Minute); !c.Acquired {
+		t.Fatal("claim a")
+	}
+	if c, _ := s.TryClaim(ctx, b, "w2", time.Minute); c.Acquired || !c.Busy {
+		t.Fatalf("b claimed while a was in flight to the same user: %+v", c)
+	}
+	wantCounts(t, s, map[State]int64{InFlight: 1, Pending: 1})
+	s.Finish(ctx, a, "w1", Result{State: Succeeded, CouponID: "x"})
+	if c, _ := s.TryClaim(ctx, b, "w2", time.Minute); !c.Acquired {
+		t.Fatalf("b after a finished: %+v", c)
+	}
+}
+
+func TestConcurrentClaimsAcquireOnce(t *testing.T) {
+	s, ctx := newStore(t), context.Background()
+	a := send(1)
+	s.Register(ctx, a)
+	var acquired atomic.Int32
+	var wg sync.WaitGroup
+	for i := 0; i < 32; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			c, err := s.TryClaim(ctx, a, fmt.Sprintf("w%d", i), time.Minute)
+			if err != nil {
+				t.Error(err)
+			}
+			if c.Acquired {
+				acquired.Add(1)
+			}
+		}(i)
+	}
+	wg.Wait()
+	if acquired.Load() != 1 {
+		t.Fatalf("%d deliveries acquired one send", acquired.Load())
+	}
+}
+
+func TestUnregisteredSendIsRecordedOnClaim(t *testing.T) {
+	s, ctx := newStore(t), context.Background()
+	a := send(7)
+	if c, err := s.TryClaim(ctx, a, "w", time.Minute); err != nil || !c.Acquired {
+		t.Fatalf("%+v %v", c, err)
+	}
+	wantCounts(t, s, map[State]int64{InFlight: 1})
+	var seen []string
+	s.Each(ctx, "c1", func(r Record) error { seen = append(seen, r.OutRequestNo); return nil })
+	if len(seen) != 1 || seen[0] != a.OutRequestNo {
+		t.Fatalf("members %v", seen)
+	}
+}
+
+func TestEachStreamsInOrder(t *testing.T) {
+	s, ctx := newStore(t), context.Background()
+	const n = 2500 // more than one batch
+	for i := 0; i < n; i++ {
+		s.Register(ctx, send(i))
+	}
+	i := 0
+	err := s.Each(ctx, "c1", func(r Record) error {
+		if r.OutRequestNo != send(i).OutRequestNo || r.OpenID != send(i).OpenID || r.State != Pending || r.MchID != "1900000001" {
+			return fmt.Errorf("record %d: %+v", i, r)
+		}
+		i++
+		return nil
+	})
+	if err != nil || i != n {
+		t.Fatalf("%d records, %v", i, err)
+	}
+}
+
+func TestStatusRate(t *testing.T) {
+	s, ctx := newStore(t), context.Background()
+	base := time.Now()
+	s.now = func() time.Time { return base }
+	for i := 0; i < 30; i++ {
+		a := send(i)
+		s.Register(ctx, a)
+		s.TryClaim(ctx, a, "w", time.Minute)
+		s.Finish(ctx, a, "w", Result{State: Succeeded, CouponID: "c"})
+	}
+	s.now = func() time.Time { return base.Add(time.Second) }
+	st, err := s.Status(ctx, "c1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Rate != 0.5 || st.Rate10s != 3 {
+		t.Fatalf("rate %v, 10s rate %v; want 0.5 and 3", st.Rate, st.Rate10s)
+	}
+}
+
+func TestSaveCampaignKeepsTheFirstDeadline(t *testing.T) {
+	s, ctx := newStore(t), context.Background()
+	d1 := time.Now().Add(time.Hour).Truncate(time.Second)
+	c, err := s.SaveCampaign(ctx, Campaign{Name: "c1", MchID: "1900000001", Deadline: d1})
+	if err != nil || !c.Deadline.Equal(d1) {
+		t.Fatalf("%+v %v", c, err)
+	}
+	c, _ = s.SaveCampaign(ctx, Campaign{Name: "c1", MchID: "1900000001", Deadline: d1.Add(time.Hour)})
+	if !c.Deadline.Equal(d1) {
+		t.Fatalf("deadline moved to %v", c.Deadline)
+	}
+	names, _ := s.Campaigns(ctx)
+	if len(names) != 1 || names[0] != "c1" {
+		t.Fatalf("campaigns %v", names)
+	}
+}

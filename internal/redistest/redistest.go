@@ -1,0 +1,136 @@
+// Package redistest starts private Redis servers for tests: each test gets
+// its own redis-server on a free loopback port, so tests can kill and
+// restart it, and never see each other's keys or asynq queues.
+package redistest
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Server is a redis-server process owned by a test.
+type Server struct {
+	Addr string
+	Dir  string
+	tb   testing.TB
+	args []string
+	cmd  *exec.Cmd
+}
+
+// Start runs redis-server (found on PATH, or REDIS_SERVER) on a free port
+// with its data in a temporary directory, and stops it when the test ends.
+// extra are added to the command line, e.g. "--appendonly", "yes".
+func Start(tb testing.TB, extra ...string) *Server {
+	tb.Helper()
+	bin := os.Getenv("REDIS_SERVER")
+	if bin == "" {
+		bin = "redis-server"
+	}
+	path, err := exec.LookPath(bin)
+	if err != nil {
+		tb.Fatalf("redistest: %s not found (apt-get install redis-server, or set REDIS_SERVER): %v", bin, err)
+	}
+	s := &Server{Addr: "127.0.0.1:" + strconv.Itoa(freePort(tb)), Dir: tb.TempDir(), tb: tb}
+	s.args = append([]string{path, "--bind", "127.0.0.1", "--port", portOf(s.Addr), "--dir", s.Dir,
+		"--save", "", "--appendonly", "no", "--protected-mode", "no", "--logfile", filepath.Join(s.Dir, "redis.log")}, extra...)
+	s.start()
+	tb.Cleanup(s.Kill)
+	return s
+}
+
+func (s *Server) start() {
+	s.tb.Helper()
+	s.cmd = exec.Command(s.args[0], s.args[1:]...)
+	if err := s.cmd.Start(); err != nil {
+		s.tb.Fatalf("redistest: starting redis-server: %v", err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if err := ping(s.Addr); err == nil {
+			return
+		} else if time.Now().After(deadline) {
+			s.tb.Fatalf("redistest: redis-server on %s did not answer in 10s: %v; log:\n%s", s.Addr, err, s.log())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Kill stops the server at once (SIGKILL), as a crash would.
+func (s *Server) Kill() {
+	if s.cmd != nil && s.cmd.Process != nil {
+		_ = s.cmd.Process.Kill()
+		_ = s.cmd.Wait()
+		s.cmd = nil
+	}
+}
+
+// Restart kills the server and starts it again on the same port and
+// directory: what it kept depends on its persistence flags.
+func (s *Server) Restart() {
+	s.tb.Helper()
+	s.Kill()
+	s.start()
+}
+
+// Client returns a go-redis client for the server, closed with the test.
+func (s *Server) Client() *redis.Client {
+	c := redis.NewClient(&redis.Options{Addr: s.Addr})
+	s.tb.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+func (s *Server) log() string {
+	b, _ := os.ReadFile(filepath.Join(s.Dir, "redis.log"))
+	return string(b)
+}
+
+func ping(addr string) error {
+	conn, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(time.Second))
+	if _, err := conn.Write([]byte("PING\r\n")); err != nil {
+		return err
+	}
+	line, err := bufio.NewReader(conn).ReadString('\n')
+	if err != nil {
+		return err
+	}
+	if line != "+PONG\r\n" {
+		return fmt.Errorf("PING answered %q", line)
+	}
+	return nil
+}
+
+// Ping reports whether a Redis answers at addr.
+func Ping(ctx context.Context, addr string) error {
+	c := redis.NewClient(&redis.Options{Addr: addr})
+	defer c.Close()
+	return c.Ping(ctx).Err()
+}
+
+func freePort(tb testing.TB) int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func portOf(addr string) string {
+	_, p, _ := net.SplitHostPort(addr)
+	return p
+}

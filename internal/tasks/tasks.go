@@ -1,0 +1,218 @@
+// Package tasks defines the two kinds of send task, their payloads, and
+// how producers create them. A payload holds exactly what the WeChat Pay
+// call needs, so that every delivery of a task, and every retry, sends the
+// same bytes under the same out_request_no.
+package tasks
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"regexp"
+	"time"
+
+	"github.com/hibiken/asynq"
+
+	"github.com/couponflow/dispatcher/internal/wechat"
+)
+
+// Task type names, as asynq and its web UI show them.
+const (
+	TypeSendCoupon   = "coupon:send"
+	TypeSendMultiuse = "multiuse:send"
+)
+
+// Version is the payload version this code writes. A worker refuses a
+// payload of a version it does not know rather than guess at its fields.
+const Version = 1
+
+// DefaultQueue is where sends go unless a producer says otherwise.
+const DefaultQueue = "coupons"
+
+// MaxRetry bounds only failures that count (ambiguous outcomes): waits on a
+// rate limit or a budget are retried without counting, so that a MaxRetry is
+// never what ends them. With the worker's backoff capped at ten minutes,
+// this is more than a day of attempts.
+const MaxRetry = 200
+
+var campaignRE = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,64}$`)
+
+// Common holds the fields every send has. It is embedded in each payload,
+// so its fields sit at the top level of the JSON.
+type Common struct {
+	V            int       `json:"v"`
+	Campaign     string    `json:"campaign"`
+	MchID        string    `json:"mchid"`
+	OpenID       string    `json:"openid"`
+	StockID      string    `json:"stock_id"`
+	OutRequestNo string    `json:"out_request_no"`
+	AppID        string    `json:"appid"`
+	Deadline     time.Time `json:"deadline"` // waits on an exhausted budget end here
+}
+
+// Base returns the common fields.
+func (c Common) Base() Common { return c }
+
+// Key identifies the send for idempotency: WeChat deduplicates by
+// out_request_no per merchant, and so do we.
+func (c Common) Key() Key { return Key{MchID: c.MchID, OutRequestNo: c.OutRequestNo} }
+
+func (c Common) validate() error {
+	if c.V != Version {
+		return fmt.Errorf("payload version %d is not %d; upgrade the worker or re-enqueue", c.V, Version)
+	}
+	if err := ValidateCampaign(c.Campaign); err != nil {
+		return err
+	}
+	if c.MchID == "" {
+		return fmt.Errorf("mchid is empty")
+	}
+	if c.AppID == "" {
+		return fmt.Errorf("appid is empty")
+	}
+	if c.Deadline.IsZero() {
+		return fmt.Errorf("deadline is not set")
+	}
+	return nil
+}
+
+// ValidateCampaign checks a campaign name: it becomes part of Redis keys
+// and of derived out_request_nos.
+func ValidateCampaign(name string) error {
+	if !campaignRE.MatchString(name) {
+		return fmt.Errorf("campaign %q must be 1-64 letters, digits, '_', '.' or '-'", name)
+	}
+	return nil
+}
+
+// SendCoupon is the payload of a cash-coupon (代金券) send.
+type SendCoupon struct {
+	Common
+	StockCreatorMchID string `json:"stock_creator_mchid"`
+	CouponValue       int64  `json:"coupon_value,omitempty"`
+	CouponMinimum     int64  `json:"coupon_minimum,omitempty"`
+}
+
+// Kind is the asynq task type.
+func (SendCoupon) Kind() string { return TypeSendCoupon }
+
+// Request is the WeChat Pay call this task makes.
+func (a SendCoupon) Request() wechat.SendCouponRequest {
+	return wechat.SendCouponRequest{
+		OpenID: a.OpenID, StockID: a.StockID, OutRequestNo: a.OutRequestNo, AppID: a.AppID,
+		StockCreatorMchID: a.StockCreatorMchID, CouponValue: a.CouponValue, CouponMinimum: a.CouponMinimum,
+	}
+}
+
+// Validate checks every field the way WeChat will, and the fields of ours.
+func (a SendCoupon) Validate() error {
+	if err := a.Common.validate(); err != nil {
+		return err
+	}
+	return a.Request().Validate()
+}
+
+// SendMultiuse is the payload of a consumer-fund (消费金) send. The
+// recipient's name and ID card number are only ever held encrypted.
+type SendMultiuse struct {
+	Common
+	Amount   int64                    `json:"amount"`
+	CardType string                   `json:"card_type"`
+	Identity wechat.EncryptedIdentity `json:"identity"`
+}
+
+// Kind is the asynq task type.
+func (SendMultiuse) Kind() string { return TypeSendMultiuse }
+
+// Request is the WeChat Pay call this task makes.
+func (a SendMultiuse) Request() wechat.SendMultiuseRequest {
+	return wechat.SendMultiuseRequest{
+		OpenID: a.OpenID, StockID: a.StockID, OutRequestNo: a.OutRequestNo, AppID: a.AppID,
+		Amount: a.Amount, CardType: a.CardType, Identity: a.Identity,
+	}
+}
+
+// Validate checks every field; the identity is checked for presence only,
+// since its plaintext is not ours to see.
+func (a SendMultiuse) Validate() error {
+	if err := a.Common.validate(); err != nil {
+		return err
+	}
+	if a.CardType == "" || a.Identity.KeyID == "" {
+		return fmt.Errorf("card_type and identity.key_id must be set in the payload")
+	}
+	return a.Request().Validate(a.Identity.KeyID)
+}
+
+// Key names one send: a merchant and an out_request_no.
+type Key struct {
+	MchID        string
+	OutRequestNo string
+}
+
+// TaskID is the asynq task id of a send, so that enqueueing the same send
+// twice is reported as a conflict instead of queued twice.
+func (k Key) TaskID() string { return "send:" + k.MchID + ":" + k.OutRequestNo }
+
+// DeriveOutRequestNo gives a recipient of a campaign the same
+// out_request_no on every run: the merchant id, then a hash of the
+// campaign and the openid. 43 characters, all of WeChat's allowed set.
+func DeriveOutRequestNo(mchID, campaign, openID string) string {
+	sum := sha256.Sum256([]byte(mchID + "\x00" + campaign + "\x00" + openID))
+	return mchID + "-" + hex.EncodeToString(sum[:16])
+}
+
+// Args is what both payload types have in common.
+type Args interface {
+	Kind() string
+	Base() Common
+	Key() Key
+	Validate() error
+}
+
+// NewTask validates args and returns the task with its id, queue and retry
+// bound set. Extra options (a queue, say) come after and win.
+func NewTask(args Args, opts ...asynq.Option) (*asynq.Task, error) {
+	if err := args.Validate(); err != nil {
+		return nil, err
+	}
+	payload, err := json.Marshal(args)
+	if err != nil {
+		return nil, err
+	}
+	base := []asynq.Option{
+		asynq.TaskID(args.Key().TaskID()),
+		asynq.Queue(DefaultQueue),
+		asynq.MaxRetry(MaxRetry),
+		// Sends can wait on a budget for days; a task's own timeout only
+		// needs to cover one attempt.
+		asynq.Timeout(2 * time.Minute),
+	}
+	return asynq.NewTask(args.Kind(), payload, append(base, opts...)...), nil
+}
+
+// Decode parses a payload of either kind.
+func Decode(t *asynq.Task) (Args, error) {
+	var args Args
+	switch t.Type() {
+	case TypeSendCoupon:
+		var a SendCoupon
+		if err := json.Unmarshal(t.Payload(), &a); err != nil {
+			return nil, fmt.Errorf("%s payload: %w", t.Type(), err)
+		}
+		args = a
+	case TypeSendMultiuse:
+		var a SendMultiuse
+		if err := json.Unmarshal(t.Payload(), &a); err != nil {
+			return nil, fmt.Errorf("%s payload: %w", t.Type(), err)
+		}
+		args = a
+	default:
+		return nil, fmt.Errorf("unknown task type %q", t.Type())
+	}
+	if err := args.Validate(); err != nil {
+		return nil, fmt.Errorf("%s payload: %w", t.Type(), err)
+	}
+	return args, nil
+}
