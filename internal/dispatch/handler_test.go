@@ -1,0 +1,223 @@
+package dispatch_test
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hibiken/asynq"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/couponflow/dispatcher/internal/dispatch"
+	"github.com/couponflow/dispatcher/internal/idempotency"
+	"github.com/couponflow/dispatcher/internal/redistest"
+	"github.com/couponflow/dispatcher/internal/sandbox"
+	"github.com/couponflow/dispatcher/internal/sandbox/sandboxtest"
+	"github.com/couponflow/dispatcher/internal/tasks"
+	"github.com/couponflow/dispatcher/internal/wechat"
+)
+
+// world is a sandbox, a private Redis and an in-process asynq server
+// running the real handler.
+type world struct {
+	t     *testing.T
+	sb    *sandbox.Server
+	rdb   *redis.Client
+	store *idempotency.Store
+	mchID string
+	appID string
+}
+
+func newWorld(t *testing.T, concurrency int) *world {
+	t.Helper()
+	sb := sandboxtest.Start(t)
+	env := sb.Env()
+	wx, err := wechat.New(context.Background(), wechat.Config{
+		MchID: env[wechat.EnvMchID], MchSerial: env[wechat.EnvMchSerial], PrivateKeyPath: env[wechat.EnvPrivateKey],
+		PublicKeyPath: env[wechat.EnvPublicKey], PublicKeyID: env[wechat.EnvPublicKeyID], AppID: env[wechat.EnvAppID],
+		BaseURL: env[wechat.EnvBaseURL],
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rdb := redistest.Start(t).Client()
+	store := idempotency.New(rdb)
+	h := dispatch.New(wx, store, dispatch.WithRateWait(100*time.Millisecond, 300*time.Millisecond),
+		dispatch.WithBudgetWait(200*time.Millisecond, 500*time.Millisecond))
+	srv := asynq.NewServerFromRedisClient(rdb, asynq.Config{
+		Concurrency: concurrency, Queues: map[string]int{tasks.DefaultQueue: 1},
+		RetryDelayFunc: h.RetryDelay, IsFailure: dispatch.IsFailure, DelayedTaskCheckInterval: 200 * time.Millisecond,
+		ShutdownTimeout: h.ShutdownTimeout(), LogLevel: asynq.ErrorLevel,
+	})
+	mux := asynq.NewServeMux()
+	mux.Handle(tasks.TypeSendCoupon, h)
+	if err := srv.Start(mux); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Shutdown)
+	return &world{t: t, sb: sb, rdb: rdb, store: store, mchID: env[wechat.EnvMchID], appID: env[wechat.EnvAppID]}
+}
+
+func (w *world) send(stock, openid, orn string, deadline time.Time, opts ...asynq.Option) tasks.SendCoupon {
+	w.t.Helper()
+	a := tasks.SendCoupon{Common: tasks.Common{V: tasks.Version, Campaign: "c", MchID: w.mchID, OpenID: openid,
+		StockID: stock, OutRequestNo: orn, AppID: w.appID, Deadline: deadline}, StockCreatorMchID: w.mchID}
+	task, err := tasks.NewTask(a, opts...)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	if _, err := asynq.NewClientFromRedisClient(w.rdb).Enqueue(task); err != nil {
+		w.t.Fatal(err)
+	}
+	return a
+}
+
+func (w *world) record(a tasks.SendCoupon) idempotency.Record {
+	rec, err := w.store.Get(context.Background(), idempotency.Send{MchID: a.MchID, OutRequestNo: a.OutRequestNo, Campaign: a.Campaign})
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	return rec
+}
+
+func (w *world) waitState(a tasks.SendCoupon, state idempotency.State, timeout time.Duration) idempotency.Record {
+	w.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		rec := w.record(a)
+		if rec.State == state {
+			return rec
+		}
+		if time.Now().After(deadline) {
+			w.t.Fatalf("%s is %s (%s %s), not %s after %s", a.OutRequestNo, rec.State, rec.Code, rec.Message, state, timeout)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func (w *world) stock(spec sandbox.StockSpec) string {
+	w.t.Helper()
+	spec.Kind = sandbox.KindFavor
+	if spec.CouponValue == 0 {
+		spec.CouponValue, spec.CouponMinimum = 100, 100
+	}
+	st, err := w.sb.CreateStock(spec)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	return st.ID
+}
+
+func far() time.Time { return time.Now().Add(time.Hour) }
+
+// asynq checks "retries exhausted" before IsFailure, so waits must never
+// consume retries: a task allowed one retry survives many rate limits.
+func TestRateLimitsNeverUseUpRetries(t *testing.T) {
+	t.Parallel()
+	w := newWorld(t, 2)
+	w.sb.SetFaults(sandbox.Faults{RateLimit: 0.001}) // one token, then nothing for ~17 minutes
+	stock := w.stock(sandbox.StockSpec{Budget: 10})
+	w.waitState(w.send(stock, "o0", "r-rate-0", far()), idempotency.Succeeded, 10*time.Second) // spends the token
+	a := w.send(stock, "o1", "r-rate-1", far(), asynq.MaxRetry(1))
+	deadline := time.Now().Add(20 * time.Second)
+	for w.sb.Ledger().Requests["429 FREQUENCY_LIMIT_EXCEED"] < 4 {
+		if time.Now().After(deadline) {
+			t.Fatalf("only %v after 20s", w.sb.Ledger().Requests)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if st := w.record(a).State; st != idempotency.WaitingRate && st != idempotency.InFlight {
+		t.Fatalf("while rate limited the send is %s", st)
+	}
+	w.sb.SetFaults(sandbox.Faults{})
+	rec := w.waitState(a, idempotency.Succeeded, 10*time.Second)
+	if rec.CouponID == "" || rec.Attempts < 5 {
+		t.Fatalf("record %+v", rec)
+	}
+}
+
+func TestPermanentFailureIsRecordedOnceAndNotRetried(t *testing.T) {
+	t.Parallel()
+	w := newWorld(t, 2)
+	a := w.send("404404", "o1", "r-perm-1", far())
+	rec := w.waitState(a, idempotency.Failed, 10*time.Second)
+	if rec.Code != "RESOURCE_NOT_EXISTS" || rec.Attempts != 1 {
+		t.Fatalf("record %+v", rec)
+	}
+	time.Sleep(500 * time.Millisecond)
+	if n := w.sb.Ledger().Requests["404 RESOURCE_NOT_EXISTS"]; n != 1 {
+		t.Fatalf("WeChat was called %d times for a permanent failure", n)
+	}
+	st, _ := w.store.Status(context.Background(), "c")
+	if st.FailedByCode["RESOURCE_NOT_EXISTS"] != 1 {
+		t.Fatalf("status %+v", st)
+	}
+}
+
+func TestBudgetWaitEndsAtTheDeadline(t *testing.T) {
+	t.Parallel()
+	w := newWorld(t, 2)
+	stock := w.stock(sandbox.StockSpec{Budget: 1})
+	w.send(stock, "o0", "r-budget-0", far())
+	a := w.send(stock, "o1", "r-budget-1", time.Now().Add(2*time.Second))
+	w.waitState(a, idempotency.WaitingBudget, 10*time.Second)
+	rec := w.waitState(a, idempotency.Failed, 10*time.Second)
+	if rec.Code != "NOT_ENOUGH" || !strings.Contains(rec.Message, "deadline") {
+		t.Fatalf("record %+v", rec)
+	}
+}
+
+func TestAmbiguousOnTheLastTryIsRecordedAsFailed(t *testing.T) {
+	t.Parallel()
+	w := newWorld(t, 2)
+	w.sb.SetFaults(sandbox.Faults{ErrorRate: 1})
+	stock := w.stock(sandbox.StockSpec{Budget: 10})
+	a := w.send(stock, "o1", "r-amb-1", far(), asynq.MaxRetry(1))
+	w.waitState(a, idempotency.Retrying, 10*time.Second)
+	rec := w.waitState(a, idempotency.Failed, 15*time.Second)
+	if rec.Code != "SYSTEM_ERROR" || rec.Attempts != 2 || !strings.Contains(rec.Message, "may have been issued") {
+		t.Fatalf("record %+v", rec)
+	}
+}
+
+// WeChat answers parallel sends to one user with spurious errors, so one
+// user's sends must reach it one at a time.
+func TestOneUsersSendsNeverOverlap(t *testing.T) {
+	t.Parallel()
+	w := newWorld(t, 8)
+	const latency = 150 * time.Millisecond
+	w.sb.SetFaults(sandbox.Faults{Latency: latency, LatencyRate: 1})
+	var mu sync.Mutex
+	starts := map[string][]time.Time{}
+	w.sb.OnRequest(func(r sandbox.RecordedRequest) {
+		mu.Lock()
+		user := strings.Split(r.Path, "/")[5]
+		starts[user] = append(starts[user], time.Now())
+		mu.Unlock()
+	})
+	stock := w.stock(sandbox.StockSpec{Budget: 100})
+	var sends []tasks.SendCoupon
+	for i := 0; i < 6; i++ {
+		sends = append(sends, w.send(stock, "same_user", fmt.Sprintf("r-same-%d", i), far()))
+		sends = append(sends, w.send(stock, fmt.Sprintf("other_%d", i), fmt.Sprintf("r-other-%d", i), far()))
+	}
+	for _, a := range sends {
+		w.waitState(a, idempotency.Succeeded, 30*time.Second)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	ts := starts["same_user"]
+	sort.Slice(ts, func(i, j int) bool { return ts[i].Before(ts[j]) })
+	if len(ts) < 6 {
+		t.Fatalf("%d calls for same_user", len(ts))
+	}
+	for i := 1; i < len(ts); i++ {
+		if gap := ts[i].Sub(ts[i-1]); gap < latency-20*time.Millisecond {
+			t.Fatalf("calls %d and %d to one user overlapped: %s apart, each takes %s", i-1, i, gap, latency)
+		}
+	}
+}

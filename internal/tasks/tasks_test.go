@@ -1,0 +1,127 @@
+package tasks
+
+import (
+	"encoding/json"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hibiken/asynq"
+
+	"github.com/couponflow/dispatcher/internal/wechat"
+)
+
+func coupon() SendCoupon {
+	return SendCoupon{
+		Common: Common{V: Version, Campaign: "spring-2026", MchID: "1900000001", OpenID: "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o",
+			StockID: "9856000", OutRequestNo: "1900000001-abc", AppID: "wx233544546545989", Deadline: time.Unix(2e9, 0).UTC()},
+		StockCreatorMchID: "1900000001",
+	}
+}
+
+func TestNewTaskCarriesIDQueueAndRetryBound(t *testing.T) {
+	task, err := NewTask(coupon())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if task.Type() != TypeSendCoupon {
+		t.Fatalf("type %q", task.Type())
+	}
+	args, err := Decode(task)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if args.(SendCoupon) != coupon() {
+		t.Fatalf("round trip changed the payload: %+v", args)
+	}
+	var raw map[string]any
+	json.Unmarshal(task.Payload(), &raw)
+	for _, k := range []string{"v", "campaign", "mchid", "openid", "stock_id", "out_request_no", "appid", "stock_creator_mchid", "deadline"} {
+		if _, ok := raw[k]; !ok {
+			t.Errorf("payload lacks %q: %s", k, task.Payload())
+		}
+	}
+	if got := coupon().Key().TaskID(); got != "send:1900000001:1900000001-abc" {
+		t.Fatalf("task id %q", got)
+	}
+}
+
+func TestNewTaskRefusesBadFieldsByName(t *testing.T) {
+	cases := map[string]func(*SendCoupon){
+		"openid":         func(a *SendCoupon) { a.OpenID = "has space" },
+		"out_request_no": func(a *SendCoupon) { a.OutRequestNo = strings.Repeat("x", 129) },
+		"stock_id":       func(a *SendCoupon) { a.StockID = "" },
+		"campaign":       func(a *SendCoupon) { a.Campaign = "no spaces please" },
+		"version":        func(a *SendCoupon) { a.V = 2 },
+		"deadline":       func(a *SendCoupon) { a.Deadline = time.Time{} },
+		"coupon_minimum": func(a *SendCoupon) { a.CouponValue, a.CouponMinimum = 500, 100 },
+		"appid":          func(a *SendCoupon) { a.AppID = "" },
+	}
+	for field, mutate := range cases {
+		a := coupon()
+		mutate(&a)
+		_, err := NewTask(a)
+		if err == nil || !strings.Contains(err.Error(), field) {
+			t.Errorf("%s: %v", field, err)
+		}
+	}
+}
+
+func TestDecodeRefusesUnknownAndBrokenPayloads(t *testing.T) {
+	if _, err := Decode(asynq.NewTask("coupon:other", nil)); err == nil {
+		t.Error("unknown type decoded")
+	}
+	if _, err := Decode(asynq.NewTask(TypeSendCoupon, []byte("{"))); err == nil {
+		t.Error("broken JSON decoded")
+	}
+	old := coupon()
+	old.V = 0
+	b, _ := json.Marshal(old)
+	if _, err := Decode(asynq.NewTask(TypeSendCoupon, b)); err == nil || !strings.Contains(err.Error(), "version") {
+		t.Errorf("version 0: %v", err)
+	}
+}
+
+func TestDeriveOutRequestNo(t *testing.T) {
+	a := DeriveOutRequestNo("1900000001", "spring", "o1")
+	if a != DeriveOutRequestNo("1900000001", "spring", "o1") {
+		t.Fatal("not deterministic")
+	}
+	for _, other := range []string{
+		DeriveOutRequestNo("1900000002", "spring", "o1"),
+		DeriveOutRequestNo("1900000001", "summer", "o1"),
+		DeriveOutRequestNo("1900000001", "spring", "o2"),
+		// The separator keeps field boundaries: "ab"+"c" is not "a"+"bc".
+		DeriveOutRequestNo("1900000001", "sprin", "go1"),
+	} {
+		if other == a {
+			t.Fatalf("collision: %s", a)
+		}
+	}
+	if err := wechat.ValidateOutRequestNo(a); err != nil || len(a) > 128 {
+		t.Fatalf("%q: %v", a, err)
+	}
+	if !regexp.MustCompile(`^1900000001-[0-9a-f]{32}$`).MatchString(a) {
+		t.Fatalf("shape %q", a)
+	}
+}
+
+func TestMultiusePayloadHoldsCiphertextOnly(t *testing.T) {
+	a := SendMultiuse{Common: coupon().Common, Amount: 5000, CardType: "ID_CARD",
+		Identity: wechat.EncryptedIdentity{UserName: "Y2lwaGVy", IDCardNumber: "Y2lwaGVyMg==", KeyID: "PUB_KEY_ID_1"}}
+	task, err := NewTask(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var raw map[string]any
+	json.Unmarshal(task.Payload(), &raw)
+	ident := raw["identity"].(map[string]any)
+	if ident["user_name"] != "Y2lwaGVy" || ident["key_id"] != "PUB_KEY_ID_1" || raw["user_name"] != nil {
+		t.Fatalf("payload %s", task.Payload())
+	}
+	a.Identity.KeyID = ""
+	if _, err := NewTask(a); err == nil {
+		t.Fatal("an identity without its key id was accepted")
+	}
+}
