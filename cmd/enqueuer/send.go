@@ -81,8 +81,18 @@ func cmdSend(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	defer rdb.Close()
-	if _, err := idempotency.New(rdb).SaveCampaign(ctx, idempotency.Campaign{Name: *campaignName, MchID: c.wx.MchID, Deadline: dl}); err != nil {
+	meta, err := idempotency.New(rdb).SaveCampaign(ctx, idempotency.Campaign{Name: *campaignName, MchID: c.wx.MchID, Deadline: dl})
+	if err != nil {
 		return err
+	}
+	// The campaign's first deadline holds for all its sends.
+	switch t := task.(type) {
+	case tasks.SendCoupon:
+		t.Deadline = meta.Deadline
+		task = t
+	case tasks.SendMultiuse:
+		t.Deadline = meta.Deadline
+		task = t
 	}
 	res, err := c.producer(rdb, *queue).Enqueue(ctx, task)
 	var inv *enqueue.InvalidError
