@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -54,6 +55,15 @@ func TestCampaignSurvivesFaults(t *testing.T) {
 		if state != "succeeded" || c.CouponID != couponID || c.OutRequestNo != orn {
 			t.Fatalf("report row %v does not match the ledger's %+v", row, c)
 		}
+	}
+
+	out, code = r.enqueuer("status", "--campaign", "spring")
+	if code != 0 || !strings.Contains(out, "2000 of 2000 done (100.0%)") || !regexp.MustCompile(`succeeded\s+2000`).MatchString(out) {
+		t.Fatalf("status exited %d:\n%s", code, out)
+	}
+	out, code = r.enqueuer("coupons", "--openid", openids[7])
+	if code != 0 || !strings.Contains(out, "1 coupons of "+openids[7]) || !strings.Contains(out, coupons[openids[7]].CouponID) {
+		t.Fatalf("coupons exited %d:\n%s", code, out)
 	}
 
 	// The same command again: nothing queued, nothing issued.

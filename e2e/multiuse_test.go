@@ -30,6 +30,14 @@ func TestMultiuseSendKeepsPersonalDataEncrypted(t *testing.T) {
 	if st.ByState[idempotency.Succeeded] != 1 {
 		t.Fatalf("status %+v", st)
 	}
+	// The same send again (a fresh encryption, the same derived
+	// out_request_no): a duplicate, nothing queued.
+	again := exec.Command(cmd.Path, cmd.Args[1:]...)
+	again.Env = r.env
+	again.Stdin = strings.NewReader(name + "\n" + idCard + "\n")
+	if out, err := again.CombinedOutput(); err != nil || !strings.Contains(string(out), "duplicate: ") || !strings.Contains(string(out), "succeeded") {
+		t.Fatalf("second send: %v\n%s", err, out)
+	}
 	led := r.sb.Ledger()
 	if len(led.Coupons) != 1 || led.Coupons[0].OpenID != "o_funds_1" {
 		t.Fatalf("ledger %+v", led.Coupons)
