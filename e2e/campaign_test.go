@@ -62,7 +62,7 @@ func TestCampaignSurvivesFaults(t *testing.T) {
 		t.Fatalf("status exited %d:\n%s", code, out)
 	}
 	out, code = r.enqueuer("coupons", "--openid", openids[7])
-	if code != 0 || !strings.Contains(out, "1 coupons of "+openids[7]) || !strings.Contains(out, coupons[openids[7]].CouponID) {
+	if code != 0 || !strings.Contains(out, "1 coupon of "+openids[7]) || !strings.Contains(out, coupons[openids[7]].CouponID) {
 		t.Fatalf("coupons exited %d:\n%s", code, out)
 	}
 

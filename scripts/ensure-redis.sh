@@ -46,9 +46,16 @@ mkdir -p "$dir"
 redis-server --bind "$host" --port "$port" --dir "$(cd "$dir" && pwd)" --daemonize yes \
   --pidfile "$(cd "$dir" && pwd)/redis.pid" --logfile "$(cd "$dir" && pwd)/redis.log" \
   --appendonly yes --maxmemory-policy noeviction --save "" >&2
+pidfile="$dir/redis.pid"
 for _ in $(seq 1 50); do
   if answers; then
-    echo "started $(cat "$dir/redis.pid")"
+    # Another Redis may have come up on the port meanwhile (apt-get starts
+    # Debian's service); only claim a server we started and that runs.
+    if [ -s "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+      echo "started $(cat "$pidfile")"
+    else
+      echo running
+    fi
     exit 0
   fi
   sleep 0.1

@@ -6,10 +6,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"sort"
 	"strconv"
 	"time"
+
+	"github.com/cenkalti/backoff/v4"
 
 	"github.com/couponflow/dispatcher/internal/idempotency"
 	"github.com/couponflow/dispatcher/internal/wechat"
@@ -61,7 +64,7 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		}
 		select {
 		case <-ctx.Done():
-			return nil
+			return &exitError{code: 130, err: fmt.Errorf("interrupted before campaign %s was done", *name)}
 		case <-time.After(*watch):
 		}
 	}
@@ -71,9 +74,10 @@ func printStatus(w io.Writer, meta idempotency.Campaign, st idempotency.Status) 
 	done := st.ByState[idempotency.Succeeded] + st.ByState[idempotency.Failed]
 	pct := 0.0
 	if st.Total > 0 {
-		pct = 100 * float64(done) / float64(st.Total)
+		// Truncated, so that 100.0% means done.
+		pct = math.Floor(1000*float64(done)/float64(st.Total)) / 10
 	}
-	fmt.Fprintf(w, "campaign %s (merchant %s, deadline %s): %d of %d done (%.1f%%), %.1f sends/s over the last minute, %.1f over 10s\n",
+	fmt.Fprintf(w, "campaign %s (merchant %s, deadline %s): %d of %d done (%.1f%%), %.1f sends/s over the last minute, %.1f over the last 10s\n",
 		meta.Name, meta.MchID, meta.Deadline.Format(time.RFC3339), done, st.Total, pct, st.Rate, st.Rate10s)
 	for _, s := range idempotency.States {
 		fmt.Fprintf(w, "  %-15s %d\n", s, st.ByState[s])
@@ -203,15 +207,32 @@ func cmdCoupons(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if err != nil {
 		return err
 	}
-	coupons, err := wx.ListAllUserCoupons(ctx, wechat.ListCouponsRequest{OpenID: *openid, StockID: *stock, Status: *status,
-		CreatorMchID: *creator, SenderMchID: *sender, AvailableMchID: *available, BusinessType: *business})
+	req := wechat.ListCouponsRequest{OpenID: *openid, StockID: *stock, Status: *status,
+		CreatorMchID: *creator, SenderMchID: *sender, AvailableMchID: *available, BusinessType: *business}
+	// A listing changes nothing, so any failure that is not the request's
+	// own fault is worth a few more tries.
+	var coupons []wechat.Coupon
+	b := backoff.NewExponentialBackOff()
+	b.MaxElapsedTime = 30 * time.Second
+	err = backoff.Retry(func() error {
+		var err error
+		coupons, err = wx.ListAllUserCoupons(ctx, req)
+		if wechat.ClassOf(err) == wechat.Permanent {
+			return backoff.Permanent(err)
+		}
+		return err
+	}, backoff.WithContext(b, ctx))
 	if err != nil {
 		return err
 	}
 	if *asJSON {
 		return json.NewEncoder(stdout).Encode(coupons)
 	}
-	fmt.Fprintf(stdout, "%d coupons of %s\n", len(coupons), *openid)
+	noun := "coupons"
+	if len(coupons) == 1 {
+		noun = "coupon"
+	}
+	fmt.Fprintf(stdout, "%d %s of %s\n", len(coupons), noun, *openid)
 	for _, cp := range coupons {
 		amount := ""
 		if cp.NormalCoupon != nil {

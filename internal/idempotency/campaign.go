@@ -72,7 +72,8 @@ type Status struct {
 	// FailedByCode counts permanent failures by WeChat's code.
 	FailedByCode map[string]int64
 	// Rate is successes per second over the last minute, and Rate10s over
-	// the last ten seconds.
+	// the last ten seconds; a window younger than that counts from its
+	// first success.
 	Rate, Rate10s float64
 }
 
@@ -116,7 +117,10 @@ func (s *Store) Status(ctx context.Context, campaign string) (Status, error) {
 			st.ByState[State(k)] = n
 		}
 	}
+	// Over a window that starts at the first second with a success, so a
+	// campaign 20s old is not averaged over a minute.
 	var sum60, sum10 int64
+	span := 0
 	for i, v := range rates.Val() {
 		if sv, ok := v.(string); ok {
 			n, _ := strconv.ParseInt(sv, 10, 64)
@@ -124,9 +128,15 @@ func (s *Store) Status(ctx context.Context, campaign string) (Status, error) {
 			if i < 10 {
 				sum10 += n
 			}
+			if n > 0 {
+				span = i + 1
+			}
 		}
 	}
-	st.Rate, st.Rate10s = float64(sum60)/60, float64(sum10)/10
+	if span > 0 {
+		st.Rate = float64(sum60) / float64(span)
+		st.Rate10s = float64(sum10) / float64(min(span, 10))
+	}
 	return st, nil
 }
 

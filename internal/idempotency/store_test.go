@@ -212,20 +212,25 @@ func TestEachStreamsInOrder(t *testing.T) {
 func TestStatusRate(t *testing.T) {
 	s, ctx := newStore(t), context.Background()
 	base := time.Now()
-	s.now = func() time.Time { return base }
-	for i := 0; i < 30; i++ {
-		a := send(i)
-		s.Register(ctx, a)
-		s.TryClaim(ctx, a, "w", time.Minute)
-		s.Finish(ctx, a, "w", Result{State: Succeeded, CouponID: "c"})
+	succeed := func(from, n int, at time.Time) {
+		s.now = func() time.Time { return at }
+		for i := from; i < from+n; i++ {
+			a := send(i)
+			s.Register(ctx, a)
+			s.TryClaim(ctx, a, "w", time.Minute)
+			s.Finish(ctx, a, "w", Result{State: Succeeded, CouponID: "c"})
+		}
 	}
-	s.now = func() time.Time { return base.Add(time.Second) }
+	succeed(0, 10, base)
+	succeed(10, 20, base.Add(15*time.Second))
+	s.now = func() time.Time { return base.Add(16 * time.Second) }
 	st, err := s.Status(ctx, "c1")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st.Rate != 0.5 || st.Rate10s != 3 {
-		t.Fatalf("rate %v, 10s rate %v; want 0.5 and 3", st.Rate, st.Rate10s)
+	// 30 sends over the 16 seconds since the first; 20 in the last 10.
+	if st.Rate != 30.0/16 || st.Rate10s != 2 {
+		t.Fatalf("rate %v, 10s rate %v; want %v and 2", st.Rate, st.Rate10s, 30.0/16)
 	}
 }
 
