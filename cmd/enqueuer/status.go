@@ -42,12 +42,9 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		}
 		return nil
 	}
-	meta, err := store.Campaign(ctx, *name)
+	meta, err := campaignOf(ctx, store, *name)
 	if err != nil {
 		return err
-	}
-	if meta.Name == "" {
-		return &exitError{code: 2, err: fmt.Errorf("no campaign %q; run enqueuer status without --campaign to list them", *name)}
 	}
 	for {
 		st, err := store.Status(ctx, *name)
@@ -68,6 +65,15 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		case <-time.After(*watch):
 		}
 	}
+}
+
+// campaignOf reads a campaign that must exist.
+func campaignOf(ctx context.Context, store *idempotency.Store, name string) (idempotency.Campaign, error) {
+	meta, err := store.Campaign(ctx, name)
+	if err == nil && meta.Name == "" {
+		err = &exitError{code: 2, err: fmt.Errorf("no campaign %q; run enqueuer status without --campaign to list them", name)}
+	}
+	return meta, err
 }
 
 func printStatus(w io.Writer, meta idempotency.Campaign, st idempotency.Status) {
@@ -120,10 +126,8 @@ func cmdReport(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	defer rdb.Close()
 	store := idempotency.New(rdb)
-	if meta, err := store.Campaign(ctx, *name); err != nil {
+	if _, err := campaignOf(ctx, store, *name); err != nil {
 		return err
-	} else if meta.Name == "" {
-		return &exitError{code: 2, err: fmt.Errorf("no campaign %q", *name)}
 	}
 	var w io.Writer = stdout
 	var f *os.File

@@ -79,16 +79,7 @@ func (c *Client) SendCoupon(ctx context.Context, req SendCouponRequest) (*SendCo
 
 // Validate checks the request as WeChat would, after defaults are applied.
 func (r SendCouponRequest) Validate() error {
-	if err := ValidateOpenID(r.OpenID); err != nil {
-		return err
-	}
-	if err := validateID("stock_id", r.StockID, 20); err != nil {
-		return err
-	}
-	if err := ValidateOutRequestNo(r.OutRequestNo); err != nil {
-		return err
-	}
-	if err := validateID("appid", r.AppID, 128); err != nil {
+	if err := validateSend(r.OpenID, r.StockID, r.OutRequestNo, r.AppID); err != nil {
 		return err
 	}
 	if err := validateID("stock_creator_mchid", r.StockCreatorMchID, 20); err != nil {

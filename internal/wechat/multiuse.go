@@ -127,16 +127,7 @@ func (c *Client) SendMultiuseCoupon(ctx context.Context, req SendMultiuseRequest
 // Validate checks the request; keyID is the WeChat Pay key the identity
 // must be encrypted under.
 func (r SendMultiuseRequest) Validate(keyID string) error {
-	if err := ValidateOpenID(r.OpenID); err != nil {
-		return err
-	}
-	if err := validateID("stock_id", r.StockID, 20); err != nil {
-		return err
-	}
-	if err := ValidateOutRequestNo(r.OutRequestNo); err != nil {
-		return err
-	}
-	if err := validateID("appid", r.AppID, 128); err != nil {
+	if err := validateSend(r.OpenID, r.StockID, r.OutRequestNo, r.AppID); err != nil {
 		return err
 	}
 	if r.Amount <= 0 {

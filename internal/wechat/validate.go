@@ -46,6 +46,20 @@ func ValidateOpenID(s string) error {
 	return nil
 }
 
+// validateSend checks the fields both kinds of send have.
+func validateSend(openID, stockID, outRequestNo, appID string) error {
+	if err := ValidateOpenID(openID); err != nil {
+		return err
+	}
+	if err := validateID("stock_id", stockID, 20); err != nil {
+		return err
+	}
+	if err := ValidateOutRequestNo(outRequestNo); err != nil {
+		return err
+	}
+	return validateID("appid", appID, 128)
+}
+
 func validateID(field, s string, max int) error {
 	switch {
 	case s == "":
