@@ -5,7 +5,6 @@ package redisconn
 import (
 	"context"
 	"fmt"
-	"os"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -16,14 +15,6 @@ const DefaultAddr = "127.0.0.1:6379"
 
 // EnvAddr names the variable holding Redis's host:port.
 const EnvAddr = "REDIS_ADDR"
-
-// AddrFromEnv returns REDIS_ADDR or the default.
-func AddrFromEnv() string {
-	if a := os.Getenv(EnvAddr); a != "" {
-		return a
-	}
-	return DefaultAddr
-}
 
 // Open connects to addr with a pool sized for poolSize concurrent users and
 // checks that Redis answers, so that a wrong address fails at start with a

@@ -5,7 +5,6 @@ package redistest
 
 import (
 	"bufio"
-	"context"
 	"fmt"
 	"net"
 	"os"
@@ -112,13 +111,6 @@ func ping(addr string) error {
 		return fmt.Errorf("PING answered %q", line)
 	}
 	return nil
-}
-
-// Ping reports whether a Redis answers at addr.
-func Ping(ctx context.Context, addr string) error {
-	c := redis.NewClient(&redis.Options{Addr: addr})
-	defer c.Close()
-	return c.Ping(ctx).Err()
 }
 
 func freePort(tb testing.TB) int {
