@@ -162,7 +162,7 @@ func TestBudgetWaitEndsAtTheDeadline(t *testing.T) {
 	t.Parallel()
 	w := newWorld(t, 2)
 	stock := w.stock(sandbox.StockSpec{Budget: 1})
-	w.send(stock, "o0", "r-budget-0", far())
+	w.waitState(w.send(stock, "o0", "r-budget-0", far()), idempotency.Succeeded, 10*time.Second) // spends the budget
 	a := w.send(stock, "o1", "r-budget-1", time.Now().Add(2*time.Second))
 	w.waitState(a, idempotency.WaitingBudget, 10*time.Second)
 	rec := w.waitState(a, idempotency.Failed, 10*time.Second)

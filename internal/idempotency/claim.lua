@@ -3,8 +3,9 @@
 local rec = KEYS[1]
 local now = tonumber(ARGV[2])
 local st = redis.call('HGET', rec, 'state')
+-- Each answer carries the record as it now stands, saving a read-back.
 if st == 'succeeded' or st == 'failed' then
-  return 'terminal'
+  return {'terminal', redis.call('HGETALL', rec)}
 end
 if not st then
   -- Enqueued by a producer that did not register it: register it now, so
@@ -19,7 +20,7 @@ elseif st == 'in_flight' then
   local owner = redis.call('HGET', rec, 'owner')
   local lease_until = tonumber(redis.call('HGET', rec, 'lease_until') or '0')
   if owner ~= ARGV[1] and lease_until > now then
-    return 'busy'
+    return {'busy', redis.call('HGETALL', rec)}
   end
   -- The holder's lease ran out (it crashed, or hangs): its call may have
   -- issued the coupon, which the resend of the same request will return.
@@ -30,4 +31,4 @@ redis.call('HSET', rec, 'state', 'in_flight', 'owner', ARGV[1], 'lease_until', n
   'last_at', ARGV[2])
 redis.call('HSETNX', rec, 'first_at', ARGV[2])
 redis.call('HINCRBY', rec, 'attempts', 1)
-return 'claimed'
+return {'claimed', redis.call('HGETALL', rec)}

@@ -191,19 +191,25 @@ func (s *Store) TryClaim(ctx context.Context, send Send, owner string, lease tim
 		[]string{s.recordKey(send.Campaign, send.MchID, send.OutRequestNo), s.countsKey(send.Campaign),
 			s.membersKey(send.Campaign)},
 		owner, now.UnixMilli(), lease.Milliseconds(), send.Campaign, send.MchID, send.OutRequestNo,
-		send.OpenID, send.StockID).Text()
+		send.OpenID, send.StockID).Slice()
 	if err != nil {
 		s.unlock(ctx, lockKey, lockVal)
 		return Claim{}, fmt.Errorf("idempotency: claiming %s: %w", send.OutRequestNo, err)
 	}
-	if res != "claimed" {
+	verdict, _ := res[0].(string)
+	if verdict != "claimed" {
 		s.unlock(ctx, lockKey, lockVal)
 	}
-	rec, err := s.Get(ctx, send)
-	if err != nil {
-		return Claim{}, err
+	fields := map[string]string{}
+	if kv, ok := res[1].([]any); ok {
+		for i := 0; i+1 < len(kv); i += 2 {
+			k, _ := kv[i].(string)
+			v, _ := kv[i+1].(string)
+			fields[k] = v
+		}
 	}
-	switch res {
+	rec := recordFrom(send.MchID, send.OutRequestNo, fields)
+	switch verdict {
 	case "claimed":
 		return Claim{Acquired: true, Record: rec}, nil
 	case "busy":
