@@ -1,0 +1,173 @@
+// Package breaker stops calls to WeChat for a stock whose budget is gone.
+// The first NOT_ENOUGH opens the stock's breaker in Redis; every worker
+// then holds that stock's sends without calling, while one probe call at
+// growing intervals (30s doubling to 10m by default) finds out whether the
+// budget is back. Other stocks are not affected.
+package breaker
+
+import (
+	"context"
+	_ "embed"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+//go:embed breaker.lua
+var lua string
+var script = redis.NewScript(lua)
+
+// Breakers is the set of breakers of all stocks.
+type Breakers struct {
+	rdb        redis.UniversalClient
+	prefix     string
+	first, max time.Duration
+	probeLease time.Duration
+	now        func() time.Time
+}
+
+// Option configures Breakers.
+type Option func(*Breakers)
+
+// WithProbeInterval sets the first and the longest interval between probes.
+func WithProbeInterval(first, max time.Duration) Option {
+	return func(b *Breakers) { b.first, b.max = first, max }
+}
+
+// New returns the breakers kept in rdb.
+func New(rdb redis.UniversalClient, opts ...Option) *Breakers {
+	b := &Breakers{rdb: rdb, prefix: "cf:breaker:", first: 30 * time.Second, max: 10 * time.Minute,
+		probeLease: time.Minute, now: time.Now}
+	for _, o := range opts {
+		o(b)
+	}
+	return b
+}
+
+func (b *Breakers) key(mchID, stockID string) string {
+	return b.prefix + "{" + mchID + ":" + stockID + "}"
+}
+
+func (b *Breakers) setKey(mchID string) string { return b.prefix + "open:{" + mchID + "}" }
+
+// Verdict is what Check decided.
+type Verdict int
+
+const (
+	Closed Verdict = iota // call
+	Probe                 // call: this is the one probe; report its outcome
+	Hold                  // do not call before Until
+)
+
+// Decision is Check's answer.
+type Decision struct {
+	Verdict Verdict
+	Until   time.Time // for Hold
+}
+
+// Check says whether a send of the stock may call WeChat now.
+func (b *Breakers) Check(ctx context.Context, mchID, stockID string) (Decision, error) {
+	verdict, at, err := b.run(ctx, mchID, stockID, "check")
+	if err != nil {
+		return Decision{}, err
+	}
+	switch verdict {
+	case "hold":
+		return Decision{Verdict: Hold, Until: at}, nil
+	case "probe":
+		return Decision{Verdict: Probe}, nil
+	}
+	return Decision{Verdict: Closed}, nil
+}
+
+// Exhausted records a NOT_ENOUGH: it opens the breaker, or, after a probe,
+// doubles the interval to the next one. It returns when the next probe is.
+func (b *Breakers) Exhausted(ctx context.Context, mchID, stockID string, probe bool) (time.Time, error) {
+	op := "exhausted"
+	if probe {
+		op = "exhausted_probe"
+	}
+	verdict, next, err := b.run(ctx, mchID, stockID, op)
+	if err == nil && verdict == "opened" {
+		err = b.rdb.SAdd(ctx, b.setKey(mchID), stockID).Err()
+	}
+	return next, err
+}
+
+// Succeeded records that a send of the stock went through: the budget is
+// there, so the breaker closes.
+func (b *Breakers) Succeeded(ctx context.Context, mchID, stockID string) error {
+	return b.Resume(ctx, mchID, stockID)
+}
+
+// Resume closes the breaker at once, after a top-up.
+func (b *Breakers) Resume(ctx context.Context, mchID, stockID string) error {
+	if _, _, err := b.run(ctx, mchID, stockID, "success"); err != nil {
+		return err
+	}
+	return b.rdb.SRem(ctx, b.setKey(mchID), stockID).Err()
+}
+
+// State is a breaker as status shows it.
+type State struct {
+	StockID   string
+	Open      bool
+	OpenedAt  time.Time
+	NextProbe time.Time
+	Interval  time.Duration
+	Probes    int
+}
+
+// Status reads a stock's breaker.
+func (b *Breakers) Status(ctx context.Context, mchID, stockID string) (State, error) {
+	m, err := b.rdb.HGetAll(ctx, b.key(mchID, stockID)).Result()
+	if err != nil {
+		return State{}, fmt.Errorf("breaker: %w", err)
+	}
+	st := State{StockID: stockID, Open: len(m) > 0}
+	if st.Open {
+		st.OpenedAt = ms(m["opened_ms"])
+		st.NextProbe = ms(m["next_ms"])
+		iv, _ := strconv.ParseInt(m["interval_ms"], 10, 64)
+		st.Interval = time.Duration(iv) * time.Millisecond
+		st.Probes, _ = strconv.Atoi(m["probes"])
+	}
+	return st, nil
+}
+
+// Open lists the stocks of a merchant whose breakers are open.
+func (b *Breakers) Open(ctx context.Context, mchID string) ([]State, error) {
+	ids, err := b.rdb.SMembers(ctx, b.setKey(mchID)).Result()
+	if err != nil {
+		return nil, fmt.Errorf("breaker: %w", err)
+	}
+	var out []State
+	for _, id := range ids {
+		st, err := b.Status(ctx, mchID, id)
+		if err != nil {
+			return nil, err
+		}
+		if st.Open {
+			out = append(out, st)
+		}
+	}
+	return out, nil
+}
+
+func (b *Breakers) run(ctx context.Context, mchID, stockID, op string) (string, time.Time, error) {
+	res, err := script.Run(ctx, b.rdb, []string{b.key(mchID, stockID)}, op, b.now().UnixMilli(),
+		b.first.Milliseconds(), b.max.Milliseconds(), b.probeLease.Milliseconds()).Slice()
+	if err != nil {
+		return "", time.Time{}, fmt.Errorf("breaker: %s %s: %w", op, stockID, err)
+	}
+	verdict, _ := res[0].(string)
+	at, _ := res[1].(int64)
+	return verdict, time.UnixMilli(at), nil
+}
+
+func ms(s string) time.Time {
+	n, _ := strconv.ParseInt(s, 10, 64)
+	return time.UnixMilli(n)
+}

@@ -1,0 +1,39 @@
+-- A per-stock budget breaker.
+-- KEYS: the breaker hash
+-- ARGV: op (check | exhausted | exhausted_probe | success), now_ms, first_ms, max_ms, probe_lease_ms
+local k = KEYS[1]
+local op = ARGV[1]
+local now = tonumber(ARGV[2])
+if op == 'success' then
+  return {'closed', redis.call('DEL', k)}
+end
+local next_ms = tonumber(redis.call('HGET', k, 'next_ms') or '-1')
+if op == 'check' then
+  if next_ms < 0 then
+    return {'closed', 0}
+  end
+  if now < next_ms then
+    return {'hold', next_ms}
+  end
+  local probe_until = tonumber(redis.call('HGET', k, 'probe_until') or '0')
+  if probe_until > now then
+    return {'hold', probe_until}
+  end
+  -- One caller, and only one, probes; the others keep holding.
+  redis.call('HSET', k, 'probe_until', now + tonumber(ARGV[5]))
+  return {'probe', 0}
+end
+-- exhausted
+if next_ms < 0 then
+  local first = tonumber(ARGV[3])
+  redis.call('HSET', k, 'opened_ms', now, 'interval_ms', first, 'next_ms', now + first, 'probes', 0, 'probe_until', 0)
+  return {'opened', now + first}
+end
+if op == 'exhausted_probe' then
+  local interval = math.min(tonumber(redis.call('HGET', k, 'interval_ms')) * 2, tonumber(ARGV[4]))
+  redis.call('HSET', k, 'interval_ms', interval, 'next_ms', now + interval, 'probe_until', 0)
+  redis.call('HINCRBY', k, 'probes', 1)
+  return {'extended', now + interval}
+end
+-- A call let through before the breaker opened: nothing to change.
+return {'open', next_ms}
