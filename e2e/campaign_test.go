@@ -11,7 +11,7 @@ import (
 )
 
 var fastWaits = []string{"--concurrency", "16", "--rate-wait", "200ms", "--rate-wait-max", "2s",
-	"--budget-wait", "300ms", "--budget-wait-max", "1s"}
+	"--breaker-probe", "300ms", "--breaker-probe-max", "1s"}
 
 func done(st idempotency.Status) bool { return st.Done() }
 

@@ -14,10 +14,12 @@ import (
 
 	"github.com/hibiken/asynq"
 
+	"github.com/couponflow/dispatcher/internal/breaker"
 	"github.com/couponflow/dispatcher/internal/dispatch"
 	"github.com/couponflow/dispatcher/internal/envflag"
 	"github.com/couponflow/dispatcher/internal/idempotency"
 	"github.com/couponflow/dispatcher/internal/logging"
+	"github.com/couponflow/dispatcher/internal/ratelimit"
 	"github.com/couponflow/dispatcher/internal/redisconn"
 	"github.com/couponflow/dispatcher/internal/tasks"
 	"github.com/couponflow/dispatcher/internal/wechat"
@@ -38,15 +40,18 @@ func run(argv []string) error {
 	concurrency := fs.Int("concurrency", 20, "sends in flight at once")
 	queues := fs.String("queues", tasks.DefaultQueue+"=1", "queues and their weights, name=weight,…")
 	callTimeout := fs.Duration("call-timeout", 15*time.Second, "deadline of one WeChat call")
-	budgetWait := fs.Duration("budget-wait", 30*time.Second, "first wait after NOT_ENOUGH; it doubles up to --budget-wait-max")
-	budgetWaitMax := fs.Duration("budget-wait-max", 10*time.Minute, "longest wait after NOT_ENOUGH")
+	probe := fs.Duration("breaker-probe", 30*time.Second, "after a stock's first NOT_ENOUGH, its sends are held and one probe call is made after this long; the interval doubles up to --breaker-probe-max")
+	probeMax := fs.Duration("breaker-probe-max", 10*time.Minute, "longest interval between a stock's probes")
+	rateLimits := fs.String("rate-limits", "", "the merchant's limits shared by all workers, e.g. favor_send=500/s,multiuse_send=1000/m,favor_list=500/s (these are the defaults)")
+	rateMaxWait := fs.Duration("rate-max-wait", 2*time.Second, "longest wait for a rate slot inside the handler; a longer one goes back to the queue")
 	rateWait := fs.Duration("rate-wait", time.Second, "first wait after a rate limit; it grows up to --rate-wait-max")
 	rateWaitMax := fs.Duration("rate-wait-max", 30*time.Second, "longest wait after a rate limit")
 	logFormat := fs.String("log-format", "json", "json or text")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	err := envflag.Parse(fs, map[string]string{
 		"redis-addr": redisconn.EnvAddr, "concurrency": "WORKER_CONCURRENCY", "queues": "WORKER_QUEUES",
-		"call-timeout": "WORKER_CALL_TIMEOUT", "budget-wait": "WORKER_BUDGET_WAIT", "budget-wait-max": "WORKER_BUDGET_WAIT_MAX",
+		"call-timeout": "WORKER_CALL_TIMEOUT", "breaker-probe": "WORKER_BREAKER_PROBE", "breaker-probe-max": "WORKER_BREAKER_PROBE_MAX",
+		"rate-limits": "WORKER_RATE_LIMITS", "rate-max-wait": "WORKER_RATE_MAX_WAIT",
 		"rate-wait": "WORKER_RATE_WAIT", "rate-wait-max": "WORKER_RATE_WAIT_MAX",
 		"log-format": "LOG_FORMAT", "log-level": "LOG_LEVEL",
 	}, argv)
@@ -64,6 +69,10 @@ func run(argv []string) error {
 	if err != nil {
 		return err
 	}
+	limits, err := ratelimit.ParseLimits(*rateLimits)
+	if err != nil {
+		return fmt.Errorf("--rate-limits: %w", err)
+	}
 	if err := wxCfg.Validate(); err != nil {
 		return fmt.Errorf("WeChat Pay configuration:\n%w", err)
 	}
@@ -80,8 +89,10 @@ func run(argv []string) error {
 	defer rdb.Close()
 
 	h := dispatch.New(wx, idempotency.New(rdb), dispatch.WithLogger(log),
-		dispatch.WithCallTimeout(*callTimeout), dispatch.WithBudgetWait(*budgetWait, *budgetWaitMax),
-		dispatch.WithRateWait(*rateWait, *rateWaitMax))
+		dispatch.WithCallTimeout(*callTimeout), dispatch.WithBudgetWait(*probe, *probeMax),
+		dispatch.WithRateWait(*rateWait, *rateWaitMax),
+		dispatch.WithLimiter(ratelimit.New(rdb, ratelimit.WithLimits(limits)), *rateMaxWait),
+		dispatch.WithBreakers(breaker.New(rdb, breaker.WithProbeInterval(*probe, *probeMax))))
 	srv := asynq.NewServerFromRedisClient(rdb, asynq.Config{
 		Concurrency:    *concurrency,
 		Queues:         queueWeights,
@@ -99,7 +110,8 @@ func run(argv []string) error {
 	mux.Handle(tasks.TypeSendMultiuse, h)
 
 	log.Info("worker starting", "redis", *redisAddr, "concurrency", *concurrency, "queues", queueWeights,
-		"mchid", wxCfg.MchID, "base_url", wxCfg.BaseURL, "call_timeout", callTimeout.String())
+		"mchid", wxCfg.MchID, "base_url", wxCfg.BaseURL, "call_timeout", callTimeout.String(),
+		"rate_limits", fmt.Sprint(limits))
 	// Run returns after SIGTERM or SIGINT, once calls in flight are done.
 	if err := srv.Run(mux); err != nil {
 		return err

@@ -17,7 +17,9 @@ if op == 'check' then
   end
   local probe_until = tonumber(redis.call('HGET', k, 'probe_until') or '0')
   if probe_until > now then
-    return {'hold', probe_until}
+    -- A probe is in flight; its answer may close the breaker long before
+    -- its lease ends, so come back after the first interval at the latest.
+    return {'hold', math.min(probe_until, now + tonumber(ARGV[3]))}
   end
   -- One caller, and only one, probes; the others keep holding.
   redis.call('HSET', k, 'probe_until', now + tonumber(ARGV[5]))

@@ -38,7 +38,11 @@ func TestBreakerLifecycle(t *testing.T) {
 	}
 	clock = next
 	check(Probe)
-	check(Hold) // only one probe at a time
+	// Only one probe at a time; the others come back after the first
+	// interval rather than the probe's whole lease.
+	if d := check(Hold); d.Until.After(clock.Add(30 * time.Second)) {
+		t.Fatalf("held until %v while a probe is in flight", d.Until)
+	}
 	for _, want := range []time.Duration{60 * time.Second, 120 * time.Second, 120 * time.Second} {
 		n, _ := b.Exhausted(ctx, "m", "s1", true)
 		if n.Sub(clock) != want {

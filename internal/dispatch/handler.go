@@ -22,7 +22,9 @@ import (
 	"github.com/cenkalti/backoff/v4"
 	"github.com/hibiken/asynq"
 
+	"github.com/couponflow/dispatcher/internal/breaker"
 	"github.com/couponflow/dispatcher/internal/idempotency"
+	"github.com/couponflow/dispatcher/internal/ratelimit"
 	"github.com/couponflow/dispatcher/internal/tasks"
 	"github.com/couponflow/dispatcher/internal/wechat"
 )
@@ -37,6 +39,9 @@ type Handler struct {
 	busyWait    time.Duration
 	budgetWait  [2]time.Duration // first wait, longest wait
 	rateWait    [2]time.Duration
+	limiter     *ratelimit.Limiter
+	maxSlotWait time.Duration
+	breakers    *breaker.Breakers
 	now         func() time.Time
 }
 
@@ -61,6 +66,17 @@ func WithBudgetWait(first, max time.Duration) Option {
 func WithRateWait(first, max time.Duration) Option {
 	return func(h *Handler) { h.rateWait = [2]time.Duration{first, max} }
 }
+
+// WithLimiter makes every call take a slot of the fleet's shared rate
+// first, waiting up to maxWait inside the handler; a longer wait goes back
+// to asynq as a rate wait. A 429 lowers the shared rate.
+func WithLimiter(l *ratelimit.Limiter, maxWait time.Duration) Option {
+	return func(h *Handler) { h.limiter, h.maxSlotWait = l, maxWait }
+}
+
+// WithBreakers holds the sends of a stock whose budget is exhausted,
+// calling WeChat only for the breaker's probes.
+func WithBreakers(b *breaker.Breakers) Option { return func(h *Handler) { h.breakers = b } }
 
 // New returns a handler calling WeChat through wx and recording in store.
 func New(wx *wechat.Client, store *idempotency.Store, opts ...Option) *Handler {
@@ -157,6 +173,26 @@ func (h *Handler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 	attempt := claim.Record.Attempts
 	log = log.With("attempt", attempt)
 
+	probe, held, err := h.gate(ctx, args, claim.Record)
+	if held != nil {
+		recCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer cancel()
+		if ferr := h.store.Finish(recCtx, send, owner, held.res); ferr != nil && !errors.Is(ferr, idempotency.ErrLeaseLost) {
+			return ferr
+		}
+		log.Debug("held before calling", "state", held.res.State, "retry", held.ret.Error())
+		return held.ret
+	}
+	if err != nil {
+		// Redis failed under the limiter or the breaker: give the claim
+		// back and let asynq retry.
+		recCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer cancel()
+		_ = h.store.Finish(recCtx, send, owner, idempotency.Result{State: claim.Record.State, NotCalled: true,
+			Code: claim.Record.Code, Message: claim.Record.Message})
+		return err
+	}
+
 	// A call that has started must finish and be recorded even if the
 	// worker is shutting down: cutting it off would leave a coupon issued
 	// and unrecorded until the next delivery resends.
@@ -167,10 +203,11 @@ func (h *Handler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 	latency := time.Since(start)
 
 	class := wechat.ClassOf(callErr)
+	nextProbe := h.observe(ctx, log, args, class, probe)
 	retried, _ := asynq.GetRetryCount(ctx)
 	maxRetry, ok := asynq.GetMaxRetry(ctx)
 	lastTry := ok && retried >= maxRetry
-	res, ret := h.decide(args, claim.Record, class, callErr, lastTry)
+	res, ret := h.decide(args, claim.Record, class, callErr, lastTry, nextProbe)
 	res.CouponID = couponID
 
 	recCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
@@ -198,6 +235,97 @@ func (h *Handler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 		log.Info("will retry", append(attrs, "retry", ret.Error())...)
 	}
 	return ret
+}
+
+// heldSend is a send stopped before its call: what to record, what to return.
+type heldSend struct {
+	res idempotency.Result
+	ret error
+}
+
+// gate runs the checks that may stop a claimed send before it costs a
+// call: the stock's budget breaker, then a slot of the shared rate. The
+// slot comes last and just before the call, since it is spent when taken.
+func (h *Handler) gate(ctx context.Context, args tasks.Args, rec idempotency.Record) (probe bool, held *heldSend, err error) {
+	b := args.Base()
+	if h.breakers != nil {
+		d, err := h.breakers.Check(ctx, b.MchID, b.StockID)
+		if err != nil {
+			return false, nil, err
+		}
+		switch d.Verdict {
+		case breaker.Probe:
+			probe = true
+		case breaker.Hold:
+			return false, h.holdForBudget(b, rec, d.Until), nil
+		}
+	}
+	if h.limiter != nil {
+		_, err := h.limiter.Wait(ctx, b.MchID, endpointOf(args), h.maxSlotWait)
+		var tl *ratelimit.TooLong
+		if errors.As(err, &tl) {
+			return probe, &heldSend{
+				res: idempotency.Result{State: idempotency.WaitingRate, NotCalled: true, Code: rec.Code, Message: rec.Message},
+				ret: &waitError{reason: "rate limit slot", delay: jitter(tl.RetryAfter), err: tl},
+			}, nil
+		}
+		if err != nil {
+			return probe, nil, err
+		}
+	}
+	return probe, nil, nil
+}
+
+// holdForBudget keeps a send of an exhausted stock waiting for the next
+// probe, or fails it at the campaign's deadline.
+func (h *Handler) holdForBudget(b tasks.Common, rec idempotency.Record, until time.Time) *heldSend {
+	now := h.now()
+	if !now.Before(b.Deadline) {
+		return &heldSend{
+			res: idempotency.Result{State: idempotency.Failed, NotCalled: true, Code: "NOT_ENOUGH",
+				Message: fmt.Sprintf("the stock's budget was still exhausted at the campaign deadline %s", b.Deadline.Format(time.RFC3339))},
+			ret: fmt.Errorf("stock %s exhausted past the deadline: %w", b.StockID, asynq.SkipRetry),
+		}
+	}
+	delay := until.Sub(now) + jitter(time.Second)
+	if left := b.Deadline.Sub(now); delay > left {
+		delay = left
+	}
+	return &heldSend{
+		res: idempotency.Result{State: idempotency.WaitingBudget, NotCalled: true, Code: "NOT_ENOUGH",
+			Message: "held: the stock's budget breaker is open until " + until.Format(time.RFC3339)},
+		ret: &waitError{reason: "budget breaker open", delay: delay, err: errors.New("stock " + b.StockID + " has no budget")},
+	}
+}
+
+// observe feeds an outcome back to the limiter and the breaker. After a
+// NOT_ENOUGH it returns when the stock's next probe is due.
+func (h *Handler) observe(ctx context.Context, log *slog.Logger, args tasks.Args, class wechat.Class, probe bool) (nextProbe time.Time) {
+	ctx = context.WithoutCancel(ctx)
+	b := args.Base()
+	switch {
+	case class == wechat.RateLimited && h.limiter != nil:
+		if rate, err := h.limiter.Throttled(ctx, b.MchID, endpointOf(args)); err == nil {
+			log.Warn("WeChat rate limited a call that had a slot; lowering the shared rate", "rate_per_s", rate)
+		}
+	case class == wechat.BudgetExhausted && h.breakers != nil:
+		if next, err := h.breakers.Exhausted(ctx, b.MchID, b.StockID, probe); err == nil {
+			log.Warn("stock budget exhausted; its breaker holds sends until the next probe", "probe", probe, "next_probe", next)
+			nextProbe = next
+		}
+	case class == wechat.Success && probe:
+		if err := h.breakers.Succeeded(ctx, b.MchID, b.StockID); err == nil {
+			log.Info("probe succeeded; the stock's breaker is closed")
+		}
+	}
+	return nextProbe
+}
+
+func endpointOf(args tasks.Args) ratelimit.Endpoint {
+	if args.Kind() == tasks.TypeSendMultiuse {
+		return ratelimit.SendMultiuse
+	}
+	return ratelimit.SendCoupon
 }
 
 // claim takes the send, waiting a little inside the handler when it is
@@ -237,7 +365,7 @@ func (h *Handler) call(ctx context.Context, args tasks.Args) (string, error) {
 
 // decide maps an outcome to the state to record and the error for asynq.
 // lastTry says asynq will archive the task if this attempt fails.
-func (h *Handler) decide(args tasks.Args, rec idempotency.Record, class wechat.Class, err error, lastTry bool) (idempotency.Result, error) {
+func (h *Handler) decide(args tasks.Args, rec idempotency.Record, class wechat.Class, err error, lastTry bool, nextProbe time.Time) (idempotency.Result, error) {
 	var we *wechat.Error
 	errors.As(err, &we)
 	res := idempotency.Result{}
@@ -266,6 +394,10 @@ func (h *Handler) decide(args tasks.Args, rec idempotency.Record, class wechat.C
 		}
 		res.State = idempotency.WaitingBudget
 		delay := jitter(exponential(rec.Attempts-1, h.budgetWait[0], h.budgetWait[1]))
+		if !nextProbe.IsZero() {
+			// The breaker holds the stock until its next probe anyway.
+			delay = nextProbe.Sub(now) + jitter(time.Second)
+		}
 		if left := deadline.Sub(now); delay > left {
 			delay = left // one last try at the deadline
 		}

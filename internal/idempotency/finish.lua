@@ -1,5 +1,5 @@
 -- KEYS: record, counts, rate bucket of this second
--- ARGV: owner, new state, coupon_id, code, message, now_ms
+-- ARGV: owner, new state, coupon_id, code, message, now_ms, not_called (1 if no call was made)
 local rec = KEYS[1]
 local new = ARGV[2]
 local st = redis.call('HGET', rec, 'state')
@@ -22,6 +22,9 @@ if new == 'failed' then
 end
 redis.call('HSET', rec, 'state', new, 'code', ARGV[4], 'message', ARGV[5], 'owner', '', 'lease_until', 0,
   'done_at', ARGV[6])
+if ARGV[7] == '1' then
+  redis.call('HINCRBY', rec, 'attempts', -1)
+end
 if new == 'succeeded' then
   redis.call('HSET', rec, 'coupon_id', ARGV[3])
   redis.call('INCR', KEYS[3])

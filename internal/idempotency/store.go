@@ -225,6 +225,9 @@ type Result struct {
 	CouponID string
 	Code     string
 	Message  string
+	// NotCalled: the send was stopped before calling WeChat (a rate slot
+	// too far away, a budget breaker), so the claim was no attempt.
+	NotCalled bool
 }
 
 // Finish records the result of the call owner made and releases the send
@@ -236,7 +239,7 @@ func (s *Store) Finish(ctx context.Context, send Send, owner string, r Result) e
 	res, err := finishScript.Run(ctx, s.rdb,
 		[]string{s.recordKey(send.Campaign, send.MchID, send.OutRequestNo), s.countsKey(send.Campaign),
 			s.rateKey(send.Campaign, now.Unix())},
-		owner, string(r.State), r.CouponID, r.Code, r.Message, now.UnixMilli()).Text()
+		owner, string(r.State), r.CouponID, r.Code, r.Message, now.UnixMilli(), r.NotCalled).Text()
 	if err != nil {
 		return fmt.Errorf("idempotency: recording %s: %w", send.OutRequestNo, err)
 	}
