@@ -30,6 +30,7 @@ commands:
   status     a campaign's progress
   report     a campaign's results, one CSV line per recipient
   coupons    a user's coupons, through the WeChat Pay list API
+  stock      status|resume --stock-id ID: a stock's budget breaker
 
 Run "enqueuer <command> -h" for its flags. Every command reads REDIS_ADDR
 and the WECHATPAY_* variables (see the README).
@@ -59,7 +60,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return &exitError{code: 2, err: errors.New("no command given")}
 	}
 	cmds := map[string]func(context.Context, []string, io.Writer, io.Writer) error{
-		"send": cmdSend, "campaign": cmdCampaign, "status": cmdStatus, "report": cmdReport, "coupons": cmdCoupons,
+		"send": cmdSend, "campaign": cmdCampaign, "status": cmdStatus, "report": cmdReport, "coupons": cmdCoupons, "stock": cmdStock,
 	}
 	cmd, ok := cmds[args[0]]
 	if !ok {

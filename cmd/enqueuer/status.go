@@ -14,7 +14,9 @@ import (
 
 	"github.com/cenkalti/backoff/v4"
 
+	"github.com/couponflow/dispatcher/internal/breaker"
 	"github.com/couponflow/dispatcher/internal/idempotency"
+	"github.com/couponflow/dispatcher/internal/ratelimit"
 	"github.com/couponflow/dispatcher/internal/wechat"
 )
 
@@ -46,15 +48,21 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
+	limiter := ratelimit.New(rdb)
+	breakers := breaker.New(rdb)
 	for {
 		st, err := store.Status(ctx, *name)
 		if err != nil {
 			return err
 		}
+		fleet, err := fleetOf(ctx, limiter, breakers, meta.MchID)
+		if err != nil {
+			return err
+		}
 		if *asJSON {
-			printStatusJSON(stdout, meta, st)
+			printStatusJSON(stdout, meta, st, fleet)
 		} else {
-			printStatus(stdout, meta, st)
+			printStatus(stdout, meta, st, fleet)
 		}
 		if *watch <= 0 || st.Done() {
 			return nil
@@ -76,7 +84,27 @@ func campaignOf(ctx context.Context, store *idempotency.Store, name string) (ide
 	return meta, err
 }
 
-func printStatus(w io.Writer, meta idempotency.Campaign, st idempotency.Status) {
+// fleet is what the workers share: the current rates and open breakers.
+type fleet struct {
+	Rates    map[ratelimit.Endpoint]float64
+	Breakers []breaker.State
+}
+
+func fleetOf(ctx context.Context, l *ratelimit.Limiter, b *breaker.Breakers, mchID string) (fleet, error) {
+	f := fleet{Rates: map[ratelimit.Endpoint]float64{}}
+	for _, ep := range []ratelimit.Endpoint{ratelimit.SendCoupon, ratelimit.SendMultiuse} {
+		r, err := l.Rate(ctx, mchID, ep)
+		if err != nil {
+			return f, err
+		}
+		f.Rates[ep] = r
+	}
+	var err error
+	f.Breakers, err = b.Open(ctx, mchID)
+	return f, err
+}
+
+func printStatus(w io.Writer, meta idempotency.Campaign, st idempotency.Status, f fleet) {
 	done := st.ByState[idempotency.Succeeded] + st.ByState[idempotency.Failed]
 	pct := 0.0
 	if st.Total > 0 {
@@ -96,9 +124,15 @@ func printStatus(w io.Writer, meta idempotency.Campaign, st idempotency.Status) 
 	for _, code := range codes {
 		fmt.Fprintf(w, "    failed %-22s %d\n", code, st.FailedByCode[code])
 	}
+	fmt.Fprintf(w, "  shared rate: %s %.1f/s, %s %.2f/s (lower than configured after WeChat answered 429)\n",
+		ratelimit.SendCoupon, f.Rates[ratelimit.SendCoupon], ratelimit.SendMultiuse, f.Rates[ratelimit.SendMultiuse])
+	for _, b := range f.Breakers {
+		fmt.Fprintf(w, "  stock %s: budget breaker OPEN since %s, next probe %s (every %s)\n",
+			b.StockID, b.OpenedAt.Format(time.RFC3339), b.NextProbe.Format(time.RFC3339), b.Interval)
+	}
 }
 
-func printStatusJSON(w io.Writer, meta idempotency.Campaign, st idempotency.Status) {
+func printStatusJSON(w io.Writer, meta idempotency.Campaign, st idempotency.Status, f fleet) {
 	byState := map[string]int64{}
 	for s, n := range st.ByState {
 		byState[string(s)] = n
@@ -107,6 +141,7 @@ func printStatusJSON(w io.Writer, meta idempotency.Campaign, st idempotency.Stat
 		"campaign": meta.Name, "mchid": meta.MchID, "deadline": meta.Deadline.Format(time.RFC3339),
 		"total": st.Total, "by_state": byState, "failed_by_code": st.FailedByCode,
 		"rate_per_second": st.Rate, "rate_10s": st.Rate10s, "done": st.Done(),
+		"shared_rates": f.Rates, "open_breakers": f.Breakers,
 	})
 }
 
