@@ -23,6 +23,7 @@ type common struct {
 	fs        *flag.FlagSet
 	wx        wechat.Config
 	redisAddr string
+	shards    int
 }
 
 func newFlags(name, synopsis string, stderr io.Writer) *common {
@@ -34,11 +35,12 @@ func newFlags(name, synopsis string, stderr io.Writer) *common {
 	}
 	c.wx.RegisterFlags(c.fs)
 	c.fs.StringVar(&c.redisAddr, "redis-addr", redisconn.DefaultAddr, "Redis host:port")
+	c.fs.IntVar(&c.shards, "queue-shards", 1, "spread sends over this many queues, <queue>-0 … (for Redis Cluster); workers need the same setting")
 	return c
 }
 
 func (c *common) parse(args []string) error {
-	if err := envflag.Parse(c.fs, map[string]string{"redis-addr": redisconn.EnvAddr}, args); err != nil {
+	if err := envflag.Parse(c.fs, map[string]string{"redis-addr": redisconn.EnvAddr, "queue-shards": "QUEUE_SHARDS"}, args); err != nil {
 		return &exitError{code: 2, err: err}
 	}
 	if c.fs.NArg() > 0 {
@@ -66,7 +68,8 @@ func (c *common) redis(ctx context.Context, pool int) (redis.UniversalClient, er
 }
 
 func (c *common) producer(rdb redis.UniversalClient, queue string) *enqueue.Producer {
-	return enqueue.New(asynq.NewClientFromRedisClient(rdb), idempotency.New(rdb), enqueue.WithQueue(queue))
+	return enqueue.New(asynq.NewClientFromRedisClient(rdb), idempotency.New(rdb), enqueue.WithQueue(queue),
+		enqueue.WithQueueShards(c.shards))
 }
 
 // parseDeadline takes a duration from now or an RFC 3339 time.

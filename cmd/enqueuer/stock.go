@@ -39,11 +39,15 @@ func cmdStock(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		// Held sends sleep in asynq's retry set until their next probe time;
 		// wake them now. Other retries in the queue run early too, which is
 		// safe: every send is idempotent by its out_request_no.
-		n, err := asynq.NewInspectorFromRedisClient(rdb).RunAllRetryTasks(*queue)
-		if err != nil {
-			return fmt.Errorf("breaker closed, but waking the queue %s failed: %w", *queue, err)
+		woken := 0
+		for _, q := range tasks.ShardQueues(*queue, c.shards) {
+			n, err := asynq.NewInspectorFromRedisClient(rdb).RunAllRetryTasks(q)
+			if err != nil {
+				return fmt.Errorf("breaker closed, but waking the queue %s failed: %w", q, err)
+			}
+			woken += n
 		}
-		fmt.Fprintf(stdout, "stock %s: breaker closed; %d waiting sends in queue %s woken\n", *stock, n, *queue)
+		fmt.Fprintf(stdout, "stock %s: breaker closed; %d waiting sends in queue %s woken\n", *stock, woken, *queue)
 		return nil
 	}
 	st, err := b.Status(ctx, c.wx.MchID, *stock)

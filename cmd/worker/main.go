@@ -39,6 +39,7 @@ func run(argv []string) error {
 	redisAddr := fs.String("redis-addr", redisconn.DefaultAddr, "Redis host:port")
 	concurrency := fs.Int("concurrency", 20, "sends in flight at once")
 	queues := fs.String("queues", tasks.DefaultQueue+"=1", "queues and their weights, name=weight,…")
+	shards := fs.Int("queue-shards", 1, "each queue is spread over this many, <name>-0 … (as the enqueuer's --queue-shards)")
 	callTimeout := fs.Duration("call-timeout", 15*time.Second, "deadline of one WeChat call")
 	probe := fs.Duration("breaker-probe", 30*time.Second, "after a stock's first NOT_ENOUGH, its sends are held and one probe call is made after this long; the interval doubles up to --breaker-probe-max")
 	probeMax := fs.Duration("breaker-probe-max", 10*time.Minute, "longest interval between a stock's probes")
@@ -49,7 +50,7 @@ func run(argv []string) error {
 	logFormat := fs.String("log-format", "json", "json or text")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	err := envflag.Parse(fs, map[string]string{
-		"redis-addr": redisconn.EnvAddr, "concurrency": "WORKER_CONCURRENCY", "queues": "WORKER_QUEUES",
+		"redis-addr": redisconn.EnvAddr, "concurrency": "WORKER_CONCURRENCY", "queues": "WORKER_QUEUES", "queue-shards": "QUEUE_SHARDS",
 		"call-timeout": "WORKER_CALL_TIMEOUT", "breaker-probe": "WORKER_BREAKER_PROBE", "breaker-probe-max": "WORKER_BREAKER_PROBE_MAX",
 		"rate-limits": "WORKER_RATE_LIMITS", "rate-max-wait": "WORKER_RATE_MAX_WAIT",
 		"rate-wait": "WORKER_RATE_WAIT", "rate-wait-max": "WORKER_RATE_WAIT_MAX",
@@ -65,7 +66,7 @@ func run(argv []string) error {
 	if *concurrency < 1 {
 		return fmt.Errorf("--concurrency must be at least 1, got %d", *concurrency)
 	}
-	queueWeights, err := parseQueues(*queues)
+	queueWeights, err := parseQueues(*queues, *shards)
 	if err != nil {
 		return err
 	}
@@ -120,7 +121,7 @@ func run(argv []string) error {
 	return nil
 }
 
-func parseQueues(s string) (map[string]int, error) {
+func parseQueues(s string, shards int) (map[string]int, error) {
 	out := map[string]int{}
 	for _, part := range strings.Split(s, ",") {
 		part = strings.TrimSpace(part)
@@ -136,7 +137,9 @@ func parseQueues(s string) (map[string]int, error) {
 			}
 			weight = n
 		}
-		out[name] = weight
+		for _, q := range tasks.ShardQueues(name, shards) {
+			out[q] = weight
+		}
 	}
 	if len(out) == 0 {
 		return nil, fmt.Errorf("--queues names no queue")

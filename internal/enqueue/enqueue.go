@@ -20,6 +20,7 @@ type Producer struct {
 	client *asynq.Client
 	store  *idempotency.Store
 	queue  string
+	shards int
 }
 
 // Option configures a Producer.
@@ -27,6 +28,10 @@ type Option func(*Producer)
 
 // WithQueue sends tasks to queue instead of tasks.DefaultQueue.
 func WithQueue(q string) Option { return func(p *Producer) { p.queue = q } }
+
+// WithQueueShards spreads sends over n queues (see tasks.ShardQueue);
+// workers must then listen on all of them.
+func WithQueueShards(n int) Option { return func(p *Producer) { p.shards = n } }
 
 // New returns a producer that queues through client and records in store.
 func New(client *asynq.Client, store *idempotency.Store, opts ...Option) *Producer {
@@ -72,7 +77,7 @@ func (e *InvalidError) Unwrap() error { return e.Err }
 // than *InvalidError means Redis failed; running the same Enqueue again
 // is safe and completes the work.
 func (p *Producer) Enqueue(ctx context.Context, args tasks.Args) (Result, error) {
-	task, err := tasks.NewTask(args, asynq.Queue(p.queue))
+	task, err := tasks.NewTask(args, asynq.Queue(tasks.ShardQueue(p.queue, p.shards, args.Key().OutRequestNo)))
 	if err != nil {
 		return Result{}, &InvalidError{Err: err}
 	}

@@ -9,6 +9,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"hash/fnv"
 	"regexp"
 	"time"
 
@@ -29,6 +30,31 @@ const Version = 1
 
 // DefaultQueue is where sends go unless a producer says otherwise.
 const DefaultQueue = "coupons"
+
+// ShardQueue spreads sends over shards queues named queue-0 … queue-(n-1),
+// by a hash of key (the out_request_no). In Redis Cluster a queue lives on
+// one node; a large campaign spread over several queues spreads over the
+// nodes. With shards ≤ 1 it is queue itself.
+func ShardQueue(queue string, shards int, key string) string {
+	if shards <= 1 {
+		return queue
+	}
+	h := fnv.New32a()
+	h.Write([]byte(key))
+	return fmt.Sprintf("%s-%d", queue, h.Sum32()%uint32(shards))
+}
+
+// ShardQueues lists the queues ShardQueue can return.
+func ShardQueues(queue string, shards int) []string {
+	if shards <= 1 {
+		return []string{queue}
+	}
+	out := make([]string, shards)
+	for i := range out {
+		out[i] = fmt.Sprintf("%s-%d", queue, i)
+	}
+	return out
+}
 
 // MaxRetry bounds only failures that count (ambiguous outcomes): waits on a
 // rate limit or a budget are retried without counting, so that a MaxRetry is

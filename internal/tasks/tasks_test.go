@@ -2,6 +2,7 @@ package tasks
 
 import (
 	"encoding/json"
+	"fmt"
 	"regexp"
 	"strings"
 	"testing"
@@ -123,5 +124,32 @@ func TestMultiusePayloadHoldsCiphertextOnly(t *testing.T) {
 	a.Identity.KeyID = ""
 	if _, err := NewTask(a); err == nil {
 		t.Fatal("an identity without its key id was accepted")
+	}
+}
+
+func TestShardQueueSpreadsAndIsStable(t *testing.T) {
+	if ShardQueue("coupons", 1, "x") != "coupons" || len(ShardQueues("coupons", 0)) != 1 {
+		t.Fatal("one shard must be the queue itself")
+	}
+	names := map[string]bool{}
+	for _, q := range ShardQueues("coupons", 4) {
+		names[q] = true
+	}
+	seen := map[string]int{}
+	for i := 0; i < 4000; i++ {
+		key := DeriveOutRequestNo("1900000001", "c", fmt.Sprint("o", i))
+		q := ShardQueue("coupons", 4, key)
+		if q != ShardQueue("coupons", 4, key) || !names[q] {
+			t.Fatalf("%s → %s", key, q)
+		}
+		seen[q]++
+	}
+	for q, n := range seen {
+		if n < 800 {
+			t.Errorf("queue %s got %d of 4000", q, n)
+		}
+	}
+	if len(seen) != 4 {
+		t.Fatalf("used %d of 4 queues", len(seen))
 	}
 }
