@@ -96,6 +96,14 @@ func (b *Breakers) Exhausted(ctx context.Context, mchID, stockID string, probe b
 	return next, err
 }
 
+// Abandon gives up a probe that learned nothing about the budget (it was
+// not sent, or its answer was a rate limit or ambiguous), so that another
+// send can probe at once instead of after the probe's lease.
+func (b *Breakers) Abandon(ctx context.Context, mchID, stockID string) error {
+	_, _, err := b.run(ctx, mchID, stockID, "abandon")
+	return err
+}
+
 // Succeeded records that a send of the stock went through: the budget is
 // there, so the breaker closes.
 func (b *Breakers) Succeeded(ctx context.Context, mchID, stockID string) error {

@@ -1,11 +1,18 @@
 -- A per-stock budget breaker.
 -- KEYS: the breaker hash
--- ARGV: op (check | exhausted | exhausted_probe | success), now_ms, first_ms, max_ms, probe_lease_ms
+-- ARGV: op (check | exhausted | exhausted_probe | success | abandon), now_ms, first_ms, max_ms, probe_lease_ms
 local k = KEYS[1]
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
 if op == 'success' then
   return {'closed', redis.call('DEL', k)}
+end
+if op == 'abandon' then
+  -- The probe never got an answer about the budget: let another try now.
+  if redis.call('EXISTS', k) == 1 then
+    redis.call('HSET', k, 'probe_until', 0)
+  end
+  return {'open', 0}
 end
 local next_ms = tonumber(redis.call('HGET', k, 'next_ms') or '-1')
 if op == 'check' then

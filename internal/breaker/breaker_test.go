@@ -68,6 +68,30 @@ func TestBreakerLifecycle(t *testing.T) {
 	}
 }
 
+func TestAbandonedProbeLetsAnotherProbe(t *testing.T) {
+	clock := time.Unix(1_800_000_000, 0)
+	b := New(redistest.Start(t).Client(), WithProbeInterval(time.Second, time.Minute))
+	b.now = func() time.Time { return clock }
+	ctx := context.Background()
+	b.Exhausted(ctx, "m", "s1", false)
+	clock = clock.Add(time.Second)
+	if d, _ := b.Check(ctx, "m", "s1"); d.Verdict != Probe {
+		t.Fatalf("%+v", d)
+	}
+	if d, _ := b.Check(ctx, "m", "s1"); d.Verdict != Hold {
+		t.Fatalf("a second probe while one is out: %+v", d)
+	}
+	b.Abandon(ctx, "m", "s1")
+	if d, _ := b.Check(ctx, "m", "s1"); d.Verdict != Probe {
+		t.Fatalf("after abandoning: %+v", d)
+	}
+	b.Resume(ctx, "m", "s1")
+	b.Abandon(ctx, "m", "s1") // on a closed breaker: nothing
+	if d, _ := b.Check(ctx, "m", "s1"); d.Verdict != Closed {
+		t.Fatalf("abandon reopened it: %+v", d)
+	}
+}
+
 func TestResumeClosesAtOnce(t *testing.T) {
 	b := New(redistest.Start(t).Client())
 	ctx := context.Background()

@@ -262,6 +262,9 @@ func (h *Handler) gate(ctx context.Context, args tasks.Args, rec idempotency.Rec
 	}
 	if h.limiter != nil {
 		_, err := h.limiter.Wait(ctx, b.MchID, endpointOf(args), h.maxSlotWait)
+		if err != nil && probe {
+			_ = h.breakers.Abandon(context.WithoutCancel(ctx), b.MchID, b.StockID)
+		}
 		var tl *ratelimit.TooLong
 		if errors.As(err, &tl) {
 			return probe, &heldSend{
@@ -317,6 +320,10 @@ func (h *Handler) observe(ctx context.Context, log *slog.Logger, args tasks.Args
 		if err := h.breakers.Succeeded(ctx, b.MchID, b.StockID); err == nil {
 			log.Info("probe succeeded; the stock's breaker is closed")
 		}
+	}
+	if probe && class != wechat.Success && class != wechat.BudgetExhausted {
+		// The probe learned nothing about the budget: let another send probe.
+		_ = h.breakers.Abandon(ctx, b.MchID, b.StockID)
 	}
 	return nextProbe
 }
