@@ -56,14 +56,24 @@ func TestMain(m *testing.M) {
 type rig struct {
 	t     *testing.T
 	sb    *sandbox.Server
-	redis *redistest.Server
-	rdb   *redis.Client
+	redis *redistest.Server // nil when the rig runs on Sentinel or Cluster
+	rdb   redis.UniversalClient
 	store *idempotency.Store
 	env   []string
 	dir   string
 }
 
 func newRig(t *testing.T, redisArgs ...string) *rig {
+	t.Helper()
+	srv := redistest.Start(t, redisArgs...)
+	r := newRigOn(t, "REDIS_ADDR", srv.Addr, srv.Client())
+	r.redis = srv
+	return r
+}
+
+// newRigOn runs the programs against the Redis that variable=value names,
+// with rdb the test's own client to it.
+func newRigOn(t *testing.T, variable, value string, rdb redis.UniversalClient) *rig {
 	t.Helper()
 	dir := t.TempDir()
 	sb, err := sandbox.New(sandbox.Config{DataDir: filepath.Join(dir, "sandbox")})
@@ -77,10 +87,8 @@ func newRig(t *testing.T, redisArgs ...string) *rig {
 	go sb.Serve(l)
 	<-sb.Ready()
 	t.Cleanup(func() { sb.Close() })
-	r := &rig{t: t, sb: sb, redis: redistest.Start(t, redisArgs...), dir: dir}
-	r.rdb = r.redis.Client()
-	r.store = idempotency.New(r.rdb)
-	r.env = append(os.Environ(), "REDIS_ADDR="+r.redis.Addr, "LOG_FORMAT=json", "LOG_LEVEL=info")
+	r := &rig{t: t, sb: sb, rdb: rdb, store: idempotency.New(rdb), dir: dir}
+	r.env = append(os.Environ(), variable+"="+value, "LOG_FORMAT=json", "LOG_LEVEL=info")
 	for k, v := range sb.Env() {
 		r.env = append(r.env, k+"="+v)
 	}

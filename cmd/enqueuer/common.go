@@ -23,6 +23,7 @@ type common struct {
 	fs        *flag.FlagSet
 	wx        wechat.Config
 	redisAddr string
+	redisURL  string
 	shards    int
 }
 
@@ -35,12 +36,13 @@ func newFlags(name, synopsis string, stderr io.Writer) *common {
 	}
 	c.wx.RegisterFlags(c.fs)
 	c.fs.StringVar(&c.redisAddr, "redis-addr", redisconn.DefaultAddr, "Redis host:port")
+	c.fs.StringVar(&c.redisURL, "redis-url", "", "Redis URL, for TLS, Sentinel or Cluster (see README); wins over --redis-addr")
 	c.fs.IntVar(&c.shards, "queue-shards", 1, "spread sends over this many queues, <queue>-0 … (for Redis Cluster); workers need the same setting")
 	return c
 }
 
 func (c *common) parse(args []string) error {
-	if err := envflag.Parse(c.fs, map[string]string{"redis-addr": redisconn.EnvAddr, "queue-shards": "QUEUE_SHARDS"}, args); err != nil {
+	if err := envflag.Parse(c.fs, map[string]string{"redis-addr": redisconn.EnvAddr, "redis-url": redisconn.EnvURL, "queue-shards": "QUEUE_SHARDS"}, args); err != nil {
 		return &exitError{code: 2, err: err}
 	}
 	if c.fs.NArg() > 0 {
@@ -64,7 +66,11 @@ func need(pairs ...string) error {
 }
 
 func (c *common) redis(ctx context.Context, pool int) (redis.UniversalClient, error) {
-	return redisconn.Open(ctx, c.redisAddr, pool)
+	spec, err := redisconn.Resolve(c.redisURL, c.redisAddr)
+	if err != nil {
+		return nil, &exitError{code: 2, err: err}
+	}
+	return redisconn.OpenSpec(ctx, spec, pool)
 }
 
 func (c *common) producer(rdb redis.UniversalClient, queue string) *enqueue.Producer {

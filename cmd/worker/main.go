@@ -37,6 +37,7 @@ func run(argv []string) error {
 	wxCfg := wechat.ConfigFromEnv()
 	wxCfg.RegisterFlags(fs)
 	redisAddr := fs.String("redis-addr", redisconn.DefaultAddr, "Redis host:port")
+	redisURL := fs.String("redis-url", "", "Redis URL, for TLS, Sentinel or Cluster (see README); wins over --redis-addr")
 	concurrency := fs.Int("concurrency", 20, "sends in flight at once")
 	queues := fs.String("queues", tasks.DefaultQueue+"=1", "queues and their weights, name=weight,…")
 	shards := fs.Int("queue-shards", 1, "each queue is spread over this many, <name>-0 … (as the enqueuer's --queue-shards)")
@@ -50,7 +51,7 @@ func run(argv []string) error {
 	logFormat := fs.String("log-format", "json", "json or text")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	err := envflag.Parse(fs, map[string]string{
-		"redis-addr": redisconn.EnvAddr, "concurrency": "WORKER_CONCURRENCY", "queues": "WORKER_QUEUES", "queue-shards": "QUEUE_SHARDS",
+		"redis-addr": redisconn.EnvAddr, "redis-url": redisconn.EnvURL, "concurrency": "WORKER_CONCURRENCY", "queues": "WORKER_QUEUES", "queue-shards": "QUEUE_SHARDS",
 		"call-timeout": "WORKER_CALL_TIMEOUT", "breaker-probe": "WORKER_BREAKER_PROBE", "breaker-probe-max": "WORKER_BREAKER_PROBE_MAX",
 		"rate-limits": "WORKER_RATE_LIMITS", "rate-max-wait": "WORKER_RATE_MAX_WAIT",
 		"rate-wait": "WORKER_RATE_WAIT", "rate-wait-max": "WORKER_RATE_WAIT_MAX",
@@ -70,6 +71,10 @@ func run(argv []string) error {
 	if err != nil {
 		return err
 	}
+	spec, err := redisconn.Resolve(*redisURL, *redisAddr)
+	if err != nil {
+		return err
+	}
 	limits, err := ratelimit.ParseLimits(*rateLimits)
 	if err != nil {
 		return fmt.Errorf("--rate-limits: %w", err)
@@ -83,7 +88,7 @@ func run(argv []string) error {
 	if err != nil {
 		return err
 	}
-	rdb, err := redisconn.Open(ctx, *redisAddr, *concurrency*2+10)
+	rdb, err := redisconn.OpenSpec(ctx, spec, *concurrency*2+10)
 	if err != nil {
 		return err
 	}
@@ -110,7 +115,7 @@ func run(argv []string) error {
 	mux.Handle(tasks.TypeSendCoupon, h)
 	mux.Handle(tasks.TypeSendMultiuse, h)
 
-	log.Info("worker starting", "redis", *redisAddr, "concurrency", *concurrency, "queues", queueWeights,
+	log.Info("worker starting", "redis", spec, "concurrency", *concurrency, "queues", queueWeights,
 		"mchid", wxCfg.MchID, "base_url", wxCfg.BaseURL, "call_timeout", callTimeout.String(),
 		"rate_limits", fmt.Sprint(limits))
 	// Run returns after SIGTERM or SIGINT, once calls in flight are done.

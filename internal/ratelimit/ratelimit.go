@@ -104,7 +104,29 @@ type Limiter struct {
 
 	mu    sync.Mutex
 	cache map[string]cached
+	turns map[string]chan struct{}
 	now   func() time.Time
+}
+
+func (l *Limiter) turn(mchID string, ep Endpoint) chan struct{} {
+	key := l.key(mchID, ep)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	t, ok := l.turns[key]
+	if !ok {
+		t = make(chan struct{}, 1)
+		l.turns[key] = t
+	}
+	return t
+}
+
+func (l *Limiter) cachedRate(mchID string, ep Endpoint) float64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if c, ok := l.cache[l.key(mchID, ep)]; ok {
+		return c.rate
+	}
+	return l.limits[ep].PerSecond()
 }
 
 type cached struct {
@@ -127,7 +149,7 @@ func New(rdb redis.UniversalClient, opts ...Option) *Limiter {
 	l := &Limiter{
 		rdb: rdb, gcra: redis_rate.NewLimiter(rdb), limits: Defaults, prefix: "cf:rl:",
 		decrease: 0.5, recovery: 30 * time.Second, cooldown: time.Second, cacheFor: 200 * time.Millisecond,
-		floorFrac: 0.01, cache: map[string]cached{}, now: time.Now,
+		floorFrac: 0.01, cache: map[string]cached{}, turns: map[string]chan struct{}{}, now: time.Now,
 	}
 	for _, o := range opts {
 		o(l)
@@ -157,6 +179,25 @@ func (e *TooLong) Error() string {
 // signature costs CPU and expires, a slot only costs a round trip.
 func (l *Limiter) Wait(ctx context.Context, mchID string, ep Endpoint, maxWait time.Duration) (time.Duration, error) {
 	start := l.now()
+	// One caller per process asks Redis at a time; the others queue here,
+	// first come first served. Without this every waiter wakes for every
+	// slot and all but one ask Redis in vain.
+	turn := l.turn(mchID, ep)
+	select {
+	case turn <- struct{}{}:
+	default:
+		timer := time.NewTimer(maxWait)
+		select {
+		case turn <- struct{}{}:
+			timer.Stop()
+		case <-timer.C:
+			return l.now().Sub(start), &TooLong{RetryAfter: time.Duration(float64(time.Second) / math.Max(l.cachedRate(mchID, ep), 0.001))}
+		case <-ctx.Done():
+			timer.Stop()
+			return l.now().Sub(start), ctx.Err()
+		}
+	}
+	defer func() { <-turn }()
 	for {
 		rate, err := l.Rate(ctx, mchID, ep)
 		if err != nil {

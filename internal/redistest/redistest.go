@@ -1,16 +1,22 @@
 // Package redistest starts private Redis servers for tests: each test gets
 // its own redis-server on a free loopback port, so tests can kill and
-// restart it, and never see each other's keys or asynq queues.
+// restart it, and never see each other's keys or asynq queues. Start runs
+// one server, StartTLS one that speaks only TLS, StartSentinel a master,
+// its replica and three Sentinels, StartCluster a Redis Cluster; every
+// process keeps its data in the test's temporary directory and is killed
+// when the test ends.
 package redistest
 
 import (
 	"bufio"
+	"crypto/tls"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -24,12 +30,32 @@ type Server struct {
 	tb   testing.TB
 	args []string
 	cmd  *exec.Cmd
+	tls  *tls.Config // for a server that speaks only TLS
+	logf string      // its log file
 }
 
 // Start runs redis-server (found on PATH, or REDIS_SERVER) on a free port
 // with its data in a temporary directory, and stops it when the test ends.
 // extra are added to the command line, e.g. "--appendonly", "yes".
 func Start(tb testing.TB, extra ...string) *Server {
+	tb.Helper()
+	return startOn(tb, freePort(tb), extra...)
+}
+
+// startOn is Start on a given port.
+func startOn(tb testing.TB, port int, extra ...string) *Server {
+	tb.Helper()
+	s := &Server{Addr: "127.0.0.1:" + strconv.Itoa(port), Dir: tb.TempDir(), tb: tb}
+	s.logf = filepath.Join(s.Dir, "redis.log")
+	s.args = append([]string{serverPath(tb), "--bind", "127.0.0.1", "--port", portOf(s.Addr), "--dir", s.Dir,
+		"--save", "", "--appendonly", "no", "--protected-mode", "no", "--logfile", s.logf}, extra...)
+	s.start()
+	tb.Cleanup(s.Kill)
+	return s
+}
+
+// serverPath finds redis-server: REDIS_SERVER, or on PATH.
+func serverPath(tb testing.TB) string {
 	tb.Helper()
 	bin := os.Getenv("REDIS_SERVER")
 	if bin == "" {
@@ -39,12 +65,7 @@ func Start(tb testing.TB, extra ...string) *Server {
 	if err != nil {
 		tb.Fatalf("redistest: %s not found (apt-get install redis-server, or set REDIS_SERVER): %v", bin, err)
 	}
-	s := &Server{Addr: "127.0.0.1:" + strconv.Itoa(freePort(tb)), Dir: tb.TempDir(), tb: tb}
-	s.args = append([]string{path, "--bind", "127.0.0.1", "--port", portOf(s.Addr), "--dir", s.Dir,
-		"--save", "", "--appendonly", "no", "--protected-mode", "no", "--logfile", filepath.Join(s.Dir, "redis.log")}, extra...)
-	s.start()
-	tb.Cleanup(s.Kill)
-	return s
+	return path
 }
 
 func (s *Server) start() {
@@ -55,7 +76,7 @@ func (s *Server) start() {
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		if err := ping(s.Addr); err == nil {
+		if err := ping(s.Addr, s.tls); err == nil {
 			return
 		} else if time.Now().After(deadline) {
 			s.tb.Fatalf("redistest: redis-server on %s did not answer in 10s: %v; log:\n%s", s.Addr, err, s.log())
@@ -63,6 +84,9 @@ func (s *Server) start() {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// Running reports whether the process is running (not killed).
+func (s *Server) Running() bool { return s.cmd != nil }
 
 // Kill stops the server at once (SIGKILL), as a crash would.
 func (s *Server) Kill() {
@@ -83,18 +107,24 @@ func (s *Server) Restart() {
 
 // Client returns a go-redis client for the server, closed with the test.
 func (s *Server) Client() *redis.Client {
-	c := redis.NewClient(&redis.Options{Addr: s.Addr})
+	c := redis.NewClient(&redis.Options{Addr: s.Addr, TLSConfig: s.tls})
 	s.tb.Cleanup(func() { _ = c.Close() })
 	return c
 }
 
 func (s *Server) log() string {
-	b, _ := os.ReadFile(filepath.Join(s.Dir, "redis.log"))
+	b, _ := os.ReadFile(s.logf)
 	return string(b)
 }
 
-func ping(addr string) error {
-	conn, err := net.DialTimeout("tcp", addr, time.Second)
+func ping(addr string, tlsConfig *tls.Config) error {
+	var conn net.Conn
+	var err error
+	if tlsConfig != nil {
+		conn, err = tls.DialWithDialer(&net.Dialer{Timeout: time.Second}, "tcp", addr, tlsConfig)
+	} else {
+		conn, err = net.DialTimeout("tcp", addr, time.Second)
+	}
 	if err != nil {
 		return err
 	}
@@ -107,19 +137,31 @@ func ping(addr string) error {
 	if err != nil {
 		return err
 	}
-	if line != "+PONG\r\n" {
+	if line != "+PONG\r\n" && !strings.HasPrefix(line, "-NOAUTH") { // a password is set: it is up
+
 		return fmt.Errorf("PING answered %q", line)
 	}
 	return nil
 }
 
 func freePort(tb testing.TB) int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatal(err)
+	return freePorts(tb, 1)[0]
+}
+
+// freePorts returns n distinct free loopback ports, all held open until
+// the last is chosen.
+func freePorts(tb testing.TB, n int) []int {
+	tb.Helper()
+	ports := make([]int, 0, n)
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			tb.Fatal(err)
+		}
+		defer l.Close()
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	return ports
 }
 
 func portOf(addr string) string {
