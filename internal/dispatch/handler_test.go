@@ -12,6 +12,7 @@ import (
 	"github.com/hibiken/asynq"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/couponflow/dispatcher/internal/breaker"
 	"github.com/couponflow/dispatcher/internal/dispatch"
 	"github.com/couponflow/dispatcher/internal/idempotency"
 	"github.com/couponflow/dispatcher/internal/redistest"
@@ -32,7 +33,7 @@ type world struct {
 	appID string
 }
 
-func newWorld(t *testing.T, concurrency int) *world {
+func newWorld(t *testing.T, concurrency int, opts ...func(*redis.Client) dispatch.Option) *world {
 	t.Helper()
 	sb := sandboxtest.Start(t)
 	env := sb.Env()
@@ -46,8 +47,12 @@ func newWorld(t *testing.T, concurrency int) *world {
 	}
 	rdb := redistest.Start(t).Client()
 	store := idempotency.New(rdb)
-	h := dispatch.New(wx, store, dispatch.WithRateWait(100*time.Millisecond, 300*time.Millisecond),
-		dispatch.WithBudgetWait(200*time.Millisecond, 500*time.Millisecond))
+	hopts := []dispatch.Option{dispatch.WithRateWait(100*time.Millisecond, 300*time.Millisecond),
+		dispatch.WithBudgetWait(200*time.Millisecond, 500*time.Millisecond)}
+	for _, o := range opts {
+		hopts = append(hopts, o(rdb))
+	}
+	h := dispatch.New(wx, store, hopts...)
 	srv := asynq.NewServerFromRedisClient(rdb, asynq.Config{
 		Concurrency: concurrency, Queues: map[string]int{tasks.DefaultQueue: 1},
 		RetryDelayFunc: h.RetryDelay, IsFailure: dispatch.IsFailure, DelayedTaskCheckInterval: 200 * time.Millisecond,
@@ -219,5 +224,24 @@ func TestOneUsersSendsNeverOverlap(t *testing.T) {
 		if gap := ts[i].Sub(ts[i-1]); gap < latency-20*time.Millisecond {
 			t.Fatalf("calls %d and %d to one user overlapped: %s apart, each takes %s", i-1, i, gap, latency)
 		}
+	}
+}
+
+// With the budget breaker on, a held send is not called again; at the
+// campaign's deadline it is recorded as failed NOT_ENOUGH without a call.
+func TestBreakerHeldSendFailsAtTheDeadline(t *testing.T) {
+	t.Parallel()
+	w := newWorld(t, 2, func(rdb *redis.Client) dispatch.Option {
+		return dispatch.WithBreakers(breaker.New(rdb, breaker.WithProbeInterval(time.Minute, time.Minute)))
+	})
+	stock := w.stock(sandbox.StockSpec{Budget: 1})
+	w.waitState(w.send(stock, "o0", "r-held-0", far()), idempotency.Succeeded, 10*time.Second)
+	a := w.send(stock, "o1", "r-held-1", time.Now().Add(2*time.Second))
+	rec := w.waitState(a, idempotency.Failed, 15*time.Second)
+	if rec.Code != "NOT_ENOUGH" || !strings.Contains(rec.Message, "deadline") || rec.Attempts != 1 {
+		t.Fatalf("record %+v", rec)
+	}
+	if n := w.sb.Ledger().Requests["403 NOT_ENOUGH"]; n != 1 {
+		t.Fatalf("%d NOT_ENOUGH calls; the breaker should have held the send after the first", n)
 	}
 }
