@@ -29,7 +29,6 @@ package redisconn
 import (
 	"context"
 	"fmt"
-	"time"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -44,21 +43,14 @@ const EnvAddr = "REDIS_ADDR"
 // it wins over EnvAddr.
 const EnvURL = "REDIS_URL"
 
-// Open connects to addr with a pool sized for poolSize concurrent users and
-// checks that Redis answers, so that a wrong address fails at start with a
-// message that says so.
+// Open connects to one server at addr (host:port), as OpenSpec does.
 func Open(ctx context.Context, addr string, poolSize int) (redis.UniversalClient, error) {
-	if poolSize < 10 {
-		poolSize = 10
+	spec, err := ParseURL(addr)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", EnvAddr, err)
 	}
-	c := redis.NewClient(&redis.Options{Addr: addr, PoolSize: poolSize, ReadTimeout: 5 * time.Second, WriteTimeout: 5 * time.Second})
-	pingCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	if err := c.Ping(pingCtx).Err(); err != nil {
-		_ = c.Close()
-		return nil, fmt.Errorf("redis at %s (%s) does not answer: %w", addr, EnvAddr, err)
-	}
-	return c, nil
+	spec.Source = EnvAddr
+	return OpenSpec(ctx, spec, poolSize)
 }
 
 // Resolve applies the precedence between the two settings: redisURL (the
