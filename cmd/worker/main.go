@@ -5,20 +5,28 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/hibiken/asynq"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/couponflow/dispatcher/internal/breaker"
 	"github.com/couponflow/dispatcher/internal/dispatch"
 	"github.com/couponflow/dispatcher/internal/envflag"
 	"github.com/couponflow/dispatcher/internal/idempotency"
 	"github.com/couponflow/dispatcher/internal/logging"
+	"github.com/couponflow/dispatcher/internal/metrics"
 	"github.com/couponflow/dispatcher/internal/ratelimit"
 	"github.com/couponflow/dispatcher/internal/redisconn"
 	"github.com/couponflow/dispatcher/internal/tasks"
@@ -48,6 +56,7 @@ func run(argv []string) error {
 	rateMaxWait := fs.Duration("rate-max-wait", 2*time.Second, "longest wait for a rate slot inside the handler; a longer one goes back to the queue")
 	rateWait := fs.Duration("rate-wait", time.Second, "first wait after a rate limit; it grows up to --rate-wait-max")
 	rateWaitMax := fs.Duration("rate-wait-max", 30*time.Second, "longest wait after a rate limit")
+	httpAddr := fs.String("http-addr", "127.0.0.1:9091", "where to serve /metrics, /healthz and /readyz; empty disables")
 	logFormat := fs.String("log-format", "json", "json or text")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	err := envflag.Parse(fs, map[string]string{
@@ -55,7 +64,7 @@ func run(argv []string) error {
 		"call-timeout": "WORKER_CALL_TIMEOUT", "breaker-probe": "WORKER_BREAKER_PROBE", "breaker-probe-max": "WORKER_BREAKER_PROBE_MAX",
 		"rate-limits": "WORKER_RATE_LIMITS", "rate-max-wait": "WORKER_RATE_MAX_WAIT",
 		"rate-wait": "WORKER_RATE_WAIT", "rate-wait-max": "WORKER_RATE_WAIT_MAX",
-		"log-format": "LOG_FORMAT", "log-level": "LOG_LEVEL",
+		"log-format": "LOG_FORMAT", "log-level": "LOG_LEVEL", "http-addr": "WORKER_HTTP_ADDR",
 	}, argv)
 	if err != nil {
 		return err
@@ -94,11 +103,15 @@ func run(argv []string) error {
 	}
 	defer rdb.Close()
 
-	h := dispatch.New(wx, idempotency.New(rdb), dispatch.WithLogger(log),
+	store := idempotency.New(rdb)
+	limiter := ratelimit.New(rdb, ratelimit.WithLimits(limits))
+	breakers := breaker.New(rdb, breaker.WithProbeInterval(*probe, *probeMax))
+	m := metrics.New()
+	h := dispatch.New(wx, store, dispatch.WithLogger(log),
 		dispatch.WithCallTimeout(*callTimeout), dispatch.WithBudgetWait(*probe, *probeMax),
 		dispatch.WithRateWait(*rateWait, *rateWaitMax),
-		dispatch.WithLimiter(ratelimit.New(rdb, ratelimit.WithLimits(limits)), *rateMaxWait),
-		dispatch.WithBreakers(breaker.New(rdb, breaker.WithProbeInterval(*probe, *probeMax))))
+		dispatch.WithLimiter(limiter, *rateMaxWait),
+		dispatch.WithBreakers(breakers), dispatch.WithMetrics(m))
 	srv := asynq.NewServerFromRedisClient(rdb, asynq.Config{
 		Concurrency:    *concurrency,
 		Queues:         queueWeights,
@@ -118,12 +131,54 @@ func run(argv []string) error {
 	log.Info("worker starting", "redis", spec, "concurrency", *concurrency, "queues", queueWeights,
 		"mchid", wxCfg.MchID, "base_url", wxCfg.BaseURL, "call_timeout", callTimeout.String(),
 		"rate_limits", fmt.Sprint(limits))
+	if *httpAddr != "" {
+		reg := prometheus.NewRegistry()
+		if err := m.Register(reg); err != nil {
+			return err
+		}
+		reg.MustRegister(metrics.NewFleetCollector(store, limiter, breakers, wxCfg.MchID),
+			collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		stop, err := serveHTTP(*httpAddr, reg, rdb, log)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
 	// Run returns after SIGTERM or SIGINT, once calls in flight are done.
 	if err := srv.Run(mux); err != nil {
 		return err
 	}
 	log.Info("worker stopped")
 	return nil
+}
+
+// serveHTTP serves /metrics, /healthz and /readyz on addr until stop is
+// called.
+func serveHTTP(addr string, reg *prometheus.Registry, rdb redis.UniversalClient, log *slog.Logger) (stop func(), err error) {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--http-addr: %w", err)
+	}
+	healthz, readyz := metrics.Health(rdb)
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", metrics.Handler(reg))
+	mux.Handle("GET /healthz", healthz)
+	mux.Handle("GET /readyz", readyz)
+	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := hs.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("metrics and health server stopped", "addr", l.Addr().String(), "err", err)
+		}
+	}()
+	log.Info("serving metrics and health", "addr", l.Addr().String(), "paths", "/metrics /healthz /readyz")
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = hs.Shutdown(ctx)
+		<-done
+	}, nil
 }
 
 func parseQueues(s string, shards int) (map[string]int, error) {

@@ -24,6 +24,7 @@ import (
 
 	"github.com/couponflow/dispatcher/internal/breaker"
 	"github.com/couponflow/dispatcher/internal/idempotency"
+	"github.com/couponflow/dispatcher/internal/metrics"
 	"github.com/couponflow/dispatcher/internal/ratelimit"
 	"github.com/couponflow/dispatcher/internal/tasks"
 	"github.com/couponflow/dispatcher/internal/wechat"
@@ -42,6 +43,7 @@ type Handler struct {
 	limiter     *ratelimit.Limiter
 	maxSlotWait time.Duration
 	breakers    *breaker.Breakers
+	metrics     *metrics.Metrics // nil: not measured
 	now         func() time.Time
 }
 
@@ -77,6 +79,10 @@ func WithLimiter(l *ratelimit.Limiter, maxWait time.Duration) Option {
 // WithBreakers holds the sends of a stock whose budget is exhausted,
 // calling WeChat only for the breaker's probes.
 func WithBreakers(b *breaker.Breakers) Option { return func(h *Handler) { h.breakers = b } }
+
+// WithMetrics counts every WeChat call, the waits for a rate slot and the
+// sends held before a call in m.
+func WithMetrics(m *metrics.Metrics) Option { return func(h *Handler) { h.metrics = m } }
 
 // New returns a handler calling WeChat through wx and recording in store.
 func New(wx *wechat.Client, store *idempotency.Store, opts ...Option) *Handler {
@@ -168,6 +174,7 @@ func (h *Handler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 		log.Info("already recorded; not sent again", "state", claim.Record.State, "coupon_id", claim.Record.CouponID, "code", claim.Record.Code)
 		return nil
 	case claim.Busy:
+		h.metrics.Held(metrics.HeldBusy)
 		return &waitError{reason: "busy", delay: jitter(time.Second), err: errors.New("this send or another send to its user is in flight")}
 	}
 	attempt := claim.Record.Attempts
@@ -203,6 +210,7 @@ func (h *Handler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 	latency := time.Since(start)
 
 	class := wechat.ClassOf(callErr)
+	h.metrics.ObserveCall(string(endpointOf(args)), class, codeOf(callErr), latency)
 	nextProbe := h.observe(ctx, log, args, class, probe)
 	retried, _ := asynq.GetRetryCount(ctx)
 	maxRetry, ok := asynq.GetMaxRetry(ctx)
@@ -257,16 +265,21 @@ func (h *Handler) gate(ctx context.Context, args tasks.Args, rec idempotency.Rec
 		case breaker.Probe:
 			probe = true
 		case breaker.Hold:
+			h.metrics.Held(metrics.HeldBudgetBreaker)
 			return false, h.holdForBudget(b, rec, d.Until), nil
 		}
 	}
 	if h.limiter != nil {
-		_, err := h.limiter.Wait(ctx, b.MchID, endpointOf(args), h.maxSlotWait)
+		waited, err := h.limiter.Wait(ctx, b.MchID, endpointOf(args), h.maxSlotWait)
 		if err != nil && probe {
 			_ = h.breakers.Abandon(context.WithoutCancel(ctx), b.MchID, b.StockID)
 		}
 		var tl *ratelimit.TooLong
-		if errors.As(err, &tl) {
+		if err == nil || errors.As(err, &tl) {
+			h.metrics.ObserveSlotWait(string(endpointOf(args)), waited)
+		}
+		if tl != nil {
+			h.metrics.Held(metrics.HeldRateSlot)
 			return probe, &heldSend{
 				res: idempotency.Result{State: idempotency.WaitingRate, NotCalled: true, Code: rec.Code, Message: rec.Message},
 				ret: &waitError{reason: "rate limit slot", delay: jitter(tl.RetryAfter), err: tl},
@@ -326,6 +339,18 @@ func (h *Handler) observe(ctx context.Context, log *slog.Logger, args tasks.Args
 		_ = h.breakers.Abandon(ctx, b.MchID, b.StockID)
 	}
 	return nextProbe
+}
+
+// codeOf is the code a call's error is counted under, "" for a success.
+func codeOf(err error) string {
+	var we *wechat.Error
+	if errors.As(err, &we) {
+		return we.Code
+	}
+	if err != nil {
+		return wechat.CodeNetwork
+	}
+	return ""
 }
 
 func endpointOf(args tasks.Args) ratelimit.Endpoint {
