@@ -181,7 +181,7 @@ func BenchmarkDispatch(b *testing.B) {
 		cmd := exec.Command(bin)
 		cmd.Env = append(os.Environ(), "REDIS_ADDR="+r.redis.Addr, "WORKER_CONCURRENCY="+strconv.Itoa(workerConcurrency), "LOG_FORMAT=json", "LOG_LEVEL=info",
 			// The machine is the limit here, not the merchant's 500/s.
-			"WORKER_RATE_LIMITS=favor_send=100000/s")
+			"WORKER_RATE_LIMITS=favor_send=100000/s", "WORKER_HTTP_ADDR=127.0.0.1:0")
 		for k, v := range r.sb.Env() {
 			cmd.Env = append(cmd.Env, k+"="+v)
 		}

@@ -109,7 +109,7 @@ func startFleetWorker(b *testing.B, bin string, r *dispatchRig, name, rateLimits
 		b.Fatal(err)
 	}
 	w.cmd = exec.Command(bin, "--rate-limits", rateLimits)
-	w.cmd.Env = append(os.Environ(), "REDIS_ADDR="+r.redis.Addr, "WORKER_CONCURRENCY="+strconv.Itoa(workerConcurrency), "LOG_FORMAT=json", "LOG_LEVEL=info")
+	w.cmd.Env = append(os.Environ(), "REDIS_ADDR="+r.redis.Addr, "WORKER_CONCURRENCY="+strconv.Itoa(workerConcurrency), "LOG_FORMAT=json", "LOG_LEVEL=info", "WORKER_HTTP_ADDR=127.0.0.1:0")
 	for k, v := range r.sb.Env() {
 		w.cmd.Env = append(w.cmd.Env, k+"="+v)
 	}

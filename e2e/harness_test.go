@@ -88,7 +88,9 @@ func newRigOn(t *testing.T, variable, value string, rdb redis.UniversalClient) *
 	<-sb.Ready()
 	t.Cleanup(func() { sb.Close() })
 	r := &rig{t: t, sb: sb, rdb: rdb, store: idempotency.New(rdb), dir: dir}
-	r.env = append(os.Environ(), variable+"="+value, "LOG_FORMAT=json", "LOG_LEVEL=info")
+	r.env = append(os.Environ(), variable+"="+value, "LOG_FORMAT=json", "LOG_LEVEL=info",
+		// Several workers run on this one host: each takes a free port.
+		"WORKER_HTTP_ADDR=127.0.0.1:0")
 	for k, v := range sb.Env() {
 		r.env = append(r.env, k+"="+v)
 	}

@@ -175,7 +175,7 @@ stock=$(printf '%s\n' "$stock_json" | sed -n 's/.*"stock_id": *"\([^"]*\)".*/\1/
 say "created stock $stock for this run: 1 coupon per user, budget 100000"
 
 section "Worker (logs in $DEMO/worker.log)"
-bin/worker --log-format text --queues "$run_id=1" >"$DEMO/worker.log" 2>&1 &
+WORKER_HTTP_ADDR=${WORKER_HTTP_ADDR:-127.0.0.1:0} bin/worker --log-format text --queues "$run_id=1" >"$DEMO/worker.log" 2>&1 &
 worker_pid=$!
 for ((i = 0; ; i++)); do
   grep -q 'worker starting' "$DEMO/worker.log" 2>/dev/null && break
