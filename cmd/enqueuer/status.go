@@ -124,7 +124,7 @@ func printStatus(w io.Writer, meta idempotency.Campaign, st idempotency.Status, 
 	for _, code := range codes {
 		fmt.Fprintf(w, "    failed %-22s %d\n", code, st.FailedByCode[code])
 	}
-	fmt.Fprintf(w, "  shared rate: %s %.1f/s, %s %.2f/s (lower than configured after WeChat answered 429)\n",
+	fmt.Fprintf(w, "  shared rate now: %s %.1f/s, %s %.2f/s (the configured limit, or less for a while after WeChat answered 429)\n",
 		ratelimit.SendCoupon, f.Rates[ratelimit.SendCoupon], ratelimit.SendMultiuse, f.Rates[ratelimit.SendMultiuse])
 	for _, b := range f.Breakers {
 		fmt.Fprintf(w, "  stock %s: budget breaker OPEN since %s, next probe %s (every %s)\n",
