@@ -1,0 +1,123 @@
+package monitor
+
+import (
+	"bytes"
+	"crypto/rand"
+	"embed"
+	"encoding/base64"
+	"fmt"
+	"html/template"
+	"net/http"
+	"time"
+)
+
+//go:embed templates/*.html
+var templateFS embed.FS
+
+var pages = template.Must(template.New("").Funcs(template.FuncMap{
+	"pct": func(n, total int64) string {
+		if total <= 0 {
+			return "0"
+		}
+		return fmt.Sprintf("%.3f", 100*float64(n)/float64(total))
+	},
+	"refreshSeconds": func(ms int64) int64 { return max(1, (ms+999)/1000) },
+	"rate":           func(r float64) string { return fmt.Sprintf("%.1f", r) },
+	"when": func(t time.Time) string {
+		if t.IsZero() || t.Unix() == 0 {
+			return "–"
+		}
+		return t.UTC().Format("2006-01-02 15:04:05 UTC")
+	},
+}).ParseFS(templateFS, "templates/*.html"))
+
+// pageData is what both pages render.
+type pageData struct {
+	Title     string
+	Nonce     string
+	RefreshMS int64
+	// Active: some campaign shown is not done, so the page refreshes.
+	Active    bool
+	Campaigns []Campaign
+	Merchants []Merchant
+	Queues    []Queue
+	QueueLink string
+	Monitor   string // asynqmon's root
+	ReadOnly  bool
+	Updated   time.Time
+	Error     string
+	Single    bool // the page of one campaign
+}
+
+func (s *Server) indexPage(w http.ResponseWriter, r *http.Request) {
+	d := s.newPage("couponflow campaigns")
+	cs, err := s.campaigns(r.Context())
+	if err == nil {
+		d.Campaigns = cs
+		d.Merchants, err = s.merchants(r.Context(), cs)
+	}
+	if err == nil {
+		d.Queues, err = s.queues()
+	}
+	s.render(w, "index", d, err)
+}
+
+func (s *Server) campaignPage(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	d := s.newPage("campaign " + name)
+	d.Single = true
+	c, ok, err := s.campaign(r.Context(), name)
+	if err == nil && !ok {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.WriteHeader(http.StatusNotFound)
+		fmt.Fprintf(w, "no campaign %q\n", name)
+		return
+	}
+	if err == nil {
+		d.Campaigns = []Campaign{c}
+		var m Merchant
+		if m, err = s.merchant(r.Context(), c.MchID); err == nil {
+			d.Merchants = []Merchant{m}
+		}
+	}
+	s.render(w, "campaign", d, err)
+}
+
+func (s *Server) newPage(title string) *pageData {
+	var nonce [16]byte
+	_, _ = rand.Read(nonce[:])
+	return &pageData{
+		Title: title, Nonce: base64.RawURLEncoding.EncodeToString(nonce[:]),
+		RefreshMS: s.refresh.Milliseconds(), QueueLink: s.queueLink(s.queue), Monitor: RootPath + "/",
+		ReadOnly: s.readOnly, Updated: time.Now(),
+	}
+}
+
+func (s *Server) render(w http.ResponseWriter, name string, d *pageData, err error) {
+	code := http.StatusOK
+	if err != nil {
+		s.log.Warn("monitor: reading Redis", "page", name, "err", err)
+		d.Error = err.Error()
+		code = http.StatusServiceUnavailable
+	}
+	for _, c := range d.Campaigns {
+		d.Active = d.Active || !c.Done
+	}
+	// A page that failed to read keeps trying, so that it recovers.
+	d.Active = d.Active || err != nil
+	var buf bytes.Buffer
+	if err := pages.ExecuteTemplate(&buf, name, d); err != nil {
+		s.log.Error("monitor: rendering", "page", name, "err", err)
+		http.Error(w, "rendering failed", http.StatusInternalServerError)
+		return
+	}
+	h := w.Header()
+	h.Set("Content-Type", "text/html; charset=utf-8")
+	h.Set("Cache-Control", "no-store")
+	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("X-Frame-Options", "DENY")
+	h.Set("Referrer-Policy", "same-origin")
+	h.Set("Content-Security-Policy", "default-src 'self'; script-src 'nonce-"+d.Nonce+"'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+	w.WriteHeader(code)
+	_, _ = w.Write(buf.Bytes())
+}

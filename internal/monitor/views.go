@@ -1,0 +1,271 @@
+package monitor
+
+import (
+	"context"
+	"math"
+	"net/url"
+	"sort"
+	"strconv"
+	"time"
+
+	"github.com/couponflow/dispatcher/internal/idempotency"
+	"github.com/couponflow/dispatcher/internal/ratelimit"
+	"github.com/couponflow/dispatcher/internal/tasks"
+)
+
+// Campaign is a campaign's progress as the API and the pages show it.
+type Campaign struct {
+	Name      string    `json:"campaign"`
+	MchID     string    `json:"mchid"`
+	CreatedAt time.Time `json:"created_at"`
+	Deadline  time.Time `json:"deadline"`
+	Total     int64     `json:"total"`
+	// Finished counts sends in a terminal state, Succeeded plus Failed.
+	Finished  int64 `json:"finished"`
+	Succeeded int64 `json:"succeeded"`
+	Failed    int64 `json:"failed"`
+	// Percent is Finished of Total, truncated to 0.1 (100 means done).
+	Percent      float64          `json:"percent"`
+	ByState      map[string]int64 `json:"by_state"`
+	FailedByCode map[string]int64 `json:"failed_by_code"`
+	// Rate is successes per second over the last minute, Rate10s over the
+	// last ten seconds (idempotency.Status).
+	Rate    float64 `json:"rate_per_second"`
+	Rate10s float64 `json:"rate_10s"`
+	Done    bool    `json:"done"`
+	Links   Links   `json:"links"`
+
+	// For the pages: the states in status order, the codes sorted.
+	States []Count `json:"-"`
+	Codes  []Count `json:"-"`
+}
+
+// Count is one labelled number.
+type Count struct {
+	Label string
+	N     int64
+}
+
+// Links are a campaign's pages.
+type Links struct {
+	Page   string `json:"page"`
+	API    string `json:"api"`
+	Report string `json:"report"`
+	Queue  string `json:"queue"`
+}
+
+// Merchant is what the workers of one merchant share.
+type Merchant struct {
+	MchID string `json:"mchid"`
+	// Rates is the current shared rate per endpoint, calls per second
+	// (lower than Limits after WeChat answered 429).
+	Rates        map[ratelimit.Endpoint]float64 `json:"shared_rates"`
+	Limits       map[ratelimit.Endpoint]float64 `json:"limits"`
+	OpenBreakers []Breaker                      `json:"open_breakers"`
+}
+
+// Breaker is an open budget breaker of one stock.
+type Breaker struct {
+	StockID   string    `json:"stock_id"`
+	OpenedAt  time.Time `json:"opened_at"`
+	NextProbe time.Time `json:"next_probe"`
+	Interval  string    `json:"interval"`
+	Probes    int       `json:"probes"`
+}
+
+// endpoints are the sends whose rate the pages show.
+var endpoints = []ratelimit.Endpoint{ratelimit.SendCoupon, ratelimit.SendMultiuse}
+
+// campaign reads one campaign; ok is false if it is unknown.
+func (s *Server) campaign(ctx context.Context, name string) (c Campaign, ok bool, err error) {
+	if tasks.ValidateCampaign(name) != nil {
+		return Campaign{}, false, nil // no such campaign can exist
+	}
+	meta, err := s.store.Campaign(ctx, name)
+	if err != nil || meta.Name == "" {
+		return Campaign{}, false, err
+	}
+	st, err := s.store.Status(ctx, name)
+	if err != nil {
+		return Campaign{}, false, err
+	}
+	return s.view(meta, st), true, nil
+}
+
+// campaigns reads every campaign: those still running first, then by
+// creation, newest first.
+func (s *Server) campaigns(ctx context.Context) ([]Campaign, error) {
+	names, err := s.store.Campaigns(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Campaign, 0, len(names))
+	for _, name := range names {
+		c, ok, err := s.campaign(ctx, name)
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			out = append(out, c)
+		}
+	}
+	sort.SliceStable(out, func(i, j int) bool {
+		if out[i].Done != out[j].Done {
+			return !out[i].Done
+		}
+		return out[i].CreatedAt.After(out[j].CreatedAt)
+	})
+	return out, nil
+}
+
+func (s *Server) view(meta idempotency.Campaign, st idempotency.Status) Campaign {
+	c := Campaign{
+		Name: meta.Name, MchID: meta.MchID, CreatedAt: meta.CreatedAt.UTC(), Deadline: meta.Deadline.UTC(),
+		Total: st.Total, Succeeded: st.ByState[idempotency.Succeeded], Failed: st.ByState[idempotency.Failed],
+		ByState: map[string]int64{}, FailedByCode: map[string]int64{},
+		Rate: st.Rate, Rate10s: st.Rate10s, Done: st.Done(),
+	}
+	c.Finished = c.Succeeded + c.Failed
+	c.Percent = percent(c.Finished, c.Total)
+	for _, state := range idempotency.States {
+		c.ByState[string(state)] = st.ByState[state]
+		c.States = append(c.States, Count{string(state), st.ByState[state]})
+	}
+	for code, n := range st.FailedByCode {
+		c.FailedByCode[code] = n
+		c.Codes = append(c.Codes, Count{code, n})
+	}
+	sort.Slice(c.Codes, func(i, j int) bool { return c.Codes[i].Label < c.Codes[j].Label })
+	esc := url.PathEscape(meta.Name)
+	c.Links = Links{
+		Page:   "/campaigns/" + esc,
+		API:    "/api/campaigns/" + esc,
+		Report: "/api/campaigns/" + esc + "/report.csv",
+		Queue:  s.queueLink(s.queue),
+	}
+	return c
+}
+
+func (s *Server) queueLink(queue string) string {
+	return RootPath + "/queues/" + url.PathEscape(queue)
+}
+
+// percent is n of total, truncated to 0.1, so that 100.0 means all.
+func percent(n, total int64) float64 {
+	if total <= 0 {
+		return 0
+	}
+	return math.Floor(1000*float64(n)/float64(total)) / 10
+}
+
+// merchant reads the shared rate and the open breakers of mchID.
+func (s *Server) merchant(ctx context.Context, mchID string) (Merchant, error) {
+	m := Merchant{MchID: mchID, Rates: map[ratelimit.Endpoint]float64{}, Limits: map[ratelimit.Endpoint]float64{},
+		OpenBreakers: []Breaker{}}
+	for _, ep := range endpoints {
+		r, err := s.limiter.Rate(ctx, mchID, ep)
+		if err != nil {
+			return m, err
+		}
+		m.Rates[ep] = r
+		m.Limits[ep] = s.limiter.Limit(ep).PerSecond()
+	}
+	open, err := s.breakers.Open(ctx, mchID)
+	if err != nil {
+		return m, err
+	}
+	sort.Slice(open, func(i, j int) bool { return open[i].StockID < open[j].StockID })
+	for _, b := range open {
+		m.OpenBreakers = append(m.OpenBreakers, Breaker{StockID: b.StockID, OpenedAt: b.OpenedAt.UTC(),
+			NextProbe: b.NextProbe.UTC(), Interval: b.Interval.String(), Probes: b.Probes})
+	}
+	return m, nil
+}
+
+// merchants reads the configured merchant, then those of the campaigns.
+func (s *Server) merchants(ctx context.Context, cs []Campaign) ([]Merchant, error) {
+	var ids []string
+	seen := map[string]bool{}
+	add := func(id string) {
+		if id != "" && !seen[id] {
+			seen[id] = true
+			ids = append(ids, id)
+		}
+	}
+	add(s.mchID)
+	rest := make([]string, 0, len(cs))
+	for _, c := range cs {
+		rest = append(rest, c.MchID)
+	}
+	sort.Strings(rest)
+	for _, id := range rest {
+		add(id)
+	}
+	out := make([]Merchant, 0, len(ids))
+	for _, id := range ids {
+		m, err := s.merchant(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, m)
+	}
+	return out, nil
+}
+
+// Queue is one asynq queue as the index page lists it.
+type Queue struct {
+	Name                                             string
+	Size, Pending, Active, Scheduled, Retry, Archive int
+	Paused                                           bool
+	Link                                             string
+}
+
+// queues lists asynq's queues; the configured one is listed even before
+// it exists, so that its link is there.
+func (s *Server) queues() ([]Queue, error) {
+	names, err := s.inspector.Queues()
+	if err != nil {
+		return nil, err
+	}
+	found := false
+	for _, n := range names {
+		found = found || n == s.queue
+	}
+	if !found {
+		names = append(names, s.queue)
+	}
+	sort.Strings(names)
+	out := make([]Queue, 0, len(names))
+	for _, n := range names {
+		q := Queue{Name: n, Link: s.queueLink(n)}
+		if info, err := s.inspector.GetQueueInfo(n); err == nil {
+			q.Size, q.Pending, q.Active, q.Scheduled, q.Retry, q.Archive = info.Size, info.Pending, info.Active, info.Scheduled, info.Retry, info.Archived
+			q.Paused = info.Paused
+		}
+		out = append(out, q)
+	}
+	return out, nil
+}
+
+// ReportHeader is the header row of a campaign report, as enqueuer report
+// writes it.
+var ReportHeader = []string{"out_request_no", "openid", "state", "coupon_id", "error_code", "error_message",
+	"attempts", "first_attempt", "last_attempt"}
+
+// ReportRow is one send as a report row: a success carries no error (the
+// record keeps the last one from before it), times are UTC RFC 3339.
+func ReportRow(r idempotency.Record) []string {
+	code, msg := r.Code, r.Message
+	if r.State == idempotency.Succeeded {
+		code, msg = "", ""
+	}
+	return []string{r.OutRequestNo, r.OpenID, string(r.State), r.CouponID, code, msg,
+		strconv.Itoa(r.Attempts), stamp(r.FirstAttempt), stamp(r.LastAttempt)}
+}
+
+func stamp(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.UTC().Format(time.RFC3339Nano)
+}
