@@ -9,7 +9,6 @@ import (
 	"math"
 	"os"
 	"sort"
-	"strconv"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -177,16 +176,11 @@ func cmdReport(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		w = f
 	}
 	cw := csv.NewWriter(w)
-	_ = cw.Write([]string{"out_request_no", "openid", "state", "coupon_id", "error_code", "error_message", "attempts", "first_attempt", "last_attempt"})
+	_ = cw.Write(idempotency.ReportHeader)
 	n := 0
 	err = store.Each(ctx, *name, func(r idempotency.Record) error {
 		n++
-		code, msg := r.Code, r.Message
-		if r.State == idempotency.Succeeded {
-			code, msg = "", ""
-		}
-		return cw.Write([]string{r.OutRequestNo, r.OpenID, string(r.State), r.CouponID, code, msg,
-			strconv.Itoa(r.Attempts), stamp(r.FirstAttempt), stamp(r.LastAttempt)})
+		return cw.Write(r.ReportRow())
 	})
 	cw.Flush()
 	if err == nil {
@@ -205,13 +199,6 @@ func cmdReport(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		fmt.Fprintf(stderr, "wrote %d rows to %s\n", n, *out)
 	}
 	return nil
-}
-
-func stamp(t time.Time) string {
-	if t.IsZero() {
-		return ""
-	}
-	return t.UTC().Format(time.RFC3339Nano)
 }
 
 func dirOf(path string) string {

@@ -174,3 +174,26 @@ func (s *Store) Each(ctx context.Context, campaign string, fn func(Record) error
 		}
 	}
 }
+
+// ReportHeader is the header row of a campaign report (enqueuer report, the
+// monitor's CSV download).
+var ReportHeader = []string{"out_request_no", "openid", "state", "coupon_id", "error_code", "error_message",
+	"attempts", "first_attempt", "last_attempt"}
+
+// ReportRow is the send as a report row: a success carries no error (the
+// record keeps the last one from before it); times are UTC RFC 3339.
+func (r Record) ReportRow() []string {
+	code, msg := r.Code, r.Message
+	if r.State == Succeeded {
+		code, msg = "", ""
+	}
+	return []string{r.OutRequestNo, r.OpenID, string(r.State), r.CouponID, code, msg,
+		strconv.Itoa(r.Attempts), stamp(r.FirstAttempt), stamp(r.LastAttempt)}
+}
+
+func stamp(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.UTC().Format(time.RFC3339Nano)
+}

@@ -5,7 +5,6 @@ import (
 	"math"
 	"net/url"
 	"sort"
-	"strconv"
 	"time"
 
 	"github.com/couponflow/dispatcher/internal/idempotency"
@@ -245,27 +244,4 @@ func (s *Server) queues() ([]Queue, error) {
 		out = append(out, q)
 	}
 	return out, nil
-}
-
-// ReportHeader is the header row of a campaign report, as enqueuer report
-// writes it.
-var ReportHeader = []string{"out_request_no", "openid", "state", "coupon_id", "error_code", "error_message",
-	"attempts", "first_attempt", "last_attempt"}
-
-// ReportRow is one send as a report row: a success carries no error (the
-// record keeps the last one from before it), times are UTC RFC 3339.
-func ReportRow(r idempotency.Record) []string {
-	code, msg := r.Code, r.Message
-	if r.State == idempotency.Succeeded {
-		code, msg = "", ""
-	}
-	return []string{r.OutRequestNo, r.OpenID, string(r.State), r.CouponID, code, msg,
-		strconv.Itoa(r.Attempts), stamp(r.FirstAttempt), stamp(r.LastAttempt)}
-}
-
-func stamp(t time.Time) string {
-	if t.IsZero() {
-		return ""
-	}
-	return t.UTC().Format(time.RFC3339Nano)
 }
