@@ -41,6 +41,7 @@ import (
 
 	"github.com/couponflow/dispatcher/internal/breaker"
 	"github.com/couponflow/dispatcher/internal/idempotency"
+	cfmetrics "github.com/couponflow/dispatcher/internal/metrics"
 	"github.com/couponflow/dispatcher/internal/ratelimit"
 	"github.com/couponflow/dispatcher/internal/tasks"
 )
@@ -57,8 +58,7 @@ const (
 const RootPath = "/monitoring"
 
 const (
-	realm        = "couponflow monitor"
-	readyTimeout = time.Second
+	realm = "couponflow monitor"
 	// shutdownTimeout bounds a graceful shutdown: requests in flight (a
 	// report being downloaded) get this long to finish.
 	shutdownTimeout = 10 * time.Second
@@ -227,29 +227,14 @@ func (s *Server) routes() http.Handler {
 	private.Handle(RootPath+"/", s.mon)
 
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		_, _ = w.Write([]byte("ok\n"))
-	})
-	mux.HandleFunc("GET /readyz", s.readyz)
+	healthz, readyz := cfmetrics.Health(s.rdb)
+	mux.Handle("GET /healthz", healthz)
+	mux.Handle("GET /readyz", readyz)
 	mux.Handle("/", s.authenticate(private))
 	// Basic auth that a browser remembers would let another site make it
 	// pause a queue or delete tasks (asynqmon's POST and DELETE calls):
 	// cross-origin requests that are not GET, HEAD or OPTIONS are refused.
 	return http.NewCrossOriginProtection().Handler(mux)
-}
-
-func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
-	ctx, cancel := context.WithTimeout(r.Context(), readyTimeout)
-	defer cancel()
-	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	w.Header().Set("Cache-Control", "no-store")
-	if err := s.rdb.Ping(ctx).Err(); err != nil {
-		w.WriteHeader(http.StatusServiceUnavailable)
-		_, _ = w.Write([]byte("redis: " + err.Error() + "\n"))
-		return
-	}
-	_, _ = w.Write([]byte("ok\n"))
 }
 
 // authenticate lets a request through with valid credentials, or when the
