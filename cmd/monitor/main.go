@@ -120,7 +120,7 @@ func run(ctx context.Context, argv []string, stderr io.Writer, ready func(net.Ad
 	if token != "" {
 		opts = append(opts, monitor.WithToken(token))
 	}
-	srv, err := monitor.New(rdb, monitor.ConnOpt(spec), opts...)
+	srv, err := monitor.New(rdb, spec.AsynqConnOpt(), opts...)
 	if err != nil {
 		return err
 	}

@@ -109,7 +109,7 @@ func TestHalfBasicAuthIsRefused(t *testing.T) {
 		{testUser, "", "MONITOR_PASSWORD"},
 		{"", testPassword, "MONITOR_USER"},
 	} {
-		_, err := monitor.New(srv.Client(), monitor.ConnOpt(spec), monitor.WithBasicAuth(c.user, c.password))
+		_, err := monitor.New(srv.Client(), spec.AsynqConnOpt(), monitor.WithBasicAuth(c.user, c.password))
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("user %q password set %v: error %v, want one naming %s", c.user, c.password != "", err, c.want)
 		}

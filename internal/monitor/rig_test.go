@@ -44,7 +44,7 @@ func newRig(t *testing.T, opts ...monitor.Option) *rig {
 		t.Fatal(err)
 	}
 	rdb := srv.Client()
-	m, err := monitor.New(rdb, monitor.ConnOpt(spec), opts...)
+	m, err := monitor.New(rdb, spec.AsynqConnOpt(), opts...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,33 +1,15 @@
-package monitor
+package redisconn
 
-import (
-	"crypto/tls"
-	"time"
+import "github.com/hibiken/asynq"
 
-	"github.com/hibiken/asynq"
-
-	"github.com/couponflow/dispatcher/internal/redisconn"
-)
-
-// Timeouts of asynqmon's connections, as redisconn.OpenSpec sets them.
-const (
-	dialTimeout = 5 * time.Second
-	ioTimeout   = 5 * time.Second
-)
-
-// ConnOpt is the asynq.RedisConnOpt of the deployment spec describes, for
-// asynqmon, which opens its own connections: a RedisClientOpt
-// (standalone), a RedisFailoverClientOpt (Sentinel) or a
-// RedisClusterClientOpt (cluster), with the same credentials, database and
-// TLS settings as redisconn.OpenSpec uses.
-func ConnOpt(spec redisconn.Spec) asynq.RedisConnOpt {
-	var tlsConfig *tls.Config
-	if spec.TLS {
-		// No ServerName: crypto/tls takes it from each address dialled.
-		tlsConfig = &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: spec.InsecureSkipVerify} //nolint:gosec // only when the URL asks, for tests
-	}
+// AsynqConnOpt is the asynq.RedisConnOpt of the deployment the spec
+// describes, for code that opens its own connections (asynqmon): a
+// RedisClientOpt, RedisFailoverClientOpt or RedisClusterClientOpt with the
+// credentials, database, timeouts and TLS settings OpenSpec uses.
+func (spec Spec) AsynqConnOpt() asynq.RedisConnOpt {
+	tlsConfig := spec.tlsConfig()
 	switch spec.Kind() {
-	case redisconn.Sentinel:
+	case Sentinel:
 		return asynq.RedisFailoverClientOpt{
 			MasterName:       spec.MasterName,
 			SentinelAddrs:    spec.Addrs,
@@ -41,7 +23,7 @@ func ConnOpt(spec redisconn.Spec) asynq.RedisConnOpt {
 			WriteTimeout:     ioTimeout,
 			TLSConfig:        tlsConfig,
 		}
-	case redisconn.Cluster:
+	case Cluster:
 		return asynq.RedisClusterClientOpt{
 			Addrs:        spec.Addrs,
 			Username:     spec.Username,
@@ -52,7 +34,7 @@ func ConnOpt(spec redisconn.Spec) asynq.RedisConnOpt {
 			TLSConfig:    tlsConfig,
 		}
 	default:
-		addr := redisconn.DefaultAddr
+		addr := DefaultAddr
 		if len(spec.Addrs) > 0 {
 			addr = spec.Addrs[0]
 		}

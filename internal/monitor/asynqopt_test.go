@@ -14,7 +14,7 @@ import (
 	"github.com/couponflow/dispatcher/internal/redistest"
 )
 
-func TestConnOptFollowsTheSpec(t *testing.T) {
+func TestAsynqConnOptFollowsTheSpec(t *testing.T) {
 	parse := func(raw string) redisconn.Spec {
 		t.Helper()
 		spec, err := redisconn.ParseURL(raw)
@@ -24,22 +24,22 @@ func TestConnOptFollowsTheSpec(t *testing.T) {
 		return spec
 	}
 
-	c, ok := monitor.ConnOpt(parse("rediss://u:p@h1:6380/3?insecure_skip_verify=true")).(asynq.RedisClientOpt)
+	c, ok := parse("rediss://u:p@h1:6380/3?insecure_skip_verify=true").AsynqConnOpt().(asynq.RedisClientOpt)
 	if !ok || c.Addr != "h1:6380" || c.Username != "u" || c.Password != "p" || c.DB != 3 ||
 		c.TLSConfig == nil || !c.TLSConfig.InsecureSkipVerify || c.DialTimeout != 5*time.Second {
 		t.Errorf("standalone: %T %+v", c, c)
 	}
-	if c := monitor.ConnOpt(parse("127.0.0.1:6379")).(asynq.RedisClientOpt); c.TLSConfig != nil || c.Addr != "127.0.0.1:6379" {
+	if c := parse("127.0.0.1:6379").AsynqConnOpt().(asynq.RedisClientOpt); c.TLSConfig != nil || c.Addr != "127.0.0.1:6379" {
 		t.Errorf("plain host:port: %+v", c)
 	}
 
-	f, ok := monitor.ConnOpt(parse("redis-sentinel://u:p@s1:26379,s2:26379/mymaster?db=2&sentinel_password=sp")).(asynq.RedisFailoverClientOpt)
+	f, ok := parse("redis-sentinel://u:p@s1:26379,s2:26379/mymaster?db=2&sentinel_password=sp").AsynqConnOpt().(asynq.RedisFailoverClientOpt)
 	if !ok || f.MasterName != "mymaster" || len(f.SentinelAddrs) != 2 || f.SentinelPassword != "sp" ||
 		f.Username != "u" || f.Password != "p" || f.DB != 2 || f.TLSConfig != nil {
 		t.Errorf("sentinel: %T %+v", f, f)
 	}
 
-	k, ok := monitor.ConnOpt(parse("redis-cluster://:p@n1:7000,n2:7001?tls=true")).(asynq.RedisClusterClientOpt)
+	k, ok := parse("redis-cluster://:p@n1:7000,n2:7001?tls=true").AsynqConnOpt().(asynq.RedisClusterClientOpt)
 	if !ok || len(k.Addrs) != 2 || k.Password != "p" || k.TLSConfig == nil || k.TLSConfig.InsecureSkipVerify {
 		t.Errorf("cluster: %T %+v", k, k)
 	}
@@ -53,7 +53,7 @@ func TestAsynqmonOnCluster(t *testing.T) {
 		t.Fatal(err)
 	}
 	rdb := cl.Client()
-	m, err := monitor.New(rdb, monitor.ConnOpt(spec), monitor.WithToken(testToken))
+	m, err := monitor.New(rdb, spec.AsynqConnOpt(), monitor.WithToken(testToken))
 	if err != nil {
 		t.Fatal(err)
 	}
