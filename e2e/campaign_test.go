@@ -58,7 +58,8 @@ func TestCampaignSurvivesFaults(t *testing.T) {
 	}
 
 	out, code = r.enqueuer("status", "--campaign", "spring")
-	if code != 0 || !strings.Contains(out, "2000 of 2000 done (100.0%)") || !regexp.MustCompile(`succeeded\s+2000`).MatchString(out) {
+	if code != 0 || !strings.Contains(out, "2000 of 2000 done (100.0%)") || !regexp.MustCompile(`succeeded\s+2000`).MatchString(out) ||
+		!regexp.MustCompile(`shared rate now: favor_send \d+\.\d/s`).MatchString(out) {
 		t.Fatalf("status exited %d:\n%s", code, out)
 	}
 	out, code = r.enqueuer("coupons", "--openid", openids[7])
