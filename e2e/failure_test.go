@@ -196,3 +196,24 @@ func TestWorkerKilledMidCampaign(t *testing.T) {
 		t.Log("no send was in flight at the kill; the takeover path went unexercised this time")
 	}
 }
+
+// One cash coupon through enqueuer send: queued once, a duplicate after,
+// and a refused field named.
+func TestSendOneCoupon(t *testing.T) {
+	r := newRig(t)
+	out, code := r.enqueuer("send", "--openid", "o_one", "--stock-id", r.stockID(), "--out-request-no", "r-one-1", "--campaign", "one")
+	if code != 0 || !strings.Contains(out, "enqueued send:") || !strings.Contains(out, "r-one-1") {
+		t.Fatalf("exit %d:\n%s", code, out)
+	}
+	out, code = r.enqueuer("send", "--openid", "o_one", "--stock-id", r.stockID(), "--out-request-no", "r-one-1", "--campaign", "one")
+	if code != 0 || !strings.Contains(out, "duplicate: ") {
+		t.Fatalf("second send exit %d:\n%s", code, out)
+	}
+	out, code = r.enqueuer("send", "--openid", "o one", "--stock-id", r.stockID(), "--campaign", "one")
+	if code != 2 || !strings.Contains(out, "refused") || !strings.Contains(out, "openid") {
+		t.Fatalf("bad openid exit %d:\n%s", code, out)
+	}
+	if r.pending() != 1 {
+		t.Fatalf("%d queued, want 1", r.pending())
+	}
+}
