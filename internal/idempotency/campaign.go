@@ -77,10 +77,15 @@ type Status struct {
 	Rate, Rate10s float64
 }
 
-// Done reports whether every send has reached a terminal state.
+// Done reports whether the workers have nothing left to do: every send
+// has succeeded, failed, or is unknown and waits for reconcile.
 func (st Status) Done() bool {
-	return st.Total > 0 && st.ByState[Succeeded]+st.ByState[Failed] == st.Total
+	return st.Total > 0 && st.ByState[Succeeded]+st.ByState[Failed]+st.ByState[Unknown] == st.Total
 }
+
+// Settled reports whether every send's outcome is known: done, and
+// nothing unknown.
+func (st Status) Settled() bool { return st.Done() && st.ByState[Unknown] == 0 }
 
 // Status reads a campaign's counters and its recent send rate in one round trip.
 func (s *Store) Status(ctx context.Context, campaign string) (Status, error) {

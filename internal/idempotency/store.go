@@ -32,14 +32,23 @@ const (
 	WaitingRate   State = "waiting_rate"   // WeChat said too many calls; waiting
 	WaitingBudget State = "waiting_budget" // the stock's budget was exhausted; waiting for a top-up
 	Succeeded     State = "succeeded"      // the coupon exists: CouponID
-	Failed        State = "failed"         // permanently refused: Code, Message
+	Failed        State = "failed"         // WeChat refused it, so no coupon exists: Code, Message
+	// Unknown: the retries ran out without an answer from WeChat, and the
+	// coupon may exist. Only WeChat can say: `enqueuer reconcile` resends
+	// the identical request and records the answer.
+	Unknown State = "unknown"
 )
 
 // States lists every state, in the order status shows them.
-var States = []State{Pending, InFlight, Retrying, WaitingRate, WaitingBudget, Succeeded, Failed}
+var States = []State{Pending, InFlight, Retrying, WaitingRate, WaitingBudget, Succeeded, Failed, Unknown}
 
-// Terminal reports whether no further call will be made.
+// Terminal reports whether the outcome is known for good: no further call
+// will be made.
 func (s State) Terminal() bool { return s == Succeeded || s == Failed }
+
+// Stopped reports whether no worker will take the send up again by
+// itself: its outcome is known, or it is unknown and waits for reconcile.
+func (s State) Stopped() bool { return s.Terminal() || s == Unknown }
 
 // Record is what the store knows of one send.
 type Record struct {
