@@ -24,7 +24,8 @@ import (
 type chaosPlan struct {
 	usersA, usersB int           // recipients of the two campaigns
 	rate           int           // the merchant's favor_send limit, per second
-	phase          time.Duration // faults and worker kills last this long
+	phase          time.Duration // faults last this long
+	killFor        time.Duration // workers are killed this long
 	killEvery      [2]time.Duration
 	redisDown      time.Duration // how long Redis stays dead
 	burst, storm   time.Duration // 100% errors; the 429 storm
@@ -33,10 +34,12 @@ type chaosPlan struct {
 }
 
 var (
-	shortChaos = chaosPlan{usersA: 3000, usersB: 2000, rate: 100, phase: 60 * time.Second,
+	// asynq gives a killed worker's tasks back a minute after the kill, so
+	// the short run stops killing 60 s before it would like to end.
+	shortChaos = chaosPlan{usersA: 2500, usersB: 1500, rate: 100, phase: 50 * time.Second, killFor: 40 * time.Second,
 		killEvery: [2]time.Duration{5 * time.Second, 10 * time.Second}, redisDown: time.Second,
-		burst: 2 * time.Second, storm: 3 * time.Second, deadline: 85 * time.Second, timeout: 4 * time.Minute}
-	longChaos = chaosPlan{usersA: 14000, usersB: 4000, rate: 150, phase: 150 * time.Second,
+		burst: 2 * time.Second, storm: 3 * time.Second, deadline: 70 * time.Second, timeout: 4 * time.Minute}
+	longChaos = chaosPlan{usersA: 14000, usersB: 4000, rate: 150, phase: 150 * time.Second, killFor: 150 * time.Second,
 		killEvery: [2]time.Duration{15 * time.Second, 20 * time.Second}, redisDown: 3 * time.Second,
 		burst: 3 * time.Second, storm: 5 * time.Second, deadline: 180 * time.Second, timeout: 10 * time.Minute}
 )
@@ -323,7 +326,7 @@ func (c *chaos) run(stockB string, topUp int64, deadlineB time.Time) {
 		}
 		// Workers: a random one is SIGKILLed; one that died is restarted
 		// (only while Redis is up: a worker cannot start without it).
-		if now.Before(at(1)) && !now.Before(kill) {
+		if now.Before(c.t0.Add(p.killFor)) && !now.Before(kill) {
 			w := c.workers[c.rng.IntN(len(c.workers))]
 			if w.p != nil {
 				c.kill(w)
@@ -348,7 +351,7 @@ func (c *chaos) run(stockB string, topUp int64, deadlineB time.Time) {
 		// After the kills, once asynq would give the last killed worker's
 		// tasks back (their 30 s lease, 30 s stale), a restart runs the
 		// recoverer at once rather than at its next minute.
-		if !kicked && !now.Before(at(1)) && !lastKill.IsZero() && now.After(lastKill.Add(63*time.Second)) {
+		if !kicked && !now.Before(c.t0.Add(p.killFor)) && !lastKill.IsZero() && now.After(lastKill.Add(63*time.Second)) {
 			c.restart(c.workers[0])
 			c.event("worker %s restarted gracefully, so that asynq recovers the last kill's tasks", c.workers[0].name)
 			kicked = true
@@ -687,20 +690,73 @@ func (c *chaos) check(stockB string, budgetB int64, deadlineB time.Time) {
 		return
 	}
 	byProblem := map[string]int{}
+	byStory := map[string]int{}
 	for _, row := range bad {
 		byProblem[row["campaign"]+": "+row["problem"]]++
+		story, _ := c.trace(row)
+		byStory[row["campaign"]+" "+row["state"]+" "+row["error_code"]+": "+story]++
 	}
 	t.Errorf("%d sends whose record disagrees with the ledger or is not final: %v", len(bad), byProblem)
+	t.Logf("what the workers logged of them (outcomes in order; a call with no outcome was cut off by a kill or its result was not written):")
+	for story, n := range byStory {
+		t.Logf("  %4d × %s", n, story)
+	}
 	for i, row := range bad {
 		if i == 30 {
 			t.Logf("… and %d more", len(bad)-30)
 			break
 		}
-		t.Logf("%s: %s: %s", row["campaign"], row["problem"], c.describe(row, byORN))
-		if i < 6 {
+		_, steps := c.trace(row)
+		t.Logf("%s: %s: %s\n      %s", row["campaign"], row["problem"], c.describe(row, byORN), steps)
+		if i < 3 {
 			for _, line := range c.logsOf(row["out_request_no"], 12) {
 				t.Logf("    %s", line)
 			}
 		}
 	}
+}
+
+// trace tells what the workers logged of one send: its outcomes in order,
+// as a pattern shared by sends with the same story, and with the workers
+// and attempts named.
+func (c *chaos) trace(row map[string]string) (pattern, steps string) {
+	var pat, st []string
+	calls := 0
+	for _, line := range c.logsOf(row["out_request_no"], 100) {
+		who, js, _ := strings.Cut(line, "] ")
+		var m map[string]any
+		if json.Unmarshal([]byte(js), &m) != nil {
+			continue
+		}
+		msg, _ := m["msg"].(string)
+		outcome, code := fmt.Sprint(m["outcome"]), fmt.Sprint(m["code"])
+		var p string
+		switch {
+		case msg == "sent":
+			calls++
+			p = "success"
+		case msg == "will retry" || msg == "failed permanently":
+			calls++
+			p = outcome + " " + code + " → " + fmt.Sprint(m["state"])
+		case strings.HasPrefix(msg, "Retry exhausted"):
+			p = "asynq archived the task"
+		case msg == "already recorded; not sent again":
+			p = "already " + fmt.Sprint(m["state"])
+		default:
+			p = msg
+		}
+		pat = append(pat, p)
+		if a, ok := m["attempt"]; ok {
+			p = fmt.Sprintf("#%v %s", a, p)
+		}
+		st = append(st, who+"] "+p)
+	}
+	if lost := c.sendsOf(row["out_request_no"]) - calls; lost > 0 {
+		note := fmt.Sprintf("(%d call(s) reached WeChat with no outcome logged)", lost)
+		pat, st = append(pat, note), append(st, note)
+	}
+	if len(pat) == 0 {
+		pat = []string{"nothing logged"}
+	}
+	return strings.Join(pat, "; "), strings.Join(st, "; ")
 }
