@@ -17,10 +17,11 @@ import (
 
 // Producer enqueues sends.
 type Producer struct {
-	client *asynq.Client
-	store  *idempotency.Store
-	queue  string
-	shards int
+	client   *asynq.Client
+	store    *idempotency.Store
+	queue    string
+	shards   int
+	maxRetry int
 }
 
 // Option configures a Producer.
@@ -32,6 +33,11 @@ func WithQueue(q string) Option { return func(p *Producer) { p.queue = q } }
 // WithQueueShards spreads sends over n queues (see tasks.ShardQueue);
 // workers must then listen on all of them.
 func WithQueueShards(n int) Option { return func(p *Producer) { p.shards = n } }
+
+// WithMaxRetry bounds the ambiguous outcomes a send may meet before it
+// ends unknown (default tasks.MaxRetry); waits on a rate limit or a budget
+// do not count.
+func WithMaxRetry(n int) Option { return func(p *Producer) { p.maxRetry = n } }
 
 // New returns a producer that queues through client and records in store.
 func New(client *asynq.Client, store *idempotency.Store, opts ...Option) *Producer {
@@ -77,7 +83,11 @@ func (e *InvalidError) Unwrap() error { return e.Err }
 // than *InvalidError means Redis failed; running the same Enqueue again
 // is safe and completes the work.
 func (p *Producer) Enqueue(ctx context.Context, args tasks.Args) (Result, error) {
-	task, err := tasks.NewTask(args, asynq.Queue(tasks.ShardQueue(p.queue, p.shards, args.Key().OutRequestNo)))
+	opts := []asynq.Option{asynq.Queue(tasks.ShardQueue(p.queue, p.shards, args.Key().OutRequestNo))}
+	if p.maxRetry > 0 {
+		opts = append(opts, asynq.MaxRetry(p.maxRetry))
+	}
+	task, err := tasks.NewTask(args, opts...)
 	if err != nil {
 		return Result{}, &InvalidError{Err: err}
 	}
