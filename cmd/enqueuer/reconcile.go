@@ -120,11 +120,11 @@ func cmdReconcile(ctx context.Context, args []string, stdout, stderr io.Writer) 
 // settleOne resends one unknown send and reads back what was recorded.
 func settleOne(ctx context.Context, h *dispatch.Handler, store *idempotency.Store, rec idempotency.Record) (string, idempotency.State, error) {
 	send := idempotency.Send{MchID: rec.MchID, OutRequestNo: rec.OutRequestNo, Campaign: rec.Campaign, OpenID: rec.OpenID, StockID: rec.StockID}
-	if len(rec.Payload) == 0 {
+	if len(rec.Task) == 0 {
 		return fmt.Sprintf("%s: still unknown: its task was not kept, so it cannot be resent here; list the user's coupons (enqueuer coupons --openid %s --stock-id %s)",
 			rec.OutRequestNo, rec.OpenID, rec.StockID), idempotency.Unknown, nil
 	}
-	if err := h.Reconcile(ctx, rec.Payload); err != nil {
+	if err := h.Reconcile(ctx, rec.Task); err != nil {
 		return fmt.Sprintf("%s: not recorded: %v", rec.OutRequestNo, err), idempotency.Unknown, err
 	}
 	now, err := store.Get(ctx, send)

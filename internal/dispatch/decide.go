@@ -180,7 +180,7 @@ func (p policy) settle(a attempt, o outcome, nextProbe time.Time) (idempotency.R
 // reconcile settles it by resending the identical request.
 func (p policy) unknown(a attempt, res idempotency.Result, why string) (idempotency.Result, error) {
 	res.State = idempotency.Unknown
-	res.Payload = a.payload
+	res.Task = a.payload
 	res.MaybeIssued = true
 	res.Message = fmt.Sprintf("%s; the coupon may have been issued: run enqueuer reconcile, which resends the identical request (last: %s %s)",
 		why, res.Code, res.Message)

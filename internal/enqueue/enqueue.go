@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 
 	"github.com/hibiken/asynq"
 
@@ -22,6 +23,7 @@ type Producer struct {
 	queue    string
 	shards   int
 	maxRetry int
+	saved    sync.Map // campaigns this producer has made known to the store
 }
 
 // Option configures a Producer.
@@ -92,9 +94,18 @@ func (p *Producer) Enqueue(ctx context.Context, args tasks.Args) (Result, error)
 		return Result{}, &InvalidError{Err: err}
 	}
 	b := args.Base()
+	if _, ok := p.saved.Load(b.Campaign); !ok {
+		// The store lists campaigns for status, the monitor and the sweeper.
+		if _, err := p.store.SaveCampaign(ctx, idempotency.Campaign{Name: b.Campaign, MchID: b.MchID, Deadline: b.Deadline}); err != nil {
+			return Result{}, err
+		}
+		p.saved.Store(b.Campaign, true)
+	}
 	res := Result{TaskID: args.Key().TaskID()}
+	queue := tasks.ShardQueue(p.queue, p.shards, args.Key().OutRequestNo)
 	created, state, err := p.store.Register(ctx, idempotency.Send{
 		MchID: b.MchID, OutRequestNo: b.OutRequestNo, Campaign: b.Campaign, OpenID: b.OpenID, StockID: b.StockID,
+		Task: tasks.Keep(task), Queue: queue,
 	})
 	if err != nil {
 		return Result{}, err

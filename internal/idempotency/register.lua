@@ -1,5 +1,5 @@
 -- KEYS: record, counts, members
--- ARGV: campaign, mchid, out_request_no, openid, stock_id, now_ms
+-- ARGV: campaign, mchid, out_request_no, openid, stock_id, now_ms, task, queue
 local st = redis.call('HGET', KEYS[1], 'state')
 if st then
   return st
@@ -12,8 +12,9 @@ for _, f in ipairs({'pending', 'total'}) do
   end
 end
 redis.call('HSET', KEYS[1], 'state', 'pending', 'campaign', ARGV[1], 'openid', ARGV[4],
-  'stock_id', ARGV[5], 'created_at', ARGV[6], 'attempts', 0)
+  'stock_id', ARGV[5], 'created_at', ARGV[6], 'attempts', 0, 'task', ARGV[7], 'queue', ARGV[8])
 redis.call('HINCRBY', KEYS[2], 'pending', 1)
 redis.call('HINCRBY', KEYS[2], 'total', 1)
+redis.call('HSET', KEYS[2], 'changed_ms', ARGV[6])
 redis.call('RPUSH', KEYS[3], ARGV[2] .. ':' .. ARGV[3])
 return 'new'
