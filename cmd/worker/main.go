@@ -58,7 +58,7 @@ func run(argv []string) error {
 	rateMaxWait := fs.Duration("rate-max-wait", 2*time.Second, "longest wait for a rate slot inside the handler; a longer one goes back to the queue")
 	rateWait := fs.Duration("rate-wait", time.Second, "first wait after a rate limit; it grows up to --rate-wait-max")
 	rateWaitMax := fs.Duration("rate-wait-max", 30*time.Second, "longest wait after a rate limit")
-	sweepEvery := fs.Duration("sweep-every", time.Minute, "how often the fleet looks for stalled campaigns whose tasks asynq lost (one worker sweeps at a time)")
+	sweepEvery := fs.Duration("sweep-every", 10*time.Second, "how often the fleet looks for a dead worker's sends and for stalled campaigns whose tasks asynq lost (one worker sweeps at a time); 0 turns it off")
 	sweepStall := fs.Duration("sweep-stall", 15*time.Minute, "a campaign not done whose sends have not changed for this long is checked for lost tasks; keep it above --breaker-probe-max")
 	httpAddr := fs.String("http-addr", "127.0.0.1:9091", "where to serve /metrics, /healthz and /readyz; empty disables")
 	logFormat := fs.String("log-format", "json", "json or text")

@@ -9,6 +9,13 @@
 // campaign is swept only once it has stalled: not done, and no send of it
 // has changed state for a while. Sweepers run in every worker; a lock in
 // Redis lets one sweep at a time.
+//
+// A killed worker's tasks stay active in asynq until its recoverer, which
+// runs once a minute and takes only tasks whose lease ran out 30 s before
+// (neither is configurable): 60 to 120 s. The sweeper finds them sooner:
+// a task active in asynq that no live server is working on, whose send's
+// claim has run out, is copied into the woken queue. The copy and, later,
+// asynq's own redelivery are both safe: the record lets one call through.
 package sweep
 
 import (
@@ -44,8 +51,8 @@ type Sweeper struct {
 // Option configures a Sweeper.
 type Option func(*Sweeper)
 
-// WithInterval sets how often a sweeper looks for stalled campaigns
-// (default 1m).
+// WithInterval sets how often a sweeper looks for a dead worker's sends
+// and for stalled campaigns (default 10s).
 func WithInterval(d time.Duration) Option { return func(s *Sweeper) { s.every = d } }
 
 // WithStallAfter sets how long a campaign that is not done must go without
@@ -65,7 +72,7 @@ func WithQueues(q ...string) Option { return func(s *Sweeper) { s.queues = q } }
 func New(rdb redis.UniversalClient, store *idempotency.Store, opts ...Option) *Sweeper {
 	s := &Sweeper{rdb: rdb, store: store, inspector: asynq.NewInspectorFromRedisClient(rdb),
 		client: asynq.NewClientFromRedisClient(rdb), queues: []string{tasks.DefaultQueue}, log: slog.Default(),
-		every: time.Minute, stallAfter: 15 * time.Minute, prefix: "cf", now: time.Now}
+		every: 10 * time.Second, stallAfter: 15 * time.Minute, prefix: "cf", now: time.Now}
 	for _, o := range opts {
 		o(s)
 	}
@@ -99,6 +106,8 @@ type Result struct {
 	// Unrecoverable: lost sends whose record keeps no task (registered by
 	// an older version); re-running the producer's command queues them.
 	Unrecoverable int
+	// Abandoned: sends a dead worker held, copied into the woken queue.
+	Abandoned int
 }
 
 // Once sweeps every stalled campaign, unless another sweeper holds the lock.
@@ -107,11 +116,14 @@ func (s *Sweeper) Once(ctx context.Context) (Result, error) {
 	if err != nil || !ok {
 		return Result{}, err
 	}
+	var total Result
+	if total.Abandoned, err = s.abandoned(ctx); err != nil {
+		return total, err
+	}
 	names, err := s.store.Campaigns(ctx)
 	if err != nil {
-		return Result{}, err
+		return total, err
 	}
-	var total Result
 	for _, name := range names {
 		st, err := s.store.Status(ctx, name)
 		if err != nil {
@@ -240,4 +252,58 @@ func (s *Sweeper) requeue(ctx context.Context, rec idempotency.Record) error {
 		return fmt.Errorf("sweep: queueing %s again: %w", rec.OutRequestNo, err)
 	}
 	return nil
+}
+
+// abandoned copies into the woken queue the sends that asynq holds as
+// active for a worker that is gone: no live server lists the task, and
+// the send's claim has run out.
+func (s *Sweeper) abandoned(ctx context.Context) (int, error) {
+	servers, err := s.inspector.Servers()
+	if err != nil {
+		return 0, fmt.Errorf("sweep: listing workers: %w", err)
+	}
+	live := map[string]bool{}
+	for _, srv := range servers {
+		for _, w := range srv.ActiveWorkers {
+			live[w.Queue+"\x00"+w.TaskID] = true
+		}
+	}
+	n := 0
+	for _, q := range s.queues {
+		active, err := s.inspector.ListActiveTasks(q, asynq.PageSize(1000))
+		if errors.Is(err, asynq.ErrQueueNotFound) {
+			continue
+		}
+		if err != nil {
+			return n, fmt.Errorf("sweep: listing active tasks of %s: %w", q, err)
+		}
+		for _, info := range active {
+			if live[q+"\x00"+info.ID] {
+				continue
+			}
+			kept := tasks.Keep(asynq.NewTask(info.Type, info.Payload))
+			args, err := tasks.Decode(asynq.NewTask(info.Type, info.Payload))
+			if err != nil {
+				continue
+			}
+			b := args.Base()
+			rec, err := s.store.Get(ctx, idempotency.Send{MchID: b.MchID, OutRequestNo: b.OutRequestNo, Campaign: b.Campaign})
+			if err != nil {
+				return n, err
+			}
+			// A live delivery renews its claim; one that just took the
+			// task may not be listed yet, but its claim is fresh.
+			if rec.State != idempotency.InFlight || rec.LeaseUntil.After(s.now()) {
+				continue
+			}
+			rec.Task, rec.Queue = kept, q
+			if err := s.requeue(ctx, rec); err != nil {
+				return n, err
+			}
+			n++
+			s.log.Info("queued again a send a dead worker held", "campaign", b.Campaign, "out_request_no", b.OutRequestNo,
+				"queue", q, "claimed_until", rec.LeaseUntil)
+		}
+	}
+	return n, nil
 }
