@@ -26,7 +26,7 @@ func TestUnknownSendsAreSettledByReconcile(t *testing.T) {
 		t.Fatalf("status %+v; want 30 unknown", st.ByState)
 	}
 	out, code := r.enqueuer("status", "--campaign", "unk")
-	if code != 0 || !strings.Contains(out, "unknown") {
+	if code != 0 || !strings.Contains(out, "30 sends are unknown") || !strings.Contains(out, "enqueuer reconcile --campaign unk") {
 		t.Fatalf("status exit %d:\n%s", code, out)
 	}
 	for _, row := range r.report("unk")[1:] {
