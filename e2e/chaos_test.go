@@ -56,6 +56,9 @@ var (
 // ledger holds none; nothing left in flight, waiting or unknown (after
 // enqueuer reconcile); no user with two coupons of a stock; nobody missing;
 // and status says what the report says.
+//
+// CHAOS_LONG=1 runs a bigger, longer campaign; CHAOS_SEED repeats a run's
+// kill schedule; CHAOS_LOG_DIR keeps every worker process's log.
 func TestChaosRecordMatchesLedger(t *testing.T) {
 	t.Parallel()
 	plan := shortChaos
@@ -126,6 +129,7 @@ func TestChaosRecordMatchesLedger(t *testing.T) {
 	c.base = sandbox.Faults{ErrorRate: 0.10, CommitFailRate: 0.05, CommitFailMode: sandbox.CommitFail500,
 		Latency: 30 * time.Millisecond, LatencyRate: 1}
 	r.sb.SetFaults(c.base)
+	t.Cleanup(c.saveLogs) // after the workers stop
 	t.Cleanup(c.stopWorkers)
 	c.t0 = time.Now()
 	for _, name := range []string{"w1", "w2", "w3"} {
@@ -166,7 +170,6 @@ func TestChaosRecordMatchesLedger(t *testing.T) {
 	if t.Failed() {
 		c.dumpWorkers()
 	}
-	c.saveLogs()
 }
 
 // saveLogs writes every worker process's log to CHAOS_LOG_DIR, if set.
@@ -180,6 +183,9 @@ func (c *chaos) saveLogs() {
 		return
 	}
 	for _, w := range c.workers {
+		if w.p == nil {
+			continue
+		}
 		for g, text := range append(append([]string(nil), w.logs...), w.p.out.String()) {
 			if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("%s-gen%d.log", w.name, g+1)), []byte(text), 0o644); err != nil {
 				c.r.t.Log(err)
@@ -265,6 +271,15 @@ func (c *chaos) startWorker(w *chaosWorker) {
 	w.p = c.r.start(filepath.Join(binDir, "worker"), c.workerArgs...)
 }
 
+func (w *chaosWorker) running() bool {
+	select {
+	case <-w.p.done:
+		return false
+	default:
+		return true
+	}
+}
+
 func (c *chaos) kill(w *chaosWorker) {
 	w.killed = true
 	w.p.signal(syscall.SIGKILL)
@@ -344,7 +359,7 @@ func (c *chaos) run(stockB string, topUp int64, deadlineB time.Time) {
 		// (only while Redis is up: a worker cannot start without it).
 		if now.Before(c.t0.Add(p.killFor)) && !now.Before(kill) {
 			w := c.workers[c.rng.IntN(len(c.workers))]
-			if w.p != nil {
+			if w.running() {
 				c.kill(w)
 				c.event("worker %s (gen %d) SIGKILLed", w.name, w.gen)
 				lastKill = now
@@ -355,7 +370,8 @@ func (c *chaos) run(stockB string, topUp int64, deadlineB time.Time) {
 			select {
 			case <-w.p.done:
 				if !w.killed {
-					c.event("worker %s (gen %d) exited by itself: %v; log tail: %s", w.name, w.gen, w.p.err, tail(w.p.out.String(), 3))
+					c.event("worker %s (gen %d) exited by itself: %v", w.name, w.gen, w.p.err)
+					t.Errorf("worker %s (gen %d) exited by itself (%v); its log ends:\n%s", w.name, w.gen, w.p.err, tail(w.p.out.String(), 10))
 					w.killed = true
 				}
 				if redisUp {
