@@ -514,7 +514,7 @@ func (c *chaos) describe(row map[string]string, ledger map[string]sandbox.Ledger
 		row["out_request_no"], row["openid"], row["state"], row["coupon_id"], row["error_code"], row["attempts"],
 		row["error_message"], c.sendsOf(row["out_request_no"]))
 	if lc, ok := ledger[row["out_request_no"]]; ok {
-		s += fmt.Sprintf(", ledger coupon %s issued %s", lc.CouponID, lc.CreateTime)
+		s += fmt.Sprintf(", ledger coupon %s of stock %s for %s issued %s", lc.CouponID, lc.StockID, lc.OpenID, lc.CreateTime)
 	}
 	return s
 }
@@ -607,14 +607,14 @@ func (c *chaos) check(stockB string, budgetB int64, deadlineB time.Time) {
 				case !issued:
 					problem = "recorded succeeded, but the ledger has no coupon for it"
 				case lc.CouponID != row["coupon_id"]:
-					problem = "recorded coupon " + row["coupon_id"] + ", the ledger's is " + lc.CouponID
+					problem = "recorded succeeded with another coupon than the ledger's"
 				case lc.StockID != cp.stock || lc.OpenID != row["openid"]:
-					problem = fmt.Sprintf("the ledger's coupon is of stock %s for %s", lc.StockID, lc.OpenID)
+					problem = "the ledger's coupon for its out_request_no is of another stock or user"
 				}
 			case string(idempotency.Failed):
 				failedBy[row["error_code"]]++
 				if issued {
-					problem = "recorded failed, but the ledger holds coupon " + lc.CouponID + " for it"
+					problem = "recorded failed, but the ledger holds a coupon for it"
 				} else if cp.stock != stockB {
 					problem = "failed although its stock covered everyone and no permanent error was injected"
 				} else if row["error_code"] != "NOT_ENOUGH" {
