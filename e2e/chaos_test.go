@@ -540,6 +540,54 @@ func (c *chaos) logsOf(orn string, max int) []string {
 	return lines
 }
 
+// archivedWhileWaiting finds, in every worker's log, a delivery that
+// recorded a wait (the send is to be tried again) immediately followed by
+// asynq archiving its task ("Retry exhausted"): asynq archives a task whose
+// retries are used up whatever the error, so a wait after the last counted
+// failure leaves the record waiting with nothing queued. Only the same
+// delivery can log both lines within 50 ms: a send's next delivery comes
+// after a wait of 100 ms at least plus asynq's one-second forwarding.
+func (c *chaos) archivedWhileWaiting() []string {
+	var found []string
+	for _, w := range c.workers {
+		if w.p == nil {
+			continue
+		}
+		for g, text := range append(append([]string(nil), w.logs...), w.p.out.String()) {
+			last := map[string]map[string]any{} // by out_request_no, the handler's last line
+			for _, line := range strings.Split(text, "\n") {
+				var m map[string]any
+				if json.Unmarshal([]byte(line), &m) != nil {
+					continue
+				}
+				msg, _ := m["msg"].(string)
+				if id, ok := strings.CutPrefix(msg, "Retry exhausted for task id=send:"); ok {
+					orn := id[strings.LastIndexByte(id, ':')+1:]
+					prev := last[orn]
+					if prev == nil || prev["msg"] != "will retry" {
+						continue
+					}
+					state, _ := prev["state"].(string)
+					if s := idempotency.State(state); s.Stopped() {
+						continue
+					}
+					t1, err1 := time.Parse(time.RFC3339Nano, fmt.Sprint(prev["time"]))
+					t2, err2 := time.Parse(time.RFC3339Nano, fmt.Sprint(m["time"]))
+					if err1 == nil && err2 == nil && t2.Sub(t1) < 50*time.Millisecond {
+						found = append(found, fmt.Sprintf("[%s gen %d] %s: attempt %v %s %v → %s, then archived", w.name, g+1,
+							orn, prev["attempt"], prev["outcome"], prev["code"], state))
+					}
+					continue
+				}
+				if orn, ok := m["out_request_no"].(string); ok {
+					last[orn] = m
+				}
+			}
+		}
+	}
+	return found
+}
+
 // logTime is a JSON log line's "time", for sorting.
 func logTime(line string) string {
 	if i := strings.Index(line, `"time":"`); i >= 0 {
@@ -714,6 +762,10 @@ func (c *chaos) check(stockB string, budgetB int64, deadlineB time.Time) {
 		t.Errorf("worker logs show %d panics", panics)
 	}
 	t.Logf("sandbox: %d coupons; requests %v; faults %v; %d worker restarts", len(led.Coupons), led.Requests, led.Faults, kills)
+	if orphaned := c.archivedWhileWaiting(); len(orphaned) > 0 {
+		t.Errorf("%d times a delivery recorded a wait and asynq archived its task at once: the send was left waiting with no task, for the sweeper's stall check to find (15 min by default); waits must never use up a task's retries:\n  %s",
+			len(orphaned), strings.Join(orphaned[:min(5, len(orphaned))], "\n  "))
+	}
 
 	// The tail: the sends that finished last, and why.
 	sort.Slice(all, func(i, j int) bool { return all[i]["last_attempt"] > all[j]["last_attempt"] })
