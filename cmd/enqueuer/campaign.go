@@ -30,6 +30,7 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	deadline := c.fs.String("deadline", "72h", "how long sends wait on an exhausted budget: a duration or an RFC 3339 time (kept from the first run)")
 	concurrency := c.fs.Int("concurrency", 32, "enqueues in flight at once")
 	queue := c.fs.String("queue", tasks.DefaultQueue, "asynq queue")
+	c.retryFlag()
 	showInvalid := c.fs.Int("show-invalid", 20, "invalid rows listed in the summary; the rest are counted")
 	progress := c.fs.String("progress", "auto", "auto (a bar on a terminal, lines otherwise), bar, lines or none")
 	replicaTimeout := c.fs.Duration("replica-timeout", 5*time.Second, "when Redis has replicas, a row counts as queued once a replica holds it (WAIT); fail if none acknowledges within this long (0: do not wait)")

@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"sort"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -32,6 +33,7 @@ import (
 	"github.com/couponflow/dispatcher/internal/metrics"
 	"github.com/couponflow/dispatcher/internal/ratelimit"
 	"github.com/couponflow/dispatcher/internal/redisconn"
+	"github.com/couponflow/dispatcher/internal/sweep"
 	"github.com/couponflow/dispatcher/internal/tasks"
 	"github.com/couponflow/dispatcher/internal/wechat"
 )
@@ -59,6 +61,8 @@ func run(argv []string) error {
 	rateMaxWait := fs.Duration("rate-max-wait", 2*time.Second, "longest wait for a rate slot inside the handler; a longer one goes back to the queue")
 	rateWait := fs.Duration("rate-wait", time.Second, "first wait after a rate limit; it grows up to --rate-wait-max")
 	rateWaitMax := fs.Duration("rate-wait-max", 30*time.Second, "longest wait after a rate limit")
+	sweepEvery := fs.Duration("sweep-every", 10*time.Second, "how often the fleet looks for a dead worker's sends and for stalled campaigns whose tasks asynq lost (one worker sweeps at a time); 0 turns it off")
+	sweepStall := fs.Duration("sweep-stall", 15*time.Minute, "a campaign not done whose sends have not changed for this long is checked for lost tasks; keep it above --breaker-probe-max")
 	httpAddr := fs.String("http-addr", "127.0.0.1:9091", "where to serve /metrics, /healthz and /readyz; empty disables")
 	logFormat := fs.String("log-format", "json", "json or text")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
@@ -67,6 +71,7 @@ func run(argv []string) error {
 		"call-timeout": "WORKER_CALL_TIMEOUT", "breaker-probe": "WORKER_BREAKER_PROBE", "breaker-probe-max": "WORKER_BREAKER_PROBE_MAX",
 		"rate-limits": "WORKER_RATE_LIMITS", "rate-max-wait": "WORKER_RATE_MAX_WAIT",
 		"rate-wait": "WORKER_RATE_WAIT", "rate-wait-max": "WORKER_RATE_WAIT_MAX",
+		"sweep-every": "WORKER_SWEEP_EVERY", "sweep-stall": "WORKER_SWEEP_STALL",
 		"log-format": "LOG_FORMAT", "log-level": "LOG_LEVEL", "http-addr": "WORKER_HTTP_ADDR",
 	}, argv)
 	if err != nil {
@@ -119,7 +124,7 @@ func run(argv []string) error {
 	limiter := ratelimit.New(rdb, ratelimit.WithLimits(limits))
 	breakers := breaker.New(rdb, breaker.WithProbeInterval(*probe, *probeMax))
 	m := metrics.New()
-	h := dispatch.New(wx, store, dispatch.WithLogger(log),
+	h := dispatch.New(dispatch.WeChat(wx), store, dispatch.WithLogger(log),
 		dispatch.WithCallTimeout(*callTimeout), dispatch.WithBudgetWait(*probe, *probeMax),
 		dispatch.WithRateWait(*rateWait, *rateWaitMax),
 		dispatch.WithLimiter(limiter, *rateMaxWait),
@@ -175,6 +180,19 @@ func run(argv []string) error {
 		return err
 	}
 	started.Store(true)
+	if *sweepEvery > 0 {
+		sweepCtx, stopSweep := context.WithCancel(ctx)
+		defer stopSweep()
+		base := make([]string, 0, len(queueWeights))
+		for q := range queueWeights {
+			if !strings.HasSuffix(q, tasks.WokenQueue("")) {
+				base = append(base, q)
+			}
+		}
+		sort.Strings(base)
+		go sweep.New(rdb, store, sweep.WithInterval(*sweepEvery), sweep.WithStallAfter(*sweepStall),
+			sweep.WithQueues(base...), sweep.WithLogger(log)).Run(sweepCtx)
+	}
 	// Run returns after SIGTERM or SIGINT, once calls in flight are done.
 	if err := srv.Run(mux); err != nil {
 		return err
@@ -230,6 +248,7 @@ func parseQueues(s string, shards int) (map[string]int, error) {
 		}
 		for _, q := range tasks.ShardQueues(name, shards) {
 			out[q] = weight
+			out[tasks.WokenQueue(q)] = weight * tasks.WokenWeight
 		}
 	}
 	if len(out) == 0 {

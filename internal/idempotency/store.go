@@ -64,6 +64,21 @@ type Record struct {
 	Attempts     int
 	FirstAttempt time.Time // zero if never tried
 	LastAttempt  time.Time
+	// MaybeIssued: a call may have issued a coupon that no answer showed
+	// (an ambiguous outcome, or a delivery that died holding the send).
+	// Until WeChat answers this out_request_no, the send is never
+	// recorded as failed and never held by a budget breaker.
+	MaybeIssued bool
+	// Task is the send's task as tasks.Keep wrote it, kept until the send
+	// is settled: the sweeper queues it again if asynq loses it, and
+	// reconcile resends it.
+	Task []byte
+	// Queue is the asynq queue the producer put the task in.
+	Queue string
+	// LeaseUntil is when an in-flight claim runs out.
+	LeaseUntil time.Time
+	// ClaimedFrom is the state the send was in when last claimed.
+	ClaimedFrom State
 }
 
 // Send names one send and says where it belongs.
@@ -73,6 +88,10 @@ type Send struct {
 	Campaign     string
 	OpenID       string
 	StockID      string
+	// Task (tasks.Keep) and Queue, for Register: kept in the record until
+	// the send is settled, so that a task asynq lost can be queued again.
+	Task  []byte
+	Queue string
 }
 
 // Store is the Redis-backed record. Keys of one campaign share a hash tag,
@@ -139,7 +158,7 @@ func (s *Store) Register(ctx context.Context, send Send) (created bool, state St
 	keys := []string{s.recordKey(send.Campaign, send.MchID, send.OutRequestNo), s.countsKey(send.Campaign),
 		s.membersKey(send.Campaign)}
 	res, err := registerScript.Run(ctx, s.rdb, keys, send.Campaign, send.MchID, send.OutRequestNo,
-		send.OpenID, send.StockID, s.now().UnixMilli()).Text()
+		send.OpenID, send.StockID, s.now().UnixMilli(), send.Task, send.Queue).Text()
 	if err != nil {
 		return false, "", fmt.Errorf("idempotency: registering %s: %w", send.OutRequestNo, err)
 	}
@@ -184,6 +203,11 @@ func (s *Store) TryClaim(ctx context.Context, send Send, owner string, lease tim
 			return Claim{}, fmt.Errorf("idempotency: reading user lock: %w", err)
 		}
 		if cur != lockVal {
+			// A lock without a TTL (written by hand, or by an old
+			// version) would hold the user for ever: bound it.
+			if ttl, err := s.rdb.PTTL(ctx, lockKey).Result(); err == nil && ttl == -1 {
+				s.rdb.PExpire(ctx, lockKey, lease)
+			}
 			rec, err := s.Get(ctx, send)
 			if err != nil {
 				return Claim{}, err
@@ -237,6 +261,25 @@ type Result struct {
 	// NotCalled: the send was stopped before calling WeChat (a rate slot
 	// too far away, a budget breaker), so the claim was no attempt.
 	NotCalled bool
+	// MaybeIssued: the call may have issued a coupon its answer did not
+	// show; the record keeps that until Answered.
+	MaybeIssued bool
+	// Answered: WeChat answered this out_request_no itself (a coupon, or a
+	// refusal that proves none exists), which clears MaybeIssued.
+	Answered bool
+	// Task is the kept task, stored with an Unknown send whose producer
+	// did not register it.
+	Task []byte
+}
+
+func (r Result) issued() string {
+	switch {
+	case r.MaybeIssued:
+		return "set"
+	case r.Answered:
+		return "clear"
+	}
+	return ""
 }
 
 // Finish records the result of the call owner made and releases the send
@@ -248,7 +291,7 @@ func (s *Store) Finish(ctx context.Context, send Send, owner string, r Result) e
 	res, err := finishScript.Run(ctx, s.rdb,
 		[]string{s.recordKey(send.Campaign, send.MchID, send.OutRequestNo), s.countsKey(send.Campaign),
 			s.rateKey(send.Campaign, now.Unix())},
-		owner, string(r.State), r.CouponID, r.Code, r.Message, now.UnixMilli(), r.NotCalled).Text()
+		owner, string(r.State), r.CouponID, r.Code, r.Message, now.UnixMilli(), r.NotCalled, r.issued(), r.Task).Text()
 	if err != nil {
 		return fmt.Errorf("idempotency: recording %s: %w", send.OutRequestNo, err)
 	}
@@ -278,8 +321,13 @@ func recordFrom(mchID, outRequestNo string, m map[string]string) Record {
 	r := Record{
 		MchID: mchID, OutRequestNo: outRequestNo, Campaign: m["campaign"], OpenID: m["openid"],
 		StockID: m["stock_id"], State: State(m["state"]), CouponID: m["coupon_id"], Code: m["code"],
-		Message: m["message"],
+		Message: m["message"], MaybeIssued: m["maybe_issued"] == "1", ClaimedFrom: State(m["claimed_from"]),
 	}
+	if p, ok := m["task"]; ok {
+		r.Task = []byte(p)
+	}
+	r.Queue = m["queue"]
+	r.LeaseUntil = millis(m["lease_until"])
 	r.Attempts, _ = strconv.Atoi(m["attempts"])
 	r.FirstAttempt = millis(m["first_at"])
 	r.LastAttempt = millis(m["last_at"])

@@ -5,6 +5,7 @@
 package tasks
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -55,6 +56,15 @@ func ShardQueues(queue string, shards int) []string {
 	}
 	return out
 }
+
+// WokenQueue is where sends that must not wait behind a queue's backlog
+// go: sends held on a stock whose budget is back (enqueuer stock resume),
+// and sends whose task asynq lost (the sweeper). Workers serve it before
+// queue itself: WokenWeight times queue's weight.
+func WokenQueue(queue string) string { return queue + "-woken" }
+
+// WokenWeight is the weight of a woken queue relative to its queue's.
+const WokenWeight = 10
 
 // MaxRetry bounds only failures that count (ambiguous outcomes): waits on a
 // rate limit or a budget are retried without counting, so that a MaxRetry is
@@ -241,4 +251,33 @@ func Decode(t *asynq.Task) (Args, error) {
 		return nil, fmt.Errorf("%s payload: %w", t.Type(), err)
 	}
 	return args, nil
+}
+
+// Keep is a task as one value that outlives asynq's copy (the record of
+// an unknown send keeps it for reconcile): its type, a newline, its payload.
+func Keep(t *asynq.Task) []byte {
+	return append([]byte(t.Type()+"\n"), t.Payload()...)
+}
+
+// Kept is the task Keep returned.
+func Kept(b []byte) (*asynq.Task, error) {
+	typ, payload, ok := bytes.Cut(b, []byte("\n"))
+	if !ok {
+		return nil, fmt.Errorf("a kept task must be its type, a newline and its payload; got %d bytes without a newline", len(b))
+	}
+	return asynq.NewTask(string(typ), payload), nil
+}
+
+// Requeue is a kept task made ready to queue again in queue, with the id
+// and bounds NewTask gives.
+func Requeue(kept []byte, queue string) (*asynq.Task, error) {
+	t, err := Kept(kept)
+	if err != nil {
+		return nil, err
+	}
+	args, err := Decode(t)
+	if err != nil {
+		return nil, err
+	}
+	return NewTask(args, asynq.Queue(queue))
 }
