@@ -79,7 +79,7 @@ type AckError struct {
 }
 
 func (e *AckError) Error() string {
-	return fmt.Sprintf("%d rows written but %v; run the same command again: rows already queued will count as duplicates", e.Rows, e.Err)
+	return fmt.Sprintf("%v: the last %d rows written, and any after them, are not counted as queued; run the same command again: rows already queued will count as duplicates", e.Err, e.Rows)
 }
 func (e *AckError) Unwrap() error { return e.Err }
 
