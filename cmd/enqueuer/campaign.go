@@ -16,7 +16,6 @@ import (
 	"github.com/couponflow/dispatcher/internal/campaign"
 	"github.com/couponflow/dispatcher/internal/enqueue"
 	"github.com/couponflow/dispatcher/internal/idempotency"
-	"github.com/couponflow/dispatcher/internal/redisconn"
 	"github.com/couponflow/dispatcher/internal/tasks"
 )
 
@@ -33,7 +32,7 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	c.retryFlag()
 	showInvalid := c.fs.Int("show-invalid", 20, "invalid rows listed in the summary; the rest are counted")
 	progress := c.fs.String("progress", "auto", "auto (a bar on a terminal, lines otherwise), bar, lines or none")
-	replicaTimeout := c.fs.Duration("replica-timeout", 5*time.Second, "when Redis has replicas, a row counts as queued once a replica holds it (WAIT); fail if none acknowledges within this long (0: do not wait)")
+	replicaTimeout := replicaFlag(c.fs)
 	if err := c.parse(args); err != nil {
 		return err
 	}
@@ -65,7 +64,7 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return err
 	}
 	defer rdb.Close()
-	ack, err := redisconn.NewAcknowledger(ctx, rdb, *replicaTimeout)
+	ack, err := acknowledger(ctx, rdb, *replicaTimeout)
 	if err != nil {
 		return err
 	}
