@@ -142,3 +142,37 @@ func waitReplicaUp(t *testing.T, c *redis.Client) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// A cluster whose first master has a replica: that master is waited for,
+// with a key of its own; the others are not.
+func TestAcknowledgerClusterReplica(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	c := redistest.StartCluster(t, 3)
+	replica := c.AddReplica(0)
+	rdb := openURL(t, c.URL())
+	a, err := NewAcknowledger(ctx, rdb, 300*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(a.targets) != 1 || a.targets[0].addr != c.Nodes[0].Addr {
+		t.Fatalf("targets %+v, want the first master only", a.targets)
+	}
+	cc := rdb.(*redis.ClusterClient)
+	if m, err := cc.MasterForKey(ctx, a.targets[0].key); err != nil || m.Options().Addr != c.Nodes[0].Addr {
+		t.Fatalf("marker key %s lives on %v (%v)", a.targets[0].key, m, err)
+	}
+	for i := range 300 {
+		if err := rdb.Set(ctx, fmt.Sprintf("k:%d", i), 1, 0).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := a.Acknowledge(ctx); err != nil || a.Replicas() != 1 {
+		t.Fatalf("Acknowledge: %v, %d replica(s)", err, a.Replicas())
+	}
+	replica.Pause()
+	defer replica.Resume()
+	if err := a.Acknowledge(ctx); !errors.Is(err, ErrNotAcknowledged) {
+		t.Fatalf("Acknowledge with the replica paused: %v", err)
+	}
+}
