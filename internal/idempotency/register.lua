@@ -4,12 +4,9 @@ local st = redis.call('HGET', KEYS[1], 'state')
 if st then
   return st
 end
--- Check before writing: a script that fails halfway keeps its first writes.
-for _, f in ipairs({'pending', 'total'}) do
-  local v = redis.call('HGET', KEYS[2], f)
-  if v and not tonumber(v) then
-    return redis.error_reply('counter ' .. f .. ' of ' .. KEYS[2] .. ' is not a number: ' .. v)
-  end
+local bad = numbers(KEYS[2], {'pending', 'total'})
+if bad then
+  return bad
 end
 redis.call('HSET', KEYS[1], 'state', 'pending', 'campaign', ARGV[1], 'openid', ARGV[4],
   'stock_id', ARGV[5], 'created_at', ARGV[6], 'attempts', 0, 'task', ARGV[7], 'queue', ARGV[8])
