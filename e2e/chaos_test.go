@@ -55,7 +55,9 @@ var (
 // the coupon the ledger holds for its out_request_no, or failed and the
 // ledger holds none; nothing left in flight, waiting or unknown (after
 // enqueuer reconcile); no user with two coupons of a stock; nobody missing;
-// and status says what the report says.
+// and status says what the report says. Along the way no worker may exit
+// by itself (one is started while Redis is down), and no delivery may
+// record a wait while asynq archives its task.
 //
 // CHAOS_LONG=1 runs a bigger, longer campaign; CHAOS_SEED repeats a run's
 // kill schedule; CHAOS_LOG_DIR keeps every worker process's log.
@@ -329,7 +331,16 @@ func (c *chaos) run(stockB string, topUp int64, deadlineB time.Time) {
 	either := c.base
 	either.CommitFailMode = ""
 	steps := []step{
-		{at(0.2), func() { r.redis.Kill(); redisUp = false; c.event("redis SIGKILLed") }},
+		{at(0.2), func() {
+			r.redis.Kill()
+			redisUp = false
+			c.event("redis SIGKILLed")
+			// A worker started while Redis is down waits for it.
+			w := c.workers[c.rng.IntN(len(c.workers))]
+			c.kill(w)
+			c.event("worker %s (gen %d) SIGKILLed, and started again while redis is down", w.name, w.gen)
+			c.startWorker(w)
+		}},
 		{at(0.2).Add(p.redisDown), func() { r.redis.Restart(); redisUp = true; c.event("redis restarted from its AOF") }},
 		{at(0.3), func() { c.setFaults("100% SYSTEM_ERROR burst", burst) }},
 		{at(0.3).Add(p.burst), func() { c.setFaults("burst over; commit-fail mode 500", c.base) }},
@@ -355,8 +366,7 @@ func (c *chaos) run(stockB string, topUp int64, deadlineB time.Time) {
 			steps[0].do()
 			steps = steps[1:]
 		}
-		// Workers: a random one is SIGKILLed; one that died is restarted
-		// (only while Redis is up: a worker cannot start without it).
+		// Workers: a random one is SIGKILLed and started again at once.
 		if now.Before(c.t0.Add(p.killFor)) && !now.Before(kill) {
 			w := c.workers[c.rng.IntN(len(c.workers))]
 			if w.running() {
@@ -374,9 +384,7 @@ func (c *chaos) run(stockB string, topUp int64, deadlineB time.Time) {
 					t.Errorf("worker %s (gen %d) exited by itself (%v); its log ends:\n%s", w.name, w.gen, w.p.err, tail(w.p.out.String(), 10))
 					w.killed = true
 				}
-				if redisUp {
-					c.startWorker(w)
-				}
+				c.startWorker(w)
 			default:
 			}
 		}
