@@ -35,10 +35,10 @@ type chaosPlan struct {
 
 var (
 	// Retries join the back of the queue, so the faults last as long as
-	// the sending (about 55 s here) for resends to meet them too.
-	shortChaos = chaosPlan{usersA: 2500, usersB: 1500, rate: 100, phase: 60 * time.Second, killFor: 50 * time.Second,
+	// the sending (about 45 s here) for resends to meet them too.
+	shortChaos = chaosPlan{usersA: 2000, usersB: 1200, rate: 100, phase: 48 * time.Second, killFor: 40 * time.Second,
 		killEvery: [2]time.Duration{5 * time.Second, 10 * time.Second}, redisDown: time.Second,
-		burst: 2 * time.Second, storm: 3 * time.Second, deadline: 75 * time.Second, timeout: 4 * time.Minute}
+		burst: 2 * time.Second, storm: 3 * time.Second, deadline: 66 * time.Second, timeout: 4 * time.Minute}
 	longChaos = chaosPlan{usersA: 14000, usersB: 4000, rate: 150, phase: 150 * time.Second, killFor: 140 * time.Second,
 		killEvery: [2]time.Duration{15 * time.Second, 20 * time.Second}, redisDown: 3 * time.Second,
 		burst: 3 * time.Second, storm: 5 * time.Second, deadline: 180 * time.Second, timeout: 10 * time.Minute}
