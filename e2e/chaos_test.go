@@ -167,7 +167,7 @@ func TestChaosRecordMatchesLedger(t *testing.T) {
 		// ambiguous and a burst of 100%, dozens end unknown in every run.
 		t.Errorf("scenario: no send ended unknown, so reconcile went unexercised")
 	}
-	c.check(stockB.ID, budgetB+topUpB, deadlineB)
+	c.check(stockB.ID, budgetB+topUpB)
 	t.Logf("chaos run: %s from the workers' start to every send done; timeline:\n%s", elapsed.Round(time.Second), c.timeline())
 	if t.Failed() {
 		c.dumpWorkers()
@@ -618,7 +618,7 @@ func (c *chaos) dumpWorkers() {
 
 // check compares every campaign's report with the sandbox's ledger and
 // with enqueuer status.
-func (c *chaos) check(stockB string, budgetB int64, deadlineB time.Time) {
+func (c *chaos) check(stockB string, budgetB int64) {
 	t := c.r.t
 	led := c.r.sb.Ledger()
 	byORN := map[string]sandbox.LedgerCoupon{}
