@@ -82,6 +82,7 @@ func run(ctx context.Context, argv []string, stderr io.Writer, ready func(net.Ad
 	if err != nil {
 		return err
 	}
+	logging.RouteRedis(log)
 	user, password, token := os.Getenv(monitor.EnvUser), os.Getenv(monitor.EnvPassword), os.Getenv(monitor.EnvToken)
 	// Before anything is opened: a monitor that would be open to the
 	// network, or half-configured, stops here.
