@@ -40,8 +40,7 @@ import (
 
 func main() {
 	if err := run(os.Args[1:]); err != nil {
-		fmt.Fprintln(os.Stderr, "worker:", err)
-		os.Exit(1)
+		os.Exit(envflag.Report(os.Stderr, "worker", err))
 	}
 }
 
@@ -83,11 +82,11 @@ func run(argv []string) error {
 	}
 	logging.RouteRedis(log)
 	if *concurrency < 1 {
-		return fmt.Errorf("--concurrency must be at least 1, got %d", *concurrency)
+		return envflag.Usagef("--concurrency must be at least 1, got %d", *concurrency)
 	}
 	queueWeights, err := parseQueues(*queues, *shards)
 	if err != nil {
-		return err
+		return &envflag.UsageError{Err: err}
 	}
 	spec, err := redisconn.Resolve(*redisURL, *redisAddr)
 	if err != nil {
@@ -95,10 +94,10 @@ func run(argv []string) error {
 	}
 	limits, err := ratelimit.ParseLimits(*rateLimits)
 	if err != nil {
-		return fmt.Errorf("--rate-limits: %w", err)
+		return envflag.Usagef("--rate-limits: %w", err)
 	}
 	if err := wxCfg.Validate(); err != nil {
-		return fmt.Errorf("WeChat Pay configuration:\n%w", err)
+		return envflag.Usagef("WeChat Pay configuration:\n%w", err)
 	}
 
 	ctx := context.Background()
