@@ -168,7 +168,7 @@ set +a
 [ "$WECHATPAY_BASE_URL" = "$base" ] || die "$DEMO/sandbox/sandbox.env has WECHATPAY_BASE_URL=$WECHATPAY_BASE_URL, not $base"
 say "listening at $base (pid $sandbox_pid, log $DEMO/sandbox.log), merchant $WECHATPAY_MCHID"
 say "faults: 200 requests/s then 429, 5% 500 SYSTEM_ERROR, 2% issued-then-failed, 20ms latency"
-stock_json=$(curl -sf -XPOST "$base/sandbox/stocks" -d '{"budget":100000,"max_per_user":1}') ||
+stock_json=$(curl -sf -XPOST "$base/sandbox/stocks" -H 'Content-Type: application/json' -d '{"budget":100000,"max_per_user":1}') ||
   die "creating a stock through $base/sandbox/stocks failed"
 stock=$(printf '%s\n' "$stock_json" | sed -n 's/.*"stock_id": *"\([^"]*\)".*/\1/p' | head -n 1)
 [ -n "$stock" ] || die "no stock_id in the sandbox's answer: $stock_json"
@@ -213,7 +213,7 @@ watch_pid=''
 
 section "Result"
 # The look-ups below are single calls that do not retry: faults off first.
-curl -sf -XPUT "$base/sandbox/faults" \
+curl -sf -XPUT "$base/sandbox/faults" -H 'Content-Type: application/json' \
   -d '{"rate_limit":0,"error_rate":0,"latency":"0s","commit_fail_rate":0,"bad_signature_rate":0}' >/dev/null ||
   die "turning the sandbox's faults off failed"
 say "campaign done; sandbox faults now off for the look-ups below"

@@ -45,7 +45,7 @@ func newFlags(name, synopsis string, stderr io.Writer) *common {
 
 func (c *common) parse(args []string) error {
 	if err := envflag.Parse(c.fs, map[string]string{"redis-addr": redisconn.EnvAddr, "redis-url": redisconn.EnvURL, "queue-shards": "QUEUE_SHARDS"}, args); err != nil {
-		return &exitError{code: 2, err: err}
+		return err // printed by the flag package, or -h
 	}
 	if c.fs.NArg() > 0 {
 		return &exitError{code: 2, err: fmt.Errorf("unexpected argument %q", c.fs.Arg(0))}

@@ -6,12 +6,13 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/couponflow/dispatcher/internal/envflag"
 )
 
 // exitError carries a status other than 1.
@@ -44,15 +45,12 @@ func main() {
 	if err == nil {
 		return
 	}
-	if errors.Is(err, flag.ErrHelp) {
-		os.Exit(2)
-	}
-	fmt.Fprintln(os.Stderr, "enqueuer:", err)
 	var ee *exitError
 	if errors.As(err, &ee) {
+		fmt.Fprintln(os.Stderr, "enqueuer:", err)
 		os.Exit(ee.code)
 	}
-	os.Exit(1)
+	os.Exit(envflag.Report(os.Stderr, "enqueuer", err))
 }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {

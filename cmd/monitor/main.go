@@ -11,7 +11,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -38,11 +37,8 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	if err := run(ctx, os.Args[1:], os.Stderr, nil); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			os.Exit(2)
-		}
-		fmt.Fprintln(os.Stderr, "monitor:", err)
-		os.Exit(1)
+		stop()
+		os.Exit(envflag.Report(os.Stderr, "monitor", err))
 	}
 }
 
@@ -76,12 +72,13 @@ func run(ctx context.Context, argv []string, stderr io.Writer, ready func(net.Ad
 		return err
 	}
 	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments %q (credentials go in %s, %s or %s)", fs.Args(), monitor.EnvUser, monitor.EnvPassword, monitor.EnvToken)
+		return envflag.Usagef("unexpected arguments %q (credentials go in %s, %s or %s)", fs.Args(), monitor.EnvUser, monitor.EnvPassword, monitor.EnvToken)
 	}
 	log, err := logging.New(stderr, *logFormat, *logLevel)
 	if err != nil {
 		return err
 	}
+	logging.RouteRedis(log)
 	user, password, token := os.Getenv(monitor.EnvUser), os.Getenv(monitor.EnvPassword), os.Getenv(monitor.EnvToken)
 	// Before anything is opened: a monitor that would be open to the
 	// network, or half-configured, stops here.

@@ -40,8 +40,7 @@ import (
 
 func main() {
 	if err := run(os.Args[1:]); err != nil {
-		fmt.Fprintln(os.Stderr, "worker:", err)
-		os.Exit(1)
+		os.Exit(envflag.Report(os.Stderr, "worker", err))
 	}
 }
 
@@ -81,12 +80,13 @@ func run(argv []string) error {
 	if err != nil {
 		return err
 	}
+	logging.RouteRedis(log)
 	if *concurrency < 1 {
-		return fmt.Errorf("--concurrency must be at least 1, got %d", *concurrency)
+		return envflag.Usagef("--concurrency must be at least 1, got %d", *concurrency)
 	}
 	queueWeights, err := parseQueues(*queues, *shards)
 	if err != nil {
-		return err
+		return &envflag.UsageError{Err: err}
 	}
 	spec, err := redisconn.Resolve(*redisURL, *redisAddr)
 	if err != nil {
@@ -94,10 +94,10 @@ func run(argv []string) error {
 	}
 	limits, err := ratelimit.ParseLimits(*rateLimits)
 	if err != nil {
-		return fmt.Errorf("--rate-limits: %w", err)
+		return envflag.Usagef("--rate-limits: %w", err)
 	}
 	if err := wxCfg.Validate(); err != nil {
-		return fmt.Errorf("WeChat Pay configuration:\n%w", err)
+		return envflag.Usagef("WeChat Pay configuration:\n%w", err)
 	}
 
 	ctx := context.Background()
@@ -128,7 +128,7 @@ func run(argv []string) error {
 		dispatch.WithCallTimeout(*callTimeout), dispatch.WithBudgetWait(*probe, *probeMax),
 		dispatch.WithRateWait(*rateWait, *rateWaitMax),
 		dispatch.WithLimiter(limiter, *rateMaxWait),
-		dispatch.WithBreakers(breakers), dispatch.WithMetrics(m))
+		dispatch.WithBreakers(breakers), dispatch.WithMetrics(m), dispatch.WithMerchant(wxCfg.MchID))
 	srv := asynq.NewServerFromRedisClient(rdb, asynq.Config{
 		Concurrency:    *concurrency,
 		Queues:         queueWeights,
@@ -155,7 +155,9 @@ func run(argv []string) error {
 		}
 		reg.MustRegister(metrics.NewFleetCollector(store, limiter, breakers, wxCfg.MchID),
 			collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-		stop, err := serveHTTP(*httpAddr, reg, rdb, waiting, log)
+		explicit := false
+		fs.Visit(func(f *flag.Flag) { explicit = explicit || f.Name == "http-addr" })
+		stop, err := serveHTTP(*httpAddr, !explicit, reg, rdb, waiting, log)
 		if err != nil {
 			return err
 		}
@@ -203,8 +205,19 @@ func run(argv []string) error {
 
 // serveHTTP serves /metrics, /healthz and /readyz on addr until stop is
 // called.
-func serveHTTP(addr string, reg *prometheus.Registry, rdb redis.UniversalClient, ready func() error, log *slog.Logger) (stop func(), err error) {
+// With fallback (the address is the default, not one asked for), a port
+// already taken, by another worker on the host, gives way to a free one.
+func serveHTTP(addr string, fallback bool, reg *prometheus.Registry, rdb redis.UniversalClient, ready func() error, log *slog.Logger) (stop func(), err error) {
 	l, err := net.Listen("tcp", addr)
+	if err != nil && fallback {
+		host, _, _ := net.SplitHostPort(addr)
+		var ferr error
+		if l, ferr = net.Listen("tcp", net.JoinHostPort(host, "0")); ferr == nil {
+			log.Info("the default metrics address is taken, by another worker on this host perhaps; serving on a free port instead",
+				"default", addr, "addr", l.Addr().String(), "err", err.Error())
+			err = nil
+		}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("--http-addr: %w", err)
 	}

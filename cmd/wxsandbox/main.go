@@ -19,16 +19,13 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/couponflow/dispatcher/internal/envflag"
 	"github.com/couponflow/dispatcher/internal/sandbox"
 )
 
 func main() {
 	if err := run(os.Args[1:]); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			os.Exit(0)
-		}
-		fmt.Fprintln(os.Stderr, "wxsandbox:", err)
-		os.Exit(1)
+		os.Exit(envflag.Report(os.Stderr, "wxsandbox", err))
 	}
 }
 
@@ -47,15 +44,15 @@ func run(args []string) error {
 	fs.StringVar(&f.CommitFailMode, "commit-fail-mode", "", `how a commit fails: "500", "drop", or "" for either`)
 	fs.Float64Var(&f.BadSignatureRate, "bad-signature-rate", 0, "probability that a 2xx carries a wrong Wechatpay-Signature")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
-	if err := fs.Parse(args); err != nil {
+	if err := envflag.Parse(fs, nil, args); err != nil {
 		return err
 	}
 	if err := validate(fs, *dataDir, *keyBits, f); err != nil {
-		return err
+		return &envflag.UsageError{Err: err}
 	}
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
-		return fmt.Errorf("--log-level: want debug, info, warn or error, got %q", *logLevel)
+		return envflag.Usagef("--log-level: want debug, info, warn or error, got %q", *logLevel)
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 

@@ -216,6 +216,7 @@ func TestRows(t *testing.T) {
 				`{"openid":"o11","coupon_value":"1.00","coupon_minimum":"2"}` + "\n" +
 				`{"openid":"o12","coupon_value":5}` + "\n" +
 				`{}` + "\n" +
+				`{"openid":"o14","coupon_value":"x"}` + "\n" +
 				`{"openid":"o13"}` + "\n",
 			want: []string{
 				`line 1: "open_id": unknown key; expected ` + allCols,
@@ -233,7 +234,8 @@ func TestRows(t *testing.T) {
 				`line 13: coupon_value "1.00": has a decimal point; amounts are whole fen (1 yuan = 100 fen)`,
 				`line 14: coupon_minimum: missing; coupon_value and coupon_minimum go together`,
 				`line 15: openid: missing`,
-				"16 o13  0 0",
+				`line 16: coupon_value "x": is not a whole number of fen`,
+				"17 o13  0 0",
 			}},
 		{name: "jsonl array file", format: "jsonl",
 			input: "[\n" + `{"openid":"o1"}` + "\n]\n",

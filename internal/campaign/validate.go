@@ -60,6 +60,22 @@ func (f *fields) validate() (Row, *RowError) {
 		}
 	}
 	row := Row{OpenID: f[openID], OutRequestNo: f[outRequestNo]}
+	// A value given is checked before the pair is: "x" is the error to
+	// report, not its missing partner.
+	var reason string
+	if f[couponValue] != "" {
+		if row.CouponValue, reason = parseFen(f[couponValue]); reason != "" {
+			return bad(couponValue, reason)
+		}
+		if row.CouponValue == 0 {
+			return bad(couponValue, "must be more than 0")
+		}
+	}
+	if f[couponMinimum] != "" {
+		if row.CouponMinimum, reason = parseFen(f[couponMinimum]); reason != "" {
+			return bad(couponMinimum, reason)
+		}
+	}
 	switch v, m := f[couponValue], f[couponMinimum]; {
 	case v == "" && m == "":
 		return row, nil
@@ -67,16 +83,6 @@ func (f *fields) validate() (Row, *RowError) {
 		return bad(couponValue, "missing; coupon_value and coupon_minimum go together")
 	case m == "":
 		return bad(couponMinimum, "missing; coupon_value and coupon_minimum go together")
-	}
-	var reason string
-	if row.CouponValue, reason = parseFen(f[couponValue]); reason != "" {
-		return bad(couponValue, reason)
-	}
-	if row.CouponValue == 0 {
-		return bad(couponValue, "must be more than 0")
-	}
-	if row.CouponMinimum, reason = parseFen(f[couponMinimum]); reason != "" {
-		return bad(couponMinimum, reason)
 	}
 	if row.CouponMinimum < row.CouponValue {
 		return bad(couponMinimum, fmt.Sprintf("is less than coupon_value %d", row.CouponValue))

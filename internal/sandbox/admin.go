@@ -5,11 +5,15 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"mime"
 	"net/http"
+	"net/url"
 )
 
 // adminRoutes registers the unsigned control API. Faults never apply here.
-func (s *Server) adminRoutes(mux *http.ServeMux) {
+func (s *Server) adminRoutes(outer *http.ServeMux) {
+	mux := http.NewServeMux()
+	outer.Handle("/sandbox/", sameOrigin(mux))
 	mux.HandleFunc("GET /sandbox/healthz", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
@@ -134,4 +138,38 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	_ = enc.Encode(v)
+}
+
+// sameOrigin refuses a change to the sandbox that a web page of another
+// site could make: the admin API needs no signature, and a browser lets any
+// page send a "simple" cross-site POST (a form, or fetch without CORS). A
+// browser names such a request's site (Sec-Fetch-Site) and origin
+// (Origin); a simple request cannot carry a JSON content type. curl and Go
+// clients send neither header and are not affected.
+func sameOrigin(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodGet || r.Method == http.MethodHead {
+			next.ServeHTTP(w, r)
+			return
+		}
+		site := r.Header.Get("Sec-Fetch-Site")
+		origin := r.Header.Get("Origin")
+		if site == "cross-site" || site == "same-site" {
+			writeJSON(w, http.StatusForbidden, map[string]string{"error": "the admin API refuses changes from another site (Sec-Fetch-Site: " + site + ")"})
+			return
+		}
+		if origin != "" {
+			if u, err := url.Parse(origin); err != nil || u.Host != r.Host {
+				writeJSON(w, http.StatusForbidden, map[string]string{"error": fmt.Sprintf("the admin API refuses changes from origin %q", origin)})
+				return
+			}
+		}
+		if r.ContentLength != 0 {
+			if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/json" {
+				writeJSON(w, http.StatusUnsupportedMediaType, map[string]string{"error": fmt.Sprintf("a body must be sent as Content-Type: application/json, got %q", r.Header.Get("Content-Type"))})
+				return
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
 }

@@ -104,3 +104,56 @@ func TestAdminAPI(t *testing.T) {
 		}
 	}
 }
+
+// The admin API needs no signature, so a web page of another site must
+// not be able to change the sandbox through a visitor's browser.
+func TestAdminAPIRefusesCrossSiteChanges(t *testing.T) {
+	s := shared
+	k, err := s.CreateStock(sandbox.StockSpec{Budget: 5, CouponValue: 100, CouponMinimum: 100})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, c := range map[string]struct {
+		header      map[string]string
+		body        string
+		wantRefused bool
+	}{
+		"a cross-site page (Sec-Fetch-Site)": {map[string]string{"Sec-Fetch-Site": "cross-site"}, "", true},
+		"another origin":                     {map[string]string{"Origin": "http://evil.example"}, "", true},
+		"a form body":                        {map[string]string{"Content-Type": "application/x-www-form-urlencoded"}, `{"coupons":1}`, true},
+		"a text/plain body":                  {map[string]string{"Content-Type": "text/plain"}, `{"coupons":1}`, true},
+		"the same origin":                    {map[string]string{"Origin": strings.TrimSuffix(s.URL(), "/"), "Sec-Fetch-Site": "same-origin", "Content-Type": "application/json"}, `{"coupons":1}`, false},
+		"curl":                               {map[string]string{"Content-Type": "application/json"}, `{"coupons":1}`, false},
+	} {
+		t.Run(name, func(t *testing.T) {
+			before, _ := s.Stock(k.ID)
+			req, _ := http.NewRequest("POST", s.URL()+"/sandbox/stocks/"+k.ID+"/topup", strings.NewReader(c.body))
+			for h, v := range c.header {
+				req.Header.Set(h, v)
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			after, _ := s.Stock(k.ID)
+			refused := resp.StatusCode == 403 || resp.StatusCode == 415
+			if refused != c.wantRefused || (refused && after.Budget != before.Budget) {
+				t.Fatalf("status %d, budget %d → %d; want refused %v", resp.StatusCode, before.Budget, after.Budget, c.wantRefused)
+			}
+		})
+	}
+}
+
+func TestTopUpCannotOverflow(t *testing.T) {
+	k, err := shared.CreateStock(sandbox.StockSpec{Budget: 5, CouponValue: 100, CouponMinimum: 100})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code := adminDo(t, shared, "POST", "/sandbox/stocks/"+k.ID+"/topup", map[string]int64{"coupons": 1<<63 - 1}, nil); code != 400 {
+		t.Fatalf("a top-up past the largest budget answered %d", code)
+	}
+	if after, _ := shared.Stock(k.ID); after.Budget != 5 {
+		t.Fatalf("budget %d after a refused top-up", after.Budget)
+	}
+}

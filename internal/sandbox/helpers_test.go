@@ -446,6 +446,9 @@ func adminDo(t testing.TB, s *sandbox.Server, method, path string, body any, out
 	if err != nil {
 		t.Fatal(err)
 	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io/fs"
 	"maps"
+	"math"
 	"os"
 	"slices"
 	"strconv"
@@ -362,7 +363,13 @@ func (s *Server) TopUp(id string, n int64) error {
 	if n <= 0 {
 		return fmt.Errorf("coupons must be > 0, got %d", n)
 	}
-	return s.updateStock(id, func(k *Stock) error { k.Budget += n; return nil })
+	return s.updateStock(id, func(k *Stock) error {
+		if k.Budget > math.MaxInt64-n {
+			return fmt.Errorf("coupons %d would overflow stock %s's budget of %d", n, id, k.Budget)
+		}
+		k.Budget += n
+		return nil
+	})
 }
 
 func (s *Server) updateStock(id string, f func(*Stock) error) error {
