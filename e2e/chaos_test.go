@@ -570,9 +570,7 @@ func (c *chaos) archivedWhileWaiting() []string {
 				if json.Unmarshal([]byte(line), &m) != nil {
 					continue
 				}
-				msg, _ := m["msg"].(string)
-				if id, ok := strings.CutPrefix(msg, "Retry exhausted for task id=send:"); ok {
-					orn := id[strings.LastIndexByte(id, ':')+1:]
+				if orn, ok := archivedTask(m); ok {
 					prev := last[orn]
 					if prev == nil || prev["msg"] != "will retry" {
 						continue
@@ -596,6 +594,26 @@ func (c *chaos) archivedWhileWaiting() []string {
 		}
 	}
 	return found
+}
+
+// archivedTask reports the out_request_no of a log line that says asynq
+// archived a send's task: asynq's own warning, or the worker's info line
+// that replaces it.
+func archivedTask(m map[string]any) (string, bool) {
+	msg, _ := m["msg"].(string)
+	id, ok := strings.CutPrefix(msg, "Retry exhausted for task id=")
+	if !ok && strings.HasPrefix(msg, "task archived") {
+		id, ok = m["task_id"].(string)
+	}
+	if !ok || !strings.HasPrefix(id, "send:") {
+		return "", false
+	}
+	return id[strings.LastIndexByte(id, ':')+1:], true
+}
+
+func isArchived(m map[string]any) bool {
+	_, ok := archivedTask(m)
+	return ok
 }
 
 // logTime is a JSON log line's "time", for sorting.
@@ -843,7 +861,7 @@ func (c *chaos) trace(row map[string]string) (pattern, steps string) {
 		case msg == "will retry" || msg == "failed permanently":
 			calls++
 			p = outcome + " " + code + " → " + fmt.Sprint(m["state"])
-		case strings.HasPrefix(msg, "Retry exhausted"):
+		case isArchived(m):
 			p = "asynq archived the task"
 		case msg == "already recorded; not sent again":
 			p = "already " + fmt.Sprint(m["state"])
