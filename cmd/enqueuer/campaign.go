@@ -54,6 +54,11 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return &exitError{code: 2, err: err}
 	}
 	defer closer.Close()
+	// Before anything is written: a file that is not a recipients file
+	// must not leave a campaign behind.
+	if err := reader.Peek(); err != nil {
+		return &exitError{code: 2, err: fmt.Errorf("%w; nothing was queued and no campaign was created", err)}
+	}
 	var size int64
 	if fi, err := os.Stat(*file); err == nil {
 		size = fi.Size()
