@@ -425,9 +425,13 @@ func (h *Handler) observe(ctx context.Context, log *slog.Logger, args tasks.Args
 		if rate, err := h.limiter.Throttled(ctx, b.MchID, endpointOf(args)); err == nil {
 			log.Warn("WeChat rate limited a call that had a slot; lowering the shared rate", "rate_per_s", rate)
 		}
-	case class == wechat.BudgetExhausted && h.breakers != nil:
+	case (class == wechat.BudgetExhausted || class == wechat.StockUnavailable) && h.breakers != nil:
 		if next, err := h.breakers.Exhausted(ctx, b.MchID, b.StockID, probe); err == nil {
-			log.Warn("stock budget exhausted; its breaker holds sends until the next probe", "probe", probe, "next_probe", next)
+			what := "stock budget exhausted"
+			if class == wechat.StockUnavailable {
+				what = "stock paused, not yet active or ended"
+			}
+			log.Warn(what+"; its breaker holds sends until the next probe", "probe", probe, "next_probe", next)
 			nextProbe = next
 		}
 	case class == wechat.Success && probe:
@@ -435,7 +439,7 @@ func (h *Handler) observe(ctx context.Context, log *slog.Logger, args tasks.Args
 			log.Info("probe succeeded; the stock's breaker is closed")
 		}
 	}
-	if probe && class != wechat.Success && class != wechat.BudgetExhausted {
+	if probe && class != wechat.Success && class != wechat.BudgetExhausted && class != wechat.StockUnavailable {
 		// The probe learned nothing about the budget: let another send probe.
 		_ = h.breakers.Abandon(ctx, b.MchID, b.StockID)
 	}
