@@ -19,9 +19,7 @@ type Campaign struct {
 	CreatedAt time.Time
 }
 
-func (s *Store) metaKey(campaign string) string {
-	return fmt.Sprintf("%s:{%s}:meta", s.prefix, campaign)
-}
+func (s *Store) metaKey(campaign string) string { return s.keys.Meta(campaign) }
 
 // SaveCampaign records a campaign the first time it is seen; a re-run keeps
 // the original creation time and deadline, so that resuming an interrupted

@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/couponflow/dispatcher/internal/keyspace"
 )
 
 // State of one send.
@@ -77,22 +79,25 @@ type Send struct {
 
 // Store is the Redis-backed record. Keys of one campaign share a hash tag,
 // so a campaign's records and counters live on one Redis Cluster slot and
-// every script touches a single slot.
+// every script touches a single slot (see internal/keyspace).
 type Store struct {
-	rdb    redis.UniversalClient
-	prefix string
-	now    func() time.Time
+	rdb  redis.UniversalClient
+	keys keyspace.Keys
+	now  func() time.Time
 }
 
 // Option configures a Store.
 type Option func(*Store)
 
-// WithPrefix sets the key prefix (default "cf").
-func WithPrefix(p string) Option { return func(s *Store) { s.prefix = p } }
+// WithKeys sets the key layout (default keyspace.Default).
+func WithKeys(k keyspace.Keys) Option { return func(s *Store) { s.keys = k } }
+
+// WithPrefix sets the key prefix (default "cf"): WithKeys(keyspace.New(p)).
+func WithPrefix(p string) Option { return WithKeys(keyspace.New(p)) }
 
 // New returns a store over rdb.
 func New(rdb redis.UniversalClient, opts ...Option) *Store {
-	s := &Store{rdb: rdb, prefix: "cf", now: time.Now}
+	s := &Store{rdb: rdb, keys: keyspace.Default, now: time.Now}
 	for _, o := range opts {
 		o(s)
 	}
@@ -100,21 +105,13 @@ func New(rdb redis.UniversalClient, opts ...Option) *Store {
 }
 
 func (s *Store) recordKey(campaign, mchID, outRequestNo string) string {
-	return fmt.Sprintf("%s:{%s}:send:%s:%s", s.prefix, campaign, mchID, outRequestNo)
+	return s.keys.Record(campaign, mchID, outRequestNo)
 }
-func (s *Store) countsKey(campaign string) string {
-	return fmt.Sprintf("%s:{%s}:counts", s.prefix, campaign)
-}
-func (s *Store) membersKey(campaign string) string {
-	return fmt.Sprintf("%s:{%s}:members", s.prefix, campaign)
-}
-func (s *Store) rateKey(campaign string, sec int64) string {
-	return fmt.Sprintf("%s:{%s}:rate:%d", s.prefix, campaign, sec)
-}
-func (s *Store) campaignsKey() string { return s.prefix + ":campaigns" }
-func (s *Store) userLockKey(mchID, openID string) string {
-	return fmt.Sprintf("%s:user:{%s:%s}", s.prefix, mchID, openID)
-}
+func (s *Store) countsKey(campaign string) string          { return s.keys.Counts(campaign) }
+func (s *Store) membersKey(campaign string) string         { return s.keys.Members(campaign) }
+func (s *Store) rateKey(campaign string, sec int64) string { return s.keys.Rate(campaign, sec) }
+func (s *Store) campaignsKey() string                      { return s.keys.Campaigns() }
+func (s *Store) userLockKey(mchID, openID string) string   { return s.keys.UserLock(mchID, openID) }
 
 var (
 	//go:embed register.lua
