@@ -1,8 +1,23 @@
--- KEYS: record, counts, members
+-- KEYS: record, counts, members, meta, tomb
 -- ARGV: campaign, mchid, out_request_no, openid, stock_id, now_ms
 local st = redis.call('HGET', KEYS[1], 'state')
 if st then
   return st
+end
+if redis.call('EXISTS', KEYS[5]) == 1 then
+  -- The campaign was settled and sealed.
+  if redis.call('EXISTS', KEYS[4]) == 0 then
+    -- Its retention has passed: its records are gone, so a new record
+    -- could be a second coupon. Refuse.
+    return 'closed'
+  end
+  -- Still kept: a new send reopens it. Its keys lose their expiry now;
+  -- the retention sweeper takes it off the records.
+  redis.call('DEL', KEYS[5])
+  redis.call('HDEL', KEYS[4], 'expires_at', 'finished_at')
+  redis.call('PERSIST', KEYS[2])
+  redis.call('PERSIST', KEYS[3])
+  redis.call('PERSIST', KEYS[4])
 end
 redis.call('HSET', KEYS[1], 'state', 'pending', 'campaign', ARGV[1], 'openid', ARGV[4],
   'stock_id', ARGV[5], 'created_at', ARGV[6], 'attempts', 0)

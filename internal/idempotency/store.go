@@ -113,6 +113,9 @@ func (s *Store) rateKey(campaign string, sec int64) string { return s.keys.Rate(
 func (s *Store) campaignsKey() string                      { return s.keys.Campaigns() }
 func (s *Store) userLockKey(mchID, openID string) string   { return s.keys.UserLock(mchID, openID) }
 
+// Keys is the store's key layout.
+func (s *Store) Keys() keyspace.Keys { return s.keys }
+
 var (
 	//go:embed register.lua
 	registerLua    string
@@ -132,13 +135,18 @@ var (
 // campaign and counts it, unless it exists. It returns whether it was
 // created and, if not, the state it is in: a producer must not enqueue a
 // send whose record is terminal, since asynq no longer remembers its task id.
+// A new send in a sealed campaign whose keys are still kept reopens it; in
+// one whose retention has passed it is refused with an *ExpiredError.
 func (s *Store) Register(ctx context.Context, send Send) (created bool, state State, err error) {
 	keys := []string{s.recordKey(send.Campaign, send.MchID, send.OutRequestNo), s.countsKey(send.Campaign),
-		s.membersKey(send.Campaign)}
+		s.membersKey(send.Campaign), s.metaKey(send.Campaign), s.keys.Tomb(send.Campaign)}
 	res, err := registerScript.Run(ctx, s.rdb, keys, send.Campaign, send.MchID, send.OutRequestNo,
 		send.OpenID, send.StockID, s.now().UnixMilli()).Text()
 	if err != nil {
 		return false, "", fmt.Errorf("idempotency: registering %s: %w", send.OutRequestNo, err)
+	}
+	if res == "closed" {
+		return false, "", s.closedError(ctx, send.Campaign)
 	}
 	if res == "new" {
 		return true, Pending, nil
