@@ -56,6 +56,7 @@ func run(argv []string) error {
 	rateMaxWait := fs.Duration("rate-max-wait", 2*time.Second, "longest wait for a rate slot inside the handler; a longer one goes back to the queue")
 	rateWait := fs.Duration("rate-wait", time.Second, "first wait after a rate limit; it grows up to --rate-wait-max")
 	rateWaitMax := fs.Duration("rate-wait-max", 30*time.Second, "longest wait after a rate limit")
+	retentionSweep := fs.Duration("retention-sweep", 30*time.Second, "how often to look for settled campaigns, start their retention and expire their keys once it has passed (one worker of the fleet at a time); 0 disables")
 	httpAddr := fs.String("http-addr", "127.0.0.1:9091", "where to serve /metrics, /healthz and /readyz; empty disables")
 	logFormat := fs.String("log-format", "json", "json or text")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
@@ -65,6 +66,7 @@ func run(argv []string) error {
 		"rate-limits": "WORKER_RATE_LIMITS", "rate-max-wait": "WORKER_RATE_MAX_WAIT",
 		"rate-wait": "WORKER_RATE_WAIT", "rate-wait-max": "WORKER_RATE_WAIT_MAX",
 		"log-format": "LOG_FORMAT", "log-level": "LOG_LEVEL", "http-addr": "WORKER_HTTP_ADDR",
+		"retention-sweep": "WORKER_RETENTION_SWEEP",
 	}, argv)
 	if err != nil {
 		return err
@@ -143,6 +145,12 @@ func run(argv []string) error {
 			return err
 		}
 		defer stop()
+	}
+	if *retentionSweep > 0 {
+		sweepCtx, stopSweep := context.WithCancel(ctx)
+		swept := make(chan struct{})
+		go func() { defer close(swept); store.RunSweeper(sweepCtx, *retentionSweep, log) }()
+		defer func() { stopSweep(); <-swept }()
 	}
 	// Run returns after SIGTERM or SIGINT, once calls in flight are done.
 	if err := srv.Run(mux); err != nil {
