@@ -25,6 +25,7 @@ type common struct {
 	redisAddr string
 	redisURL  string
 	shards    int
+	set       map[string]bool // flags given on the command line or by the environment
 }
 
 func newFlags(name, synopsis string, stderr io.Writer) *common {
@@ -48,6 +49,8 @@ func (c *common) parse(args []string) error {
 	if c.fs.NArg() > 0 {
 		return &exitError{code: 2, err: fmt.Errorf("unexpected argument %q", c.fs.Arg(0))}
 	}
+	c.set = map[string]bool{}
+	c.fs.Visit(func(f *flag.Flag) { c.set[f.Name] = true })
 	return nil
 }
 

@@ -82,6 +82,9 @@ func cmdSend(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	defer rdb.Close()
 	meta, err := idempotency.New(rdb).SaveCampaign(ctx, idempotency.Campaign{Name: *campaignName, MchID: c.wx.MchID, Deadline: dl})
+	if errors.Is(err, idempotency.ErrExpired) {
+		return &exitError{code: 2, err: err}
+	}
 	if err != nil {
 		return err
 	}
