@@ -316,7 +316,7 @@ func BenchmarkDispatchInProcess(b *testing.B) {
 				b.Fatal(err)
 			}
 			b.Cleanup(func() { rdb.Close() })
-			h := dispatch.New(wx, idempotency.New(rdb), dispatch.WithLogger(log))
+			h := dispatch.New(dispatch.WeChat(wx), idempotency.New(rdb), dispatch.WithLogger(log))
 			srv = asynq.NewServerFromRedisClient(rdb, asynq.Config{
 				Concurrency: workerConcurrency, Queues: map[string]int{tasks.DefaultQueue: 1},
 				RetryDelayFunc: h.RetryDelay, IsFailure: dispatch.IsFailure, ShutdownTimeout: h.ShutdownTimeout(),

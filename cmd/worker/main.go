@@ -109,7 +109,7 @@ func run(argv []string) error {
 	limiter := ratelimit.New(rdb, ratelimit.WithLimits(limits))
 	breakers := breaker.New(rdb, breaker.WithProbeInterval(*probe, *probeMax))
 	m := metrics.New()
-	h := dispatch.New(wx, store, dispatch.WithLogger(log),
+	h := dispatch.New(dispatch.WeChat(wx), store, dispatch.WithLogger(log),
 		dispatch.WithCallTimeout(*callTimeout), dispatch.WithBudgetWait(*probe, *probeMax),
 		dispatch.WithRateWait(*rateWait, *rateWaitMax),
 		dispatch.WithLimiter(limiter, *rateMaxWait),

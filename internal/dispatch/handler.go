@@ -30,20 +30,68 @@ import (
 	"github.com/couponflow/dispatcher/internal/wechat"
 )
 
+// Store is the record of sends, as a delivery uses it.
+type Store interface {
+	TryClaim(ctx context.Context, send idempotency.Send, owner string, lease time.Duration) (idempotency.Claim, error)
+	Finish(ctx context.Context, send idempotency.Send, owner string, r idempotency.Result) error
+}
+
+// Breakers are the stocks' budget breakers (internal/breaker).
+type Breakers interface {
+	Check(ctx context.Context, mchID, stockID string) (breaker.Decision, error)
+	Exhausted(ctx context.Context, mchID, stockID string, probe bool) (time.Time, error)
+	Abandon(ctx context.Context, mchID, stockID string) error
+	Succeeded(ctx context.Context, mchID, stockID string) error
+}
+
+// Limiter is the fleet's shared rate limit (internal/ratelimit).
+type Limiter interface {
+	Wait(ctx context.Context, mchID string, ep ratelimit.Endpoint, maxWait time.Duration) (time.Duration, error)
+	Throttled(ctx context.Context, mchID string, ep ratelimit.Endpoint) (float64, error)
+}
+
+// Caller makes the WeChat call of a send, returning the coupon id.
+type Caller interface {
+	Call(ctx context.Context, args tasks.Args) (couponID string, err error)
+}
+
+// WeChat is the Caller that sends through the WeChat Pay client.
+func WeChat(wx *wechat.Client) Caller { return wechatCaller{wx} }
+
+type wechatCaller struct{ wx *wechat.Client }
+
+func (c wechatCaller) Call(ctx context.Context, args tasks.Args) (string, error) {
+	switch a := args.(type) {
+	case tasks.SendCoupon:
+		resp, err := c.wx.SendCoupon(ctx, a.Request())
+		if err != nil {
+			return "", err
+		}
+		return resp.CouponID, nil
+	case tasks.SendMultiuse:
+		resp, err := c.wx.SendMultiuseCoupon(ctx, a.Request())
+		if err != nil {
+			return "", err
+		}
+		return resp.CouponID, nil
+	}
+	return "", fmt.Errorf("dispatch: no call for %T", args)
+}
+
 // Handler processes send tasks of both kinds.
 type Handler struct {
-	wx          *wechat.Client
-	store       *idempotency.Store
+	policy
+	wx          Caller
+	store       Store
 	log         *slog.Logger
 	lease       time.Duration
 	callTimeout time.Duration
 	busyWait    time.Duration
-	budgetWait  [2]time.Duration // first wait, longest wait
-	rateWait    [2]time.Duration
-	limiter     *ratelimit.Limiter
+	limiter     Limiter
 	maxSlotWait time.Duration
-	breakers    *breaker.Breakers
+	breakers    Breakers
 	metrics     *metrics.Metrics // nil: not measured
+	holds       *holdLog
 	now         func() time.Time
 }
 
@@ -72,30 +120,42 @@ func WithRateWait(first, max time.Duration) Option {
 // WithLimiter makes every call take a slot of the fleet's shared rate
 // first, waiting up to maxWait inside the handler; a longer wait goes back
 // to asynq as a rate wait. A 429 lowers the shared rate.
-func WithLimiter(l *ratelimit.Limiter, maxWait time.Duration) Option {
+func WithLimiter(l Limiter, maxWait time.Duration) Option {
 	return func(h *Handler) { h.limiter, h.maxSlotWait = l, maxWait }
 }
 
 // WithBreakers holds the sends of a stock whose budget is exhausted,
 // calling WeChat only for the breaker's probes.
-func WithBreakers(b *breaker.Breakers) Option { return func(h *Handler) { h.breakers = b } }
+func WithBreakers(b Breakers) Option { return func(h *Handler) { h.breakers = b } }
 
 // WithMetrics counts every WeChat call, the waits for a rate slot and the
 // sends held before a call in m.
 func WithMetrics(m *metrics.Metrics) Option { return func(h *Handler) { h.metrics = m } }
 
-// New returns a handler calling WeChat through wx and recording in store.
-func New(wx *wechat.Client, store *idempotency.Store, opts ...Option) *Handler {
+// WithHoldSummary sets how often the sends held before a call (breaker,
+// rate slot, busy user) are summed up in one info line (default 10s).
+func WithHoldSummary(every time.Duration) Option {
+	return func(h *Handler) { h.holds.every = every }
+}
+
+// New returns a handler that calls WeChat through wx (see WeChat) and
+// records in store.
+func New(wx Caller, store Store, opts ...Option) *Handler {
 	h := &Handler{
+		policy: policy{
+			budgetWait: [2]time.Duration{30 * time.Second, 10 * time.Minute},
+			rateWait:   [2]time.Duration{time.Second, 30 * time.Second},
+			jitter:     jitter,
+		},
 		wx: wx, store: store, log: slog.Default(),
 		callTimeout: 15 * time.Second, busyWait: 3 * time.Second,
-		budgetWait: [2]time.Duration{30 * time.Second, 10 * time.Minute},
-		rateWait:   [2]time.Duration{time.Second, 30 * time.Second},
-		now:        time.Now,
+		holds: &holdLog{every: 10 * time.Second},
+		now:   time.Now,
 	}
 	for _, o := range opts {
 		o(h)
 	}
+	h.holds.log = h.log
 	h.lease = 2*h.callTimeout + 10*time.Second
 	return h
 }
@@ -161,43 +221,94 @@ func (h *Handler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 		h.log.Error("undecodable task", "type", t.Type(), "err", err)
 		return fmt.Errorf("%v: %w", err, asynq.SkipRetry)
 	}
+	retried, _ := asynq.GetRetryCount(ctx)
+	maxRetry, ok := asynq.GetMaxRetry(ctx)
+	return h.deliver(ctx, args, tasks.Keep(t), ok && retried >= maxRetry, false)
+}
+
+// Reconcile makes one final delivery of a send whose outcome is unknown
+// (its record's Payload is the kept task): it resends the identical
+// request and records WeChat's answer. Whatever WeChat does not answer
+// leaves the send unknown, never waiting, since no task follows. The
+// caller reads the record for the outcome; an error means it could not
+// be recorded.
+func (h *Handler) Reconcile(ctx context.Context, kept []byte) error {
+	t, err := tasks.Kept(kept)
+	if err != nil {
+		return err
+	}
+	args, err := tasks.Decode(t)
+	if err != nil {
+		return err
+	}
+	err = h.deliver(ctx, args, kept, true, true)
+	var w *waitError
+	if errors.As(err, &w) && w.reason == reasonRedis {
+		return err
+	}
+	return nil
+}
+
+const reasonRedis = "redis"
+
+// deliver is one delivery of a send. lastTry: asynq archives the task if
+// it fails; final: nothing follows this delivery (reconcile).
+func (h *Handler) deliver(ctx context.Context, args tasks.Args, kept []byte, lastTry, final bool) error {
 	send := sendOf(args)
+	b := args.Base()
 	log := h.log.With("out_request_no", send.OutRequestNo, "campaign", send.Campaign, "stock_id", send.StockID, "kind", args.Kind())
 	owner := newOwner()
 
 	claim, err := h.claim(ctx, send, owner)
 	if err != nil {
-		return err
+		// Nothing was written: a wait, which does not use up the task's
+		// retries, so a Redis outage never archives a send.
+		log.Warn("claiming the send failed; it will be tried again", "err", err)
+		return &waitError{reason: reasonRedis, delay: h.jitter(5 * time.Second), err: err}
 	}
 	switch {
 	case claim.Record.State.Terminal():
 		log.Info("already recorded; not sent again", "state", claim.Record.State, "coupon_id", claim.Record.CouponID, "code", claim.Record.Code)
 		return nil
 	case claim.Busy:
-		h.metrics.Held(metrics.HeldBusy)
-		return &waitError{reason: "busy", delay: jitter(time.Second), err: errors.New("this send or another send to its user is in flight")}
+		h.held(metrics.HeldBusy, send)
+		return &waitError{reason: "busy", delay: h.jitter(time.Second), err: errors.New("this send or another send to its user is in flight")}
 	}
-	attempt := claim.Record.Attempts
-	log = log.With("attempt", attempt)
-
-	probe, held, err := h.gate(ctx, args, claim.Record)
-	if held != nil {
+	a := attempt{rec: claim.Record, deadline: b.Deadline, now: h.now(), lastTry: lastTry, final: final, payload: kept}
+	log = log.With("attempt", a.rec.Attempts)
+	if a.rec.MaybeIssued {
+		log = log.With("maybe_issued", true)
+	}
+	record := func(res idempotency.Result) error {
+		// Recorded even if the worker is shutting down: the result is
+		// what the record is for.
 		recCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer cancel()
-		if ferr := h.store.Finish(recCtx, send, owner, held.res); ferr != nil && !errors.Is(ferr, idempotency.ErrLeaseLost) {
-			return ferr
+		err := h.store.Finish(recCtx, send, owner, res)
+		if errors.Is(err, idempotency.ErrLeaseLost) {
+			return nil
 		}
-		log.Debug("held before calling", "state", held.res.State, "retry", held.ret.Error())
+		return err
+	}
+
+	probe, held, err := h.gate(ctx, args, a)
+	if err == nil && held != nil {
+		if ferr := record(held.res); ferr != nil {
+			log.Warn("recording a hold failed; the send will be tried again", "err", ferr)
+			return &waitError{reason: reasonRedis, delay: h.jitter(5 * time.Second), err: ferr}
+		}
 		return held.ret
 	}
 	if err != nil {
 		// Redis failed under the limiter or the breaker: give the claim
-		// back and let asynq retry.
-		recCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-		defer cancel()
-		_ = h.store.Finish(recCtx, send, owner, idempotency.Result{State: claim.Record.State, NotCalled: true,
-			Code: claim.Record.Code, Message: claim.Record.Message})
-		return err
+		// back as it was and wait; no call was made.
+		log.Warn("checking the rate limit or the budget breaker failed; the send will be tried again", "err", err)
+		back := a.rec.ClaimedFrom
+		if back == idempotency.InFlight {
+			back = idempotency.Retrying // a takeover: the send is marked maybe issued
+		}
+		_ = record(idempotency.Result{State: back, NotCalled: true, Code: a.rec.Code, Message: a.rec.Message, Payload: a.payload})
+		return &waitError{reason: reasonRedis, delay: h.jitter(5 * time.Second), err: err}
 	}
 
 	// A call that has started must finish and be recorded even if the
@@ -205,28 +316,25 @@ func (h *Handler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 	// and unrecorded until the next delivery resends.
 	callCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), h.callTimeout)
 	start := time.Now()
-	couponID, callErr := h.call(callCtx, args)
+	couponID, callErr := h.wx.Call(callCtx, args)
 	cancel()
 	latency := time.Since(start)
 
-	class := wechat.ClassOf(callErr)
-	h.metrics.ObserveCall(string(endpointOf(args)), class, codeOf(callErr), latency)
-	nextProbe := h.observe(ctx, log, args, class, probe)
-	retried, _ := asynq.GetRetryCount(ctx)
-	maxRetry, ok := asynq.GetMaxRetry(ctx)
-	lastTry := ok && retried >= maxRetry
-	res, ret := h.decide(args, claim.Record, class, callErr, lastTry, nextProbe)
-	res.CouponID = couponID
+	o := outcomeOf(couponID, callErr)
+	h.metrics.ObserveCall(string(endpointOf(args)), o.class, codeOf(callErr), latency)
+	nextProbe := h.observe(ctx, log, args, o.class, probe)
+	a.now = h.now()
+	res, ret := h.settle(a, o, nextProbe)
 
-	recCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-	defer cancel()
-	if err := h.store.Finish(recCtx, send, owner, res); err != nil && !errors.Is(err, idempotency.ErrLeaseLost) {
-		// The result is lost; the next delivery will resend the same
-		// request, and WeChat will answer with the same outcome.
-		log.Error("recording the result failed; the send will be retried", "outcome", class, "err", err)
-		return err
+	if err := record(res); err != nil {
+		// The claim stays in flight until its lease runs out; the next
+		// delivery then takes it over as maybe issued and resends the
+		// same request, which WeChat answers with the same outcome. A
+		// wait, so that this never archives the task.
+		log.Error("recording the result failed; the send will be resent", "outcome", o.class, "err", err)
+		return &waitError{reason: reasonRedis, delay: h.jitter(5 * time.Second), err: err}
 	}
-	attrs := []any{"outcome", class.String(), "state", res.State, "latency_ms", latency.Milliseconds()}
+	attrs := []any{"outcome", o.class.String(), "state", res.State, "latency_ms", latency.Milliseconds()}
 	if res.CouponID != "" {
 		attrs = append(attrs, "coupon_id", res.CouponID)
 	}
@@ -234,10 +342,12 @@ func (h *Handler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 	if errors.As(callErr, &we) {
 		attrs = append(attrs, "code", we.Code, "http_status", we.StatusCode, "request_id", we.RequestID, "message", we.Message)
 	}
-	switch class {
-	case wechat.Success:
+	switch {
+	case res.State == idempotency.Succeeded:
 		log.Info("sent", attrs...)
-	case wechat.Permanent:
+	case res.State == idempotency.Unknown:
+		log.Warn("outcome unknown; reconcile will settle it", attrs...)
+	case res.State == idempotency.Failed:
 		log.Warn("failed permanently", attrs...)
 	default:
 		log.Info("will retry", append(attrs, "retry", ret.Error())...)
@@ -245,32 +355,29 @@ func (h *Handler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 	return ret
 }
 
-// heldSend is a send stopped before its call: what to record, what to return.
-type heldSend struct {
-	res idempotency.Result
-	ret error
-}
-
 // gate runs the checks that may stop a claimed send before it costs a
 // call: the stock's budget breaker, then a slot of the shared rate. The
 // slot comes last and just before the call, since it is spent when taken.
-func (h *Handler) gate(ctx context.Context, args tasks.Args, rec idempotency.Record) (probe bool, held *heldSend, err error) {
+func (h *Handler) gate(ctx context.Context, args tasks.Args, a attempt) (probe bool, held *heldSend, err error) {
 	b := args.Base()
+	send := sendOf(args)
 	if h.breakers != nil {
 		d, err := h.breakers.Check(ctx, b.MchID, b.StockID)
 		if err != nil {
 			return false, nil, err
 		}
-		switch d.Verdict {
-		case breaker.Probe:
-			probe = true
-		case breaker.Hold:
-			h.metrics.Held(metrics.HeldBudgetBreaker)
-			return false, h.holdForBudget(b, rec, d.Until), nil
+		probe, held = h.admit(a, d, b.StockID)
+		if held != nil {
+			h.held(metrics.HeldBudgetBreaker, send)
+			return false, held, nil
 		}
 	}
 	if h.limiter != nil {
-		waited, err := h.limiter.Wait(ctx, b.MchID, endpointOf(args), h.maxSlotWait)
+		maxWait := h.maxSlotWait
+		if a.final {
+			maxWait = time.Minute
+		}
+		waited, err := h.limiter.Wait(ctx, b.MchID, endpointOf(args), maxWait)
 		if err != nil && probe {
 			_ = h.breakers.Abandon(context.WithoutCancel(ctx), b.MchID, b.StockID)
 		}
@@ -279,39 +386,18 @@ func (h *Handler) gate(ctx context.Context, args tasks.Args, rec idempotency.Rec
 			h.metrics.ObserveSlotWait(string(endpointOf(args)), waited)
 		}
 		if tl != nil {
-			h.metrics.Held(metrics.HeldRateSlot)
-			return probe, &heldSend{
-				res: idempotency.Result{State: idempotency.WaitingRate, NotCalled: true, Code: rec.Code, Message: rec.Message},
-				ret: &waitError{reason: "rate limit slot", delay: jitter(tl.RetryAfter), err: tl},
-			}, nil
+			h.held(metrics.HeldRateSlot, send)
+			res := idempotency.Result{State: idempotency.WaitingRate, NotCalled: true, Code: a.rec.Code, Message: a.rec.Message}
+			if a.final {
+				res.State, res.Payload = idempotency.Unknown, a.payload
+			}
+			return probe, &heldSend{res: res, ret: &waitError{reason: "rate limit slot", delay: h.jitter(tl.RetryAfter), err: tl}}, nil
 		}
 		if err != nil {
 			return probe, nil, err
 		}
 	}
 	return probe, nil, nil
-}
-
-// holdForBudget keeps a send of an exhausted stock waiting for the next
-// probe, or fails it at the campaign's deadline.
-func (h *Handler) holdForBudget(b tasks.Common, rec idempotency.Record, until time.Time) *heldSend {
-	now := h.now()
-	if !now.Before(b.Deadline) {
-		return &heldSend{
-			res: idempotency.Result{State: idempotency.Failed, NotCalled: true, Code: "NOT_ENOUGH",
-				Message: fmt.Sprintf("the stock's budget was still exhausted at the campaign deadline %s", b.Deadline.Format(time.RFC3339))},
-			ret: fmt.Errorf("stock %s exhausted past the deadline: %w", b.StockID, asynq.SkipRetry),
-		}
-	}
-	delay := until.Sub(now) + jitter(time.Second)
-	if left := b.Deadline.Sub(now); delay > left {
-		delay = left
-	}
-	return &heldSend{
-		res: idempotency.Result{State: idempotency.WaitingBudget, NotCalled: true, Code: "NOT_ENOUGH",
-			Message: "held: the stock's budget breaker is open until " + until.Format(time.RFC3339)},
-		ret: &waitError{reason: "budget breaker open", delay: delay, err: errors.New("stock " + b.StockID + " has no budget")},
-	}
 }
 
 // observe feeds an outcome back to the limiter and the breaker. After a
@@ -372,78 +458,8 @@ func (h *Handler) claim(ctx context.Context, send idempotency.Send, owner string
 		select {
 		case <-ctx.Done():
 			return c, nil
-		case <-time.After(jitter(100 * time.Millisecond)):
+		case <-time.After(h.jitter(100 * time.Millisecond)):
 		}
-	}
-}
-
-func (h *Handler) call(ctx context.Context, args tasks.Args) (string, error) {
-	switch a := args.(type) {
-	case tasks.SendCoupon:
-		resp, err := h.wx.SendCoupon(ctx, a.Request())
-		if err != nil {
-			return "", err
-		}
-		return resp.CouponID, nil
-	case tasks.SendMultiuse:
-		resp, err := h.wx.SendMultiuseCoupon(ctx, a.Request())
-		if err != nil {
-			return "", err
-		}
-		return resp.CouponID, nil
-	}
-	return "", fmt.Errorf("dispatch: no call for %T", args)
-}
-
-// decide maps an outcome to the state to record and the error for asynq.
-// lastTry says asynq will archive the task if this attempt fails.
-func (h *Handler) decide(args tasks.Args, rec idempotency.Record, class wechat.Class, err error, lastTry bool, nextProbe time.Time) (idempotency.Result, error) {
-	var we *wechat.Error
-	errors.As(err, &we)
-	res := idempotency.Result{}
-	if we != nil {
-		res.Code, res.Message = we.Code, we.Message
-	} else if err != nil {
-		res.Code, res.Message = wechat.CodeNetwork, err.Error()
-	}
-	switch class {
-	case wechat.Success:
-		res.State = idempotency.Succeeded
-		return res, nil
-	case wechat.Permanent:
-		res.State = idempotency.Failed
-		return res, fmt.Errorf("%v: %w", err, asynq.SkipRetry)
-	case wechat.RateLimited:
-		res.State = idempotency.WaitingRate
-		return res, &waitError{reason: "rate limited", delay: jitter(exponential(rec.Attempts-1, h.rateWait[0], h.rateWait[1])), err: err}
-	case wechat.BudgetExhausted:
-		deadline := args.Base().Deadline
-		now := h.now()
-		if !now.Before(deadline) {
-			res.State = idempotency.Failed
-			res.Message = fmt.Sprintf("budget still exhausted at the campaign deadline %s: %s", deadline.Format(time.RFC3339), res.Message)
-			return res, fmt.Errorf("%v: %w", err, asynq.SkipRetry)
-		}
-		res.State = idempotency.WaitingBudget
-		delay := jitter(exponential(rec.Attempts-1, h.budgetWait[0], h.budgetWait[1]))
-		if !nextProbe.IsZero() {
-			// The breaker holds the stock until its next probe anyway.
-			delay = nextProbe.Sub(now) + jitter(time.Second)
-		}
-		if left := deadline.Sub(now); delay > left {
-			delay = left // one last try at the deadline
-		}
-		return res, &waitError{reason: "budget exhausted", delay: delay, err: err}
-	default:
-		if lastTry {
-			// asynq is about to archive the task: say so in the record,
-			// which is what status and the report read.
-			res.State = idempotency.Failed
-			res.Message = fmt.Sprintf("gave up after %d attempts without a clear answer; the coupon may have been issued, and re-sending the same out_request_no is safe: %s", rec.Attempts, res.Message)
-			return res, fmt.Errorf("%v: %w", err, asynq.SkipRetry)
-		}
-		res.State = idempotency.Retrying
-		return res, &ambiguousError{err: err}
 	}
 }
 

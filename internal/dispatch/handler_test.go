@@ -31,6 +31,7 @@ type world struct {
 	store *idempotency.Store
 	mchID string
 	appID string
+	h     *dispatch.Handler
 }
 
 func newWorld(t *testing.T, concurrency int, opts ...func(*redis.Client) dispatch.Option) *world {
@@ -52,7 +53,7 @@ func newWorld(t *testing.T, concurrency int, opts ...func(*redis.Client) dispatc
 	for _, o := range opts {
 		hopts = append(hopts, o(rdb))
 	}
-	h := dispatch.New(wx, store, hopts...)
+	h := dispatch.New(dispatch.WeChat(wx), store, hopts...)
 	srv := asynq.NewServerFromRedisClient(rdb, asynq.Config{
 		Concurrency: concurrency, Queues: map[string]int{tasks.DefaultQueue: 1},
 		RetryDelayFunc: h.RetryDelay, IsFailure: dispatch.IsFailure, DelayedTaskCheckInterval: 200 * time.Millisecond,
@@ -64,7 +65,7 @@ func newWorld(t *testing.T, concurrency int, opts ...func(*redis.Client) dispatc
 		t.Fatal(err)
 	}
 	t.Cleanup(srv.Shutdown)
-	return &world{t: t, sb: sb, rdb: rdb, store: store, mchID: env[wechat.EnvMchID], appID: env[wechat.EnvAppID]}
+	return &world{t: t, sb: sb, rdb: rdb, store: store, mchID: env[wechat.EnvMchID], appID: env[wechat.EnvAppID], h: h}
 }
 
 func (w *world) send(stock, openid, orn string, deadline time.Time, opts ...asynq.Option) tasks.SendCoupon {
@@ -176,16 +177,62 @@ func TestBudgetWaitEndsAtTheDeadline(t *testing.T) {
 	}
 }
 
-func TestAmbiguousOnTheLastTryIsRecordedAsFailed(t *testing.T) {
+// A send whose retries run out without an answer may hold a coupon: it
+// ends unknown, never failed, and reconcile's identical resend records
+// the coupon WeChat issued, once.
+func TestAmbiguousOnTheLastTryIsUnknownUntilReconciled(t *testing.T) {
 	t.Parallel()
 	w := newWorld(t, 2)
-	w.sb.SetFaults(sandbox.Faults{ErrorRate: 1})
+	w.sb.SetFaults(sandbox.Faults{CommitFailRate: 1, CommitFailMode: sandbox.CommitFail500})
 	stock := w.stock(sandbox.StockSpec{Budget: 10})
 	a := w.send(stock, "o1", "r-amb-1", far(), asynq.MaxRetry(1))
 	w.waitState(a, idempotency.Retrying, 10*time.Second)
-	rec := w.waitState(a, idempotency.Failed, 15*time.Second)
-	if rec.Code != "SYSTEM_ERROR" || rec.Attempts != 2 || !strings.Contains(rec.Message, "may have been issued") {
+	rec := w.waitState(a, idempotency.Unknown, 15*time.Second)
+	if rec.Code != "SYSTEM_ERROR" || rec.Attempts != 2 || !rec.MaybeIssued || !strings.Contains(rec.Message, "reconcile") || len(rec.Payload) == 0 {
 		t.Fatalf("record %+v", rec)
+	}
+	w.sb.SetFaults(sandbox.Faults{})
+	if err := w.h.Reconcile(context.Background(), rec.Payload); err != nil {
+		t.Fatal(err)
+	}
+	rec = w.record(a)
+	issued := w.sb.Ledger().Coupons
+	if rec.State != idempotency.Succeeded || len(issued) != 1 || rec.CouponID != issued[0].CouponID || rec.MaybeIssued || rec.Payload != nil {
+		t.Fatalf("after reconcile: record %+v, ledger %+v", rec, issued)
+	}
+}
+
+// The defect of issue 8: a coupon issued behind a lost answer, then the
+// stock's budget breaker opens. The send must not be held and failed
+// NOT_ENOUGH at the deadline: its resend returns its coupon.
+func TestMaybeIssuedSendPassesAnOpenBreaker(t *testing.T) {
+	t.Parallel()
+	w := newWorld(t, 2, func(rdb *redis.Client) dispatch.Option {
+		return dispatch.WithBreakers(breaker.New(rdb, breaker.WithProbeInterval(time.Minute, time.Minute)))
+	})
+	stock := w.stock(sandbox.StockSpec{Budget: 1})
+	w.sb.SetFaults(sandbox.Faults{CommitFailRate: 1, CommitFailMode: sandbox.CommitFailDrop})
+	lost := w.send(stock, "o-lost", "r-lost", time.Now().Add(4*time.Second))
+	if rec := w.waitState(lost, idempotency.Retrying, 10*time.Second); !rec.MaybeIssued {
+		t.Fatalf("after a dropped answer: %+v", rec)
+	}
+	// The budget is spent by the lost send itself; open its breaker as the
+	// next send's NOT_ENOUGH would, before the lost send's retry comes.
+	if _, err := breaker.New(w.rdb).Exhausted(context.Background(), w.mchID, stock, false); err != nil {
+		t.Fatal(err)
+	}
+	w.sb.SetFaults(sandbox.Faults{})
+	dry := w.send(stock, "o-dry", "r-dry", time.Now().Add(3*time.Second))
+	rec := w.waitState(lost, idempotency.Succeeded, 15*time.Second)
+	issued := w.sb.Ledger().Coupons
+	if len(issued) != 1 || rec.CouponID != issued[0].CouponID || rec.MaybeIssued {
+		t.Fatalf("record %+v, ledger %+v", rec, issued)
+	}
+	if rec := w.waitState(dry, idempotency.Failed, 15*time.Second); rec.Code != "NOT_ENOUGH" || rec.MaybeIssued {
+		t.Fatalf("the dry send: %+v", rec)
+	}
+	if n := w.sb.Ledger().Requests["403 NOT_ENOUGH"]; n != 0 {
+		t.Fatalf("%d NOT_ENOUGH calls; the open breaker should have held the dry send without one", n)
 	}
 }
 

@@ -7,6 +7,28 @@ local st = redis.call('HGET', rec, 'state')
 if st == 'succeeded' or st == 'failed' then
   return {'terminal', redis.call('HGETALL', rec)}
 end
+local takeover = false
+if st == 'in_flight' then
+  local owner = redis.call('HGET', rec, 'owner')
+  local lease_until = tonumber(redis.call('HGET', rec, 'lease_until') or '0')
+  if owner ~= ARGV[1] and lease_until > now then
+    return {'busy', redis.call('HGETALL', rec)}
+  end
+  -- The holder's lease ran out (it crashed, hangs, or could not record):
+  -- its call may have issued the coupon.
+  takeover = true
+end
+-- Check before writing: a script that fails halfway keeps its first writes.
+for _, f in ipairs({st or 'pending', 'in_flight', 'total'}) do
+  local v = redis.call('HGET', KEYS[2], f)
+  if v and not tonumber(v) then
+    return redis.error_reply('counter ' .. f .. ' of ' .. KEYS[2] .. ' is not a number: ' .. v)
+  end
+end
+local attempts = redis.call('HGET', rec, 'attempts')
+if attempts and not tonumber(attempts) then
+  return redis.error_reply('attempts of ' .. rec .. ' is not a number: ' .. attempts)
+end
 if not st then
   -- Enqueued by a producer that did not register it: register it now, so
   -- that nothing is ever sent without a record.
@@ -16,19 +38,17 @@ if not st then
   redis.call('HINCRBY', KEYS[2], 'total', 1)
   redis.call('RPUSH', KEYS[3], ARGV[5] .. ':' .. ARGV[6])
   st = 'pending'
-elseif st == 'in_flight' then
-  local owner = redis.call('HGET', rec, 'owner')
-  local lease_until = tonumber(redis.call('HGET', rec, 'lease_until') or '0')
-  if owner ~= ARGV[1] and lease_until > now then
-    return {'busy', redis.call('HGETALL', rec)}
-  end
-  -- The holder's lease ran out (it crashed, or hangs): its call may have
-  -- issued the coupon, which the resend of the same request will return.
+end
+if takeover then
+  -- Kept until WeChat answers this out_request_no: only its answer can
+  -- say that nothing was issued.
+  redis.call('HSET', rec, 'maybe_issued', '1')
 end
 redis.call('HINCRBY', KEYS[2], st, -1)
 redis.call('HINCRBY', KEYS[2], 'in_flight', 1)
+-- claimed_from lets a delivery stopped before its call give the send back as it was.
 redis.call('HSET', rec, 'state', 'in_flight', 'owner', ARGV[1], 'lease_until', now + tonumber(ARGV[3]),
-  'last_at', ARGV[2])
+  'last_at', ARGV[2], 'claimed_from', st)
 redis.call('HSETNX', rec, 'first_at', ARGV[2])
 redis.call('HINCRBY', rec, 'attempts', 1)
 return {'claimed', redis.call('HGETALL', rec)}

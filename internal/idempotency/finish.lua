@@ -1,5 +1,8 @@
 -- KEYS: record, counts, rate bucket of this second
--- ARGV: owner, new state, coupon_id, code, message, now_ms, not_called (1 if no call was made)
+-- ARGV: owner, new state, coupon_id, code, message, now_ms,
+--       not_called ('1': no call was made), issued ('set': the call may have
+--       issued a coupon, 'clear': WeChat answered and nothing was issued, '': no news),
+--       payload (kept while the send is unknown, for reconcile)
 local rec = KEYS[1]
 local new = ARGV[2]
 local st = redis.call('HGET', rec, 'state')
@@ -8,12 +11,34 @@ if st == 'succeeded' then
 end
 if redis.call('HGET', rec, 'owner') ~= ARGV[1] and new ~= 'succeeded' then
   -- Another delivery took over after our lease ran out; its result counts.
+  -- Our call may still have issued a coupon: say so, so that the other
+  -- delivery cannot record a failure without WeChat's answer.
+  if ARGV[8] == 'set' and st and st ~= 'failed' then
+    redis.call('HSET', rec, 'maybe_issued', '1')
+  end
   return 'lost'
+end
+-- Check before writing: a script that fails halfway keeps its first writes.
+local old_code = redis.call('HGET', rec, 'code') or ''
+local fields = {new, 'failed:' .. ARGV[4]}
+if st then
+  table.insert(fields, st)
+  table.insert(fields, 'failed:' .. old_code)
+end
+for _, f in ipairs(fields) do
+  local v = redis.call('HGET', KEYS[2], f)
+  if v and not tonumber(v) then
+    return redis.error_reply('counter ' .. f .. ' of ' .. KEYS[2] .. ' is not a number: ' .. v)
+  end
+end
+local attempts = redis.call('HGET', rec, 'attempts')
+if attempts and not tonumber(attempts) then
+  return redis.error_reply('attempts of ' .. rec .. ' is not a number: ' .. attempts)
 end
 if st then
   redis.call('HINCRBY', KEYS[2], st, -1)
   if st == 'failed' then
-    redis.call('HINCRBY', KEYS[2], 'failed:' .. (redis.call('HGET', rec, 'code') or ''), -1)
+    redis.call('HINCRBY', KEYS[2], 'failed:' .. old_code, -1)
   end
 end
 redis.call('HINCRBY', KEYS[2], new, 1)
@@ -24,6 +49,16 @@ redis.call('HSET', rec, 'state', new, 'code', ARGV[4], 'message', ARGV[5], 'owne
   'done_at', ARGV[6])
 if ARGV[7] == '1' then
   redis.call('HINCRBY', rec, 'attempts', -1)
+end
+if ARGV[8] == 'set' then
+  redis.call('HSET', rec, 'maybe_issued', '1')
+elseif ARGV[8] == 'clear' then
+  redis.call('HDEL', rec, 'maybe_issued')
+end
+if new == 'unknown' then
+  redis.call('HSET', rec, 'payload', ARGV[9])
+elseif new == 'succeeded' or new == 'failed' then
+  redis.call('HDEL', rec, 'payload')
 end
 if new == 'succeeded' then
   redis.call('HSET', rec, 'coupon_id', ARGV[3])

@@ -66,6 +66,15 @@ type Record struct {
 	Attempts     int
 	FirstAttempt time.Time // zero if never tried
 	LastAttempt  time.Time
+	// MaybeIssued: a call may have issued a coupon that no answer showed
+	// (an ambiguous outcome, or a delivery that died holding the send).
+	// Until WeChat answers this out_request_no, the send is never
+	// recorded as failed and never held by a budget breaker.
+	MaybeIssued bool
+	// Payload is the task of an Unknown send, kept for reconcile.
+	Payload []byte
+	// ClaimedFrom is the state the send was in when last claimed.
+	ClaimedFrom State
 }
 
 // Send names one send and says where it belongs.
@@ -189,6 +198,11 @@ func (s *Store) TryClaim(ctx context.Context, send Send, owner string, lease tim
 			return Claim{}, fmt.Errorf("idempotency: reading user lock: %w", err)
 		}
 		if cur != lockVal {
+			// A lock without a TTL (written by hand, or by an old
+			// version) would hold the user for ever: bound it.
+			if ttl, err := s.rdb.PTTL(ctx, lockKey).Result(); err == nil && ttl == -1 {
+				s.rdb.PExpire(ctx, lockKey, lease)
+			}
 			rec, err := s.Get(ctx, send)
 			if err != nil {
 				return Claim{}, err
@@ -242,6 +256,24 @@ type Result struct {
 	// NotCalled: the send was stopped before calling WeChat (a rate slot
 	// too far away, a budget breaker), so the claim was no attempt.
 	NotCalled bool
+	// MaybeIssued: the call may have issued a coupon its answer did not
+	// show; the record keeps that until Answered.
+	MaybeIssued bool
+	// Answered: WeChat answered this out_request_no itself (a coupon, or a
+	// refusal that proves none exists), which clears MaybeIssued.
+	Answered bool
+	// Payload is the task, kept with an Unknown send for reconcile.
+	Payload []byte
+}
+
+func (r Result) issued() string {
+	switch {
+	case r.MaybeIssued:
+		return "set"
+	case r.Answered:
+		return "clear"
+	}
+	return ""
 }
 
 // Finish records the result of the call owner made and releases the send
@@ -253,7 +285,7 @@ func (s *Store) Finish(ctx context.Context, send Send, owner string, r Result) e
 	res, err := finishScript.Run(ctx, s.rdb,
 		[]string{s.recordKey(send.Campaign, send.MchID, send.OutRequestNo), s.countsKey(send.Campaign),
 			s.rateKey(send.Campaign, now.Unix())},
-		owner, string(r.State), r.CouponID, r.Code, r.Message, now.UnixMilli(), r.NotCalled).Text()
+		owner, string(r.State), r.CouponID, r.Code, r.Message, now.UnixMilli(), r.NotCalled, r.issued(), r.Payload).Text()
 	if err != nil {
 		return fmt.Errorf("idempotency: recording %s: %w", send.OutRequestNo, err)
 	}
@@ -283,7 +315,10 @@ func recordFrom(mchID, outRequestNo string, m map[string]string) Record {
 	r := Record{
 		MchID: mchID, OutRequestNo: outRequestNo, Campaign: m["campaign"], OpenID: m["openid"],
 		StockID: m["stock_id"], State: State(m["state"]), CouponID: m["coupon_id"], Code: m["code"],
-		Message: m["message"],
+		Message: m["message"], MaybeIssued: m["maybe_issued"] == "1", ClaimedFrom: State(m["claimed_from"]),
+	}
+	if p, ok := m["payload"]; ok {
+		r.Payload = []byte(p)
 	}
 	r.Attempts, _ = strconv.Atoi(m["attempts"])
 	r.FirstAttempt = millis(m["first_at"])

@@ -280,3 +280,117 @@ func TestKeysUnderThePrefix(t *testing.T) {
 		}
 	}
 }
+
+// A delivery that takes over an expired lease cannot know whether the
+// dead holder's call issued a coupon: the record says it may have, until
+// WeChat answers.
+func TestTakeoverMarksMaybeIssuedUntilAnswered(t *testing.T) {
+	s, ctx := newStore(t), context.Background()
+	a := send(1)
+	s.Register(ctx, a)
+	if c, _ := s.TryClaim(ctx, a, "dead", time.Millisecond); !c.Acquired || c.Record.MaybeIssued {
+		t.Fatalf("first claim %+v", c)
+	}
+	time.Sleep(5 * time.Millisecond)
+	s.rdb.Del(ctx, s.userLockKey(a.MchID, a.OpenID)) // the dead holder's lock expired with its lease
+	c, err := s.TryClaim(ctx, a, "w2", time.Minute)
+	if err != nil || !c.Acquired || !c.Record.MaybeIssued || c.Record.ClaimedFrom != InFlight {
+		t.Fatalf("takeover %+v %v", c, err)
+	}
+	// A rate limit is no answer: the flag stays.
+	s.Finish(ctx, a, "w2", Result{State: WaitingRate, Code: "FREQUENCY_LIMIT_EXCEED"})
+	if rec, _ := s.Get(ctx, a); !rec.MaybeIssued {
+		t.Fatalf("a rate limit cleared the flag: %+v", rec)
+	}
+	// The dead holder's late result comes in: lost, and the flag stays.
+	if err := s.Finish(ctx, a, "dead", Result{State: Failed, Code: "X", Answered: true}); !errors.Is(err, ErrLeaseLost) {
+		t.Fatalf("late finish: %v", err)
+	}
+	c, _ = s.TryClaim(ctx, a, "w3", time.Minute)
+	if err := s.Finish(ctx, a, "w3", Result{State: WaitingBudget, Code: "NOT_ENOUGH", Answered: true}); err != nil {
+		t.Fatal(err)
+	}
+	if rec, _ := s.Get(ctx, a); rec.MaybeIssued {
+		t.Fatalf("WeChat's answer did not clear the flag: %+v", rec)
+	}
+}
+
+func TestUnknownKeepsItsTaskUntilSettled(t *testing.T) {
+	s, ctx := newStore(t), context.Background()
+	a := send(1)
+	s.Register(ctx, a)
+	s.TryClaim(ctx, a, "w1", time.Minute)
+	s.Finish(ctx, a, "w1", Result{State: Unknown, Code: "SYSTEM_ERROR", MaybeIssued: true, Payload: []byte("coupon:send\n{}")})
+	st := wantCounts(t, s, map[State]int64{Unknown: 1})
+	if !st.Done() || st.Settled() {
+		t.Fatalf("an unknown send: done %v, settled %v", st.Done(), st.Settled())
+	}
+	rec, _ := s.Get(ctx, a)
+	if !rec.MaybeIssued || string(rec.Payload) != "coupon:send\n{}" {
+		t.Fatalf("unknown record %+v", rec)
+	}
+	// Unknown is not terminal: reconcile claims it again.
+	c, _ := s.TryClaim(ctx, a, "reconcile", time.Minute)
+	if !c.Acquired {
+		t.Fatalf("reconcile could not claim an unknown send: %+v", c)
+	}
+	s.Finish(ctx, a, "reconcile", Result{State: Succeeded, CouponID: "c1", Answered: true})
+	rec, _ = s.Get(ctx, a)
+	if rec.Payload != nil || rec.MaybeIssued {
+		t.Fatalf("settled record keeps %+v", rec)
+	}
+	if st := wantCounts(t, s, map[State]int64{Succeeded: 1}); !st.Settled() {
+		t.Fatal("not settled")
+	}
+}
+
+// Redis keeps the writes of a script that fails halfway: every script
+// checks what could fail before it writes anything.
+func TestScriptsWriteNothingWhenTheyFail(t *testing.T) {
+	s, ctx := newStore(t), context.Background()
+	a, b := send(1), send(2)
+	s.Register(ctx, a)
+	s.TryClaim(ctx, a, "w1", time.Minute)
+	counts := s.countsKey("c1")
+	s.rdb.HSet(ctx, counts, "succeeded", "garbage")
+	before, _ := s.rdb.HGetAll(ctx, s.recordKey("c1", a.MchID, a.OutRequestNo)).Result()
+	if err := s.Finish(ctx, a, "w1", Result{State: Succeeded, CouponID: "c1"}); err == nil {
+		t.Fatal("finish over a corrupt counter succeeded")
+	}
+	after, _ := s.rdb.HGetAll(ctx, s.recordKey("c1", a.MchID, a.OutRequestNo)).Result()
+	if fmt.Sprint(before) != fmt.Sprint(after) {
+		t.Fatalf("the record changed though the script failed:\n before %v\n after  %v", before, after)
+	}
+	if n, _ := s.rdb.HGet(ctx, counts, "in_flight").Int(); n != 1 {
+		t.Fatalf("in_flight counter %d after a failed finish", n)
+	}
+	s.rdb.HSet(ctx, counts, "pending", "garbage")
+	if _, _, err := s.Register(ctx, b); err == nil {
+		t.Fatal("register over a corrupt counter succeeded")
+	}
+	if n, _ := s.rdb.Exists(ctx, s.recordKey("c1", b.MchID, b.OutRequestNo)).Result(); n != 0 {
+		t.Fatal("the record was written though the register failed")
+	}
+	if total, _ := s.rdb.HGet(ctx, counts, "total").Int(); total != 1 {
+		t.Fatalf("total %d", total)
+	}
+}
+
+// A user lock without a TTL would hold the user for ever.
+func TestUserLockWithoutTTLIsBounded(t *testing.T) {
+	s, ctx := newStore(t), context.Background()
+	a := send(1)
+	s.Register(ctx, a)
+	lock := s.userLockKey(a.MchID, a.OpenID)
+	s.rdb.Set(ctx, lock, "ghost|r0", 0)
+	if c, _ := s.TryClaim(ctx, a, "w1", 50*time.Millisecond); !c.Busy {
+		t.Fatalf("claim under another's lock: %+v", c)
+	}
+	if ttl, _ := s.rdb.PTTL(ctx, lock).Result(); ttl <= 0 {
+		t.Fatalf("the lock still has no TTL: %s", ttl)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if c, _ := s.TryClaim(ctx, a, "w1", time.Minute); !c.Acquired {
+		t.Fatalf("the user is still held: %+v", c)
+	}
+}

@@ -134,7 +134,7 @@ func TestFleetCollectorCountsCampaigns(t *testing.T) {
 	want := map[string]float64{
 		"campaign=spring,state=pending": 1, "campaign=spring,state=in_flight": 1, "campaign=spring,state=retrying": 0,
 		"campaign=spring,state=waiting_rate": 1, "campaign=spring,state=waiting_budget": 0,
-		"campaign=spring,state=succeeded": 2, "campaign=spring,state=failed": 1,
+		"campaign=spring,state=succeeded": 2, "campaign=spring,state=failed": 1, "campaign=spring,state=unknown": 0,
 	}
 	for _, st := range idempotency.States { // a campaign with no sends has every state, at 0
 		want["campaign=autumn,state="+string(st)] = 0

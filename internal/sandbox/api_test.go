@@ -329,6 +329,15 @@ func TestIdempotency(t *testing.T) {
 	if again := mustSend(t, c, shared, a); again != first {
 		t.Fatalf("retry got coupon %s, want %s", again, first)
 	}
+	// WeChat's idempotent re-entry answers before it looks at the budget
+	// or the stock's state: the worker relies on it to resend a send that
+	// may have been issued through an open budget breaker.
+	if err := shared.SetStockState(stock.ID, sandbox.StateStopped); err != nil {
+		t.Fatal(err)
+	}
+	if again := mustSend(t, c, shared, a); again != first {
+		t.Fatalf("retry on a stopped stock got coupon %s, want %s", again, first)
+	}
 	n := 0
 	for _, lc := range shared.Ledger().Coupons {
 		if lc.OutRequestNo == a.outNo {

@@ -5,6 +5,7 @@
 package tasks
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -241,4 +242,19 @@ func Decode(t *asynq.Task) (Args, error) {
 		return nil, fmt.Errorf("%s payload: %w", t.Type(), err)
 	}
 	return args, nil
+}
+
+// Keep is a task as one value that outlives asynq's copy (the record of
+// an unknown send keeps it for reconcile): its type, a newline, its payload.
+func Keep(t *asynq.Task) []byte {
+	return append([]byte(t.Type()+"\n"), t.Payload()...)
+}
+
+// Kept is the task Keep returned.
+func Kept(b []byte) (*asynq.Task, error) {
+	typ, payload, ok := bytes.Cut(b, []byte("\n"))
+	if !ok {
+		return nil, fmt.Errorf("a kept task must be its type, a newline and its payload; got %d bytes without a newline", len(b))
+	}
+	return asynq.NewTask(string(typ), payload), nil
 }
