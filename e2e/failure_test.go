@@ -174,7 +174,9 @@ func TestWorkerKilledMidCampaign(t *testing.T) {
 	if out, code := r.enqueuer("campaign", "--file", path, "--stock-id", r.stockID(), "--campaign", "crash"); code != 0 {
 		t.Fatal(out)
 	}
-	a := r.worker("a", "--concurrency", "8")
+	// A claim runs out 2×call-timeout+10s after it is taken: 20 s here.
+	args := []string{"--concurrency", "8", "--http-addr=", "--call-timeout", "5s", "--sweep-every", "1s"}
+	a := r.worker("a", args...)
 	r.waitFor("crash", time.Minute, "100 sent", func(st idempotency.Status) bool { return st.ByState[idempotency.Succeeded] >= 100 })
 	a.signal(syscall.SIGKILL)
 	killed := time.Now()
@@ -183,17 +185,24 @@ func TestWorkerKilledMidCampaign(t *testing.T) {
 	orphans := st.ByState[idempotency.InFlight]
 	t.Logf("killed with %d sends in flight", orphans)
 
-	// A survivor takes the rest at once; the orphans wait for asynq.
-	r.worker("b", "--concurrency", "8")
+	// A survivor takes the rest at once, and the dead worker's sends once
+	// their claims run out: asynq alone would give them back only after
+	// 55 to 120 s (its lease of 30 s, then its recoverer, once a minute,
+	// for leases expired 30 s before).
+	b := r.worker("b", args...)
 	r.waitFor("crash", 2*time.Minute, "everything but the orphans", func(st idempotency.Status) bool {
 		return st.ByState[idempotency.Succeeded]+st.ByState[idempotency.InFlight] == 400 && st.ByState[idempotency.Pending] == 0
 	})
-	time.Sleep(time.Until(killed.Add(62 * time.Second)))
-	r.worker("c", "--concurrency", "8") // its recoverer runs at start
-	r.waitFor("crash", time.Minute, "every send done", done)
+	r.waitFor("crash", 2*time.Minute, "every send done", done)
+	tailTime := time.Since(killed)
 	r.checkOneCouponEach(r.stockID(), openids)
 	if orphans == 0 {
 		t.Log("no send was in flight at the kill; the takeover path went unexercised this time")
+		return
+	}
+	t.Logf("the %d sends the killed worker held were done %s after the kill", orphans, tailTime.Round(100*time.Millisecond))
+	if !strings.Contains(b.out.String(), "queued again a send a dead worker held") {
+		t.Errorf("the survivor's sweeper did not take the dead worker's sends; they came back %s after the kill", tailTime.Round(time.Second))
 	}
 }
 

@@ -33,6 +33,7 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	deadline := c.fs.String("deadline", "72h", "how long sends wait on an exhausted budget: a duration or an RFC 3339 time (kept from the first run)")
 	concurrency := c.fs.Int("concurrency", 32, "enqueues in flight at once")
 	queue := c.fs.String("queue", tasks.DefaultQueue, "asynq queue")
+	c.retryFlag()
 	showInvalid := c.fs.Int("show-invalid", 20, "invalid rows listed in the summary; the rest are counted")
 	progress := c.fs.String("progress", "auto", "auto (a bar on a terminal, lines otherwise), bar, lines or none")
 	retention := c.fs.Duration("retention", idempotency.DefaultRetention, "how long the records are kept once every send has succeeded or failed; then every key of the campaign expires and only its tombstone is left (kept from the first run unless given again)")

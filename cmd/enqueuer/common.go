@@ -15,6 +15,7 @@ import (
 	"github.com/couponflow/dispatcher/internal/envflag"
 	"github.com/couponflow/dispatcher/internal/idempotency"
 	"github.com/couponflow/dispatcher/internal/redisconn"
+	"github.com/couponflow/dispatcher/internal/tasks"
 	"github.com/couponflow/dispatcher/internal/wechat"
 )
 
@@ -26,6 +27,7 @@ type common struct {
 	redisURL  string
 	shards    int
 	set       map[string]bool // flags given on the command line or by the environment
+	maxRetry  int
 }
 
 func newFlags(name, synopsis string, stderr io.Writer) *common {
@@ -78,7 +80,12 @@ func (c *common) redis(ctx context.Context, pool int) (redis.UniversalClient, er
 
 func (c *common) producer(rdb redis.UniversalClient, queue string) *enqueue.Producer {
 	return enqueue.New(asynq.NewClientFromRedisClient(rdb), idempotency.New(rdb), enqueue.WithQueue(queue),
-		enqueue.WithQueueShards(c.shards))
+		enqueue.WithQueueShards(c.shards), enqueue.WithMaxRetry(c.maxRetry))
+}
+
+// retryFlag adds --max-retry to a command that queues sends.
+func (c *common) retryFlag() {
+	c.fs.IntVar(&c.maxRetry, "max-retry", tasks.MaxRetry, "resends after ambiguous outcomes (5xx, timeouts) before a send ends unknown, to be settled by reconcile; rate limits and budget waits do not count")
 }
 
 // parseDeadline takes a duration from now or an RFC 3339 time.

@@ -35,6 +35,7 @@ commands:
              a .gz file, which a settled campaign's tombstone remembers)
   coupons    a user's coupons, through the WeChat Pay list API
   stock      status|resume --stock-id ID: a stock's budget breaker
+  reconcile  settle a campaign's unknown sends by asking WeChat
 
 Run "enqueuer <command> -h" for its flags. Every command reads REDIS_ADDR
 and the WECHATPAY_* variables (see the README).
@@ -65,6 +66,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	cmds := map[string]func(context.Context, []string, io.Writer, io.Writer) error{
 		"send": cmdSend, "campaign": cmdCampaign, "status": cmdStatus, "report": cmdReport, "coupons": cmdCoupons, "stock": cmdStock,
+		"reconcile": cmdReconcile,
 	}
 	cmd, ok := cmds[args[0]]
 	if !ok {

@@ -29,6 +29,7 @@ func cmdSend(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	campaignName := c.fs.String("campaign", "adhoc", "campaign the send belongs to")
 	deadline := c.fs.String("deadline", "72h", "how long to keep retrying an exhausted budget: a duration or an RFC 3339 time")
 	queue := c.fs.String("queue", tasks.DefaultQueue, "asynq queue")
+	c.retryFlag()
 	if err := c.parse(args); err != nil {
 		return err
 	}

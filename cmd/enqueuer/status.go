@@ -176,6 +176,9 @@ func printStatus(w io.Writer, meta idempotency.Campaign, st idempotency.Status, 
 	for _, code := range codes {
 		fmt.Fprintf(w, "    failed %-22s %d\n", code, st.FailedByCode[code])
 	}
+	if n := st.ByState[idempotency.Unknown]; n > 0 {
+		fmt.Fprintf(w, "  %d sends are unknown: WeChat never answered them and their coupons may exist; do not resend them elsewhere. Run: enqueuer reconcile --campaign %s\n", n, meta.Name)
+	}
 	fmt.Fprintf(w, "  shared rate now: %s %.1f/s, %s %.2f/s (the configured limit, or less for a while after WeChat answered 429)\n",
 		ratelimit.SendCoupon, f.Rates[ratelimit.SendCoupon], ratelimit.SendMultiuse, f.Rates[ratelimit.SendMultiuse])
 	for _, b := range f.Breakers {

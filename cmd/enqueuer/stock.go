@@ -2,11 +2,13 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"time"
 
 	"github.com/hibiken/asynq"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/couponflow/dispatcher/internal/breaker"
 	"github.com/couponflow/dispatcher/internal/tasks"
@@ -36,18 +38,18 @@ func cmdStock(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		if err := b.Resume(ctx, c.wx.MchID, *stock); err != nil {
 			return err
 		}
-		// Held sends sleep in asynq's retry set until their next probe time;
-		// wake them now. Other retries in the queue run early too, which is
-		// safe: every send is idempotent by its out_request_no.
+		// Held sends sleep in asynq's retry set until their next probe time.
+		// Woken into their own queue, they go out ahead of any backlog.
 		woken := 0
 		for _, q := range tasks.ShardQueues(*queue, c.shards) {
-			n, err := asynq.NewInspectorFromRedisClient(rdb).RunAllRetryTasks(q)
-			if err != nil {
-				return fmt.Errorf("breaker closed, but waking the queue %s failed: %w", q, err)
-			}
+			n, err := wake(ctx, rdb, q, c.wx.MchID, *stock)
 			woken += n
+			if err != nil {
+				return fmt.Errorf("breaker closed, but waking the sends held in %s failed after %d: %w; run resume again", q, woken, err)
+			}
 		}
-		fmt.Fprintf(stdout, "stock %s: breaker closed; %d waiting sends in queue %s woken\n", *stock, woken, *queue)
+		fmt.Fprintf(stdout, "stock %s: breaker closed; %d held sends woken into %s, served before the rest of the queue\n",
+			*stock, woken, tasks.WokenQueue(*queue))
 		return nil
 	}
 	st, err := b.Status(ctx, c.wx.MchID, *stock)
@@ -62,4 +64,61 @@ func cmdStock(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		*stock, st.OpenedAt.Format(time.RFC3339), st.Probes, time.Until(st.NextProbe).Round(time.Second),
 		st.NextProbe.Format(time.RFC3339), st.Interval)
 	return nil
+}
+
+// wake moves the sends of a stock that wait in a queue's retry set (and in
+// its woken queue's) into the woken queue, to be processed now. A kill
+// between a task's delete and its enqueue loses nothing: its record still
+// waits, and the fleet's sweeper queues it again.
+func wake(ctx context.Context, rdb redis.UniversalClient, queue, mchID, stockID string) (int, error) {
+	insp := asynq.NewInspectorFromRedisClient(rdb)
+	client := asynq.NewClientFromRedisClient(rdb)
+	woken := tasks.WokenQueue(queue)
+	moved := 0
+	for _, q := range []string{queue, woken} {
+		// The ids first: deleting while paging would shift the pages.
+		var ids []string
+		for page := 1; ; page++ {
+			infos, err := insp.ListRetryTasks(q, asynq.PageSize(1000), asynq.Page(page))
+			if errors.Is(err, asynq.ErrQueueNotFound) {
+				break
+			}
+			if err != nil {
+				return moved, err
+			}
+			for _, info := range infos {
+				args, err := tasks.Decode(asynq.NewTask(info.Type, info.Payload))
+				if err == nil && args.Base().MchID == mchID && args.Base().StockID == stockID {
+					ids = append(ids, info.ID)
+				}
+			}
+			if len(infos) < 1000 {
+				break
+			}
+		}
+		for _, id := range ids {
+			info, err := insp.GetTaskInfo(q, id)
+			if errors.Is(err, asynq.ErrTaskNotFound) || (err == nil && info.State == asynq.TaskStateActive) {
+				continue // done, or being sent, meanwhile
+			}
+			if err != nil {
+				return moved, err
+			}
+			t, err := tasks.Requeue(append([]byte(info.Type+"\n"), info.Payload...), woken)
+			if err != nil {
+				return moved, err
+			}
+			if err := insp.DeleteTask(q, id); err != nil {
+				if errors.Is(err, asynq.ErrTaskNotFound) {
+					continue
+				}
+				return moved, err
+			}
+			if _, err := client.EnqueueContext(ctx, t); err != nil && !errors.Is(err, asynq.ErrTaskIDConflict) {
+				return moved, err
+			}
+			moved++
+		}
+	}
+	return moved, nil
 }

@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -29,6 +30,7 @@ import (
 	"github.com/couponflow/dispatcher/internal/metrics"
 	"github.com/couponflow/dispatcher/internal/ratelimit"
 	"github.com/couponflow/dispatcher/internal/redisconn"
+	"github.com/couponflow/dispatcher/internal/sweep"
 	"github.com/couponflow/dispatcher/internal/tasks"
 	"github.com/couponflow/dispatcher/internal/wechat"
 )
@@ -57,6 +59,8 @@ func run(argv []string) error {
 	rateWait := fs.Duration("rate-wait", time.Second, "first wait after a rate limit; it grows up to --rate-wait-max")
 	rateWaitMax := fs.Duration("rate-wait-max", 30*time.Second, "longest wait after a rate limit")
 	retentionSweep := fs.Duration("retention-sweep", 30*time.Second, "how often to look for settled campaigns, start their retention and expire their keys once it has passed (one worker of the fleet at a time); 0 disables")
+	sweepEvery := fs.Duration("sweep-every", 10*time.Second, "how often the fleet looks for a dead worker's sends and for stalled campaigns whose tasks asynq lost (one worker sweeps at a time); 0 turns it off")
+	sweepStall := fs.Duration("sweep-stall", 15*time.Minute, "a campaign not done whose sends have not changed for this long is checked for lost tasks; keep it above --breaker-probe-max")
 	httpAddr := fs.String("http-addr", "127.0.0.1:9091", "where to serve /metrics, /healthz and /readyz; empty disables")
 	logFormat := fs.String("log-format", "json", "json or text")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
@@ -65,6 +69,7 @@ func run(argv []string) error {
 		"call-timeout": "WORKER_CALL_TIMEOUT", "breaker-probe": "WORKER_BREAKER_PROBE", "breaker-probe-max": "WORKER_BREAKER_PROBE_MAX",
 		"rate-limits": "WORKER_RATE_LIMITS", "rate-max-wait": "WORKER_RATE_MAX_WAIT",
 		"rate-wait": "WORKER_RATE_WAIT", "rate-wait-max": "WORKER_RATE_WAIT_MAX",
+		"sweep-every": "WORKER_SWEEP_EVERY", "sweep-stall": "WORKER_SWEEP_STALL",
 		"log-format": "LOG_FORMAT", "log-level": "LOG_LEVEL", "http-addr": "WORKER_HTTP_ADDR",
 		"retention-sweep": "WORKER_RETENTION_SWEEP",
 	}, argv)
@@ -146,11 +151,24 @@ func run(argv []string) error {
 		}
 		defer stop()
 	}
-	if *retentionSweep > 0 {
+	if *sweepEvery > 0 {
 		sweepCtx, stopSweep := context.WithCancel(ctx)
+		defer stopSweep()
+		base := make([]string, 0, len(queueWeights))
+		for q := range queueWeights {
+			if !strings.HasSuffix(q, tasks.WokenQueue("")) {
+				base = append(base, q)
+			}
+		}
+		sort.Strings(base)
+		go sweep.New(rdb, store, sweep.WithInterval(*sweepEvery), sweep.WithStallAfter(*sweepStall),
+			sweep.WithQueues(base...), sweep.WithLogger(log)).Run(sweepCtx)
+	}
+	if *retentionSweep > 0 {
+		retentionCtx, stopRetention := context.WithCancel(ctx)
 		swept := make(chan struct{})
-		go func() { defer close(swept); store.RunSweeper(sweepCtx, *retentionSweep, log) }()
-		defer func() { stopSweep(); <-swept }()
+		go func() { defer close(swept); store.RunSweeper(retentionCtx, *retentionSweep, log) }()
+		defer func() { stopRetention(); <-swept }()
 	}
 	// Run returns after SIGTERM or SIGINT, once calls in flight are done.
 	if err := srv.Run(mux); err != nil {
@@ -207,6 +225,7 @@ func parseQueues(s string, shards int) (map[string]int, error) {
 		}
 		for _, q := range tasks.ShardQueues(name, shards) {
 			out[q] = weight
+			out[tasks.WokenQueue(q)] = weight * tasks.WokenWeight
 		}
 	}
 	if len(out) == 0 {

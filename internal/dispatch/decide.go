@@ -103,22 +103,32 @@ func (p policy) admit(a attempt, d breaker.Decision, stockID string) (probe bool
 // probe, or fails it at the deadline. Only for a send that cannot have
 // been issued: every call it made was answered.
 func (p policy) holdForBudget(a attempt, until time.Time, stockID string) *heldSend {
-	if !a.now.Before(a.deadline) {
-		return &heldSend{
-			res: idempotency.Result{State: idempotency.Failed, NotCalled: true, Code: "NOT_ENOUGH",
-				Message: fmt.Sprintf("the stock's budget was still exhausted at the campaign deadline %s", a.deadline.UTC().Format(time.RFC3339))},
-			ret: fmt.Errorf("stock %s exhausted past the deadline: %w", stockID, asynq.SkipRetry),
-		}
+	res := idempotency.Result{NotCalled: true, Code: "NOT_ENOUGH",
+		Message: "held: the stock's budget breaker is open until " + until.UTC().Format(time.RFC3339)}
+	res, ret := p.waitForBudget(a, res, until, errors.New("stock "+stockID+" has no budget"))
+	return &heldSend{res: res, ret: ret}
+}
+
+// waitForBudget is the one rule for a send whose stock has no budget, held
+// or answered NOT_ENOUGH: wait until next (the breaker's next probe; zero:
+// a growing backoff), never past the campaign's deadline, and at the
+// deadline fail: no coupon exists, as every call of the send was answered.
+func (p policy) waitForBudget(a attempt, res idempotency.Result, next time.Time, cause error) (idempotency.Result, error) {
+	if !a.now.Before(a.deadline) || a.final {
+		res.State = idempotency.Failed
+		res.Message = fmt.Sprintf("budget exhausted at %s (campaign deadline %s); no coupon was issued: %s",
+			a.now.UTC().Format(time.RFC3339), a.deadline.UTC().Format(time.RFC3339), res.Message)
+		return res, fmt.Errorf("%v: %w", cause, asynq.SkipRetry)
 	}
-	delay := until.Sub(a.now) + p.jitter(time.Second)
+	res.State = idempotency.WaitingBudget
+	delay := p.jitter(exponential(a.rec.Attempts-1, p.budgetWait[0], p.budgetWait[1]))
+	if !next.IsZero() {
+		delay = next.Sub(a.now) + p.jitter(time.Second)
+	}
 	if left := a.deadline.Sub(a.now); delay > left {
-		delay = left
+		delay = left // one last try at the deadline
 	}
-	return &heldSend{
-		res: idempotency.Result{State: idempotency.WaitingBudget, NotCalled: true, Code: "NOT_ENOUGH",
-			Message: "held: the stock's budget breaker is open until " + until.UTC().Format(time.RFC3339)},
-		ret: &waitError{reason: "budget breaker open", delay: delay, err: errors.New("stock " + stockID + " has no budget")},
-	}
+	return res, &waitError{reason: "budget exhausted", delay: delay, err: cause}
 }
 
 // heldSend is a send stopped before its call: what to record, what to return.
@@ -144,22 +154,8 @@ func (p policy) settle(a attempt, o outcome, nextProbe time.Time) (idempotency.R
 		res.State = idempotency.Failed
 		return res, fmt.Errorf("%v: %w", err, asynq.SkipRetry)
 	case wechat.BudgetExhausted:
-		if !a.now.Before(a.deadline) || a.final {
-			res.State = idempotency.Failed
-			res.Message = fmt.Sprintf("budget exhausted at %s (campaign deadline %s); no coupon was issued: %s",
-				a.now.UTC().Format(time.RFC3339), a.deadline.UTC().Format(time.RFC3339), res.Message)
-			return res, fmt.Errorf("%v: %w", err, asynq.SkipRetry)
-		}
-		res.State = idempotency.WaitingBudget
-		delay := p.jitter(exponential(a.rec.Attempts-1, p.budgetWait[0], p.budgetWait[1]))
-		if !nextProbe.IsZero() {
-			// The breaker holds the stock until its next probe anyway.
-			delay = nextProbe.Sub(a.now) + p.jitter(time.Second)
-		}
-		if left := a.deadline.Sub(a.now); delay > left {
-			delay = left // one last try at the deadline
-		}
-		return res, &waitError{reason: "budget exhausted", delay: delay, err: err}
+		// The breaker holds the stock until its next probe anyway.
+		return p.waitForBudget(a, res, nextProbe, err)
 	case wechat.RateLimited:
 		if a.final {
 			return p.unknown(a, res, "WeChat rate-limited the resend")
@@ -180,7 +176,7 @@ func (p policy) settle(a attempt, o outcome, nextProbe time.Time) (idempotency.R
 // reconcile settles it by resending the identical request.
 func (p policy) unknown(a attempt, res idempotency.Result, why string) (idempotency.Result, error) {
 	res.State = idempotency.Unknown
-	res.Payload = a.payload
+	res.Task = a.payload
 	res.MaybeIssued = true
 	res.Message = fmt.Sprintf("%s; the coupon may have been issued: run enqueuer reconcile, which resends the identical request (last: %s %s)",
 		why, res.Code, res.Message)

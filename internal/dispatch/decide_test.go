@@ -85,8 +85,8 @@ func TestSettle(t *testing.T) {
 			if got := issuedOf(res); got != c.issued {
 				t.Errorf("maybe_issued change %q, want %q", got, c.issued)
 			}
-			if (res.Payload != nil) != c.payload {
-				t.Errorf("payload kept: %v, want %v", res.Payload != nil, c.payload)
+			if (res.Task != nil) != c.payload {
+				t.Errorf("payload kept: %v, want %v", res.Task != nil, c.payload)
 			}
 			var w *waitError
 			if errors.As(err, &w) && w.delay < c.delayMin {

@@ -138,7 +138,7 @@ func TestReconcileReportsOnlyRedisErrors(t *testing.T) {
 	if err := newTestHandler(s, c).Reconcile(context.Background(), kept); err != nil {
 		t.Fatal(err)
 	}
-	if r := s.finished[0]; r.State != idempotency.Unknown || string(r.Payload) != string(kept) {
+	if r := s.finished[0]; r.State != idempotency.Unknown || string(r.Task) != string(kept) {
 		t.Fatalf("recorded %+v; want still unknown with its task kept", r)
 	}
 	s.finishErr = errRedis

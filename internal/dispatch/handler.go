@@ -307,7 +307,7 @@ func (h *Handler) deliver(ctx context.Context, args tasks.Args, kept []byte, las
 		if back == idempotency.InFlight {
 			back = idempotency.Retrying // a takeover: the send is marked maybe issued
 		}
-		_ = record(idempotency.Result{State: back, NotCalled: true, Code: a.rec.Code, Message: a.rec.Message, Payload: a.payload})
+		_ = record(idempotency.Result{State: back, NotCalled: true, Code: a.rec.Code, Message: a.rec.Message, Task: a.payload})
 		return &waitError{reason: reasonRedis, delay: h.jitter(5 * time.Second), err: err}
 	}
 
@@ -389,7 +389,7 @@ func (h *Handler) gate(ctx context.Context, args tasks.Args, a attempt) (probe b
 			h.held(metrics.HeldRateSlot, send)
 			res := idempotency.Result{State: idempotency.WaitingRate, NotCalled: true, Code: a.rec.Code, Message: a.rec.Message}
 			if a.final {
-				res.State, res.Payload = idempotency.Unknown, a.payload
+				res.State, res.Task = idempotency.Unknown, a.payload
 			}
 			return probe, &heldSend{res: res, ret: &waitError{reason: "rate limit slot", delay: h.jitter(tl.RetryAfter), err: tl}}, nil
 		}

@@ -188,16 +188,16 @@ func TestAmbiguousOnTheLastTryIsUnknownUntilReconciled(t *testing.T) {
 	a := w.send(stock, "o1", "r-amb-1", far(), asynq.MaxRetry(1))
 	w.waitState(a, idempotency.Retrying, 10*time.Second)
 	rec := w.waitState(a, idempotency.Unknown, 15*time.Second)
-	if rec.Code != "SYSTEM_ERROR" || rec.Attempts != 2 || !rec.MaybeIssued || !strings.Contains(rec.Message, "reconcile") || len(rec.Payload) == 0 {
+	if rec.Code != "SYSTEM_ERROR" || rec.Attempts != 2 || !rec.MaybeIssued || !strings.Contains(rec.Message, "reconcile") || len(rec.Task) == 0 {
 		t.Fatalf("record %+v", rec)
 	}
 	w.sb.SetFaults(sandbox.Faults{})
-	if err := w.h.Reconcile(context.Background(), rec.Payload); err != nil {
+	if err := w.h.Reconcile(context.Background(), rec.Task); err != nil {
 		t.Fatal(err)
 	}
 	rec = w.record(a)
 	issued := w.sb.Ledger().Coupons
-	if rec.State != idempotency.Succeeded || len(issued) != 1 || rec.CouponID != issued[0].CouponID || rec.MaybeIssued || rec.Payload != nil {
+	if rec.State != idempotency.Succeeded || len(issued) != 1 || rec.CouponID != issued[0].CouponID || rec.MaybeIssued || rec.Task != nil {
 		t.Fatalf("after reconcile: record %+v, ledger %+v", rec, issued)
 	}
 }

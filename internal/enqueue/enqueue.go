@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 
 	"github.com/hibiken/asynq"
 
@@ -17,10 +18,12 @@ import (
 
 // Producer enqueues sends.
 type Producer struct {
-	client *asynq.Client
-	store  *idempotency.Store
-	queue  string
-	shards int
+	client   *asynq.Client
+	store    *idempotency.Store
+	queue    string
+	shards   int
+	maxRetry int
+	saved    sync.Map // campaigns this producer has made known to the store
 }
 
 // Option configures a Producer.
@@ -32,6 +35,11 @@ func WithQueue(q string) Option { return func(p *Producer) { p.queue = q } }
 // WithQueueShards spreads sends over n queues (see tasks.ShardQueue);
 // workers must then listen on all of them.
 func WithQueueShards(n int) Option { return func(p *Producer) { p.shards = n } }
+
+// WithMaxRetry bounds the ambiguous outcomes a send may meet before it
+// ends unknown (default tasks.MaxRetry); waits on a rate limit or a budget
+// do not count.
+func WithMaxRetry(n int) Option { return func(p *Producer) { p.maxRetry = n } }
 
 // New returns a producer that queues through client and records in store.
 func New(client *asynq.Client, store *idempotency.Store, opts ...Option) *Producer {
@@ -77,14 +85,27 @@ func (e *InvalidError) Unwrap() error { return e.Err }
 // than *InvalidError means Redis failed; running the same Enqueue again
 // is safe and completes the work.
 func (p *Producer) Enqueue(ctx context.Context, args tasks.Args) (Result, error) {
-	task, err := tasks.NewTask(args, asynq.Queue(tasks.ShardQueue(p.queue, p.shards, args.Key().OutRequestNo)))
+	opts := []asynq.Option{asynq.Queue(tasks.ShardQueue(p.queue, p.shards, args.Key().OutRequestNo))}
+	if p.maxRetry > 0 {
+		opts = append(opts, asynq.MaxRetry(p.maxRetry))
+	}
+	task, err := tasks.NewTask(args, opts...)
 	if err != nil {
 		return Result{}, &InvalidError{Err: err}
 	}
 	b := args.Base()
+	if _, ok := p.saved.Load(b.Campaign); !ok {
+		// The store lists campaigns for status, the monitor and the sweeper.
+		if _, err := p.store.SaveCampaign(ctx, idempotency.Campaign{Name: b.Campaign, MchID: b.MchID, Deadline: b.Deadline}); err != nil {
+			return Result{}, err
+		}
+		p.saved.Store(b.Campaign, true)
+	}
 	res := Result{TaskID: args.Key().TaskID()}
+	queue := tasks.ShardQueue(p.queue, p.shards, args.Key().OutRequestNo)
 	created, state, err := p.store.Register(ctx, idempotency.Send{
 		MchID: b.MchID, OutRequestNo: b.OutRequestNo, Campaign: b.Campaign, OpenID: b.OpenID, StockID: b.StockID,
+		Task: tasks.Keep(task), Queue: queue,
 	})
 	if err != nil {
 		return Result{}, err

@@ -91,6 +91,9 @@ type Status struct {
 	// the last ten seconds; a window younger than that counts from its
 	// first success.
 	Rate, Rate10s float64
+	// ChangedAt is when a send of the campaign last changed state: a
+	// campaign not done whose sends stopped changing may have lost tasks.
+	ChangedAt time.Time
 }
 
 // Done reports whether the workers have nothing left to do: every send
@@ -130,6 +133,8 @@ func (s *Store) Status(ctx context.Context, campaign string) (Status, error) {
 		switch {
 		case k == "total":
 			st.Total = n
+		case k == "changed_ms":
+			st.ChangedAt = time.UnixMilli(n)
 		case strings.HasPrefix(k, "failed:"):
 			if n != 0 {
 				st.FailedByCode[strings.TrimPrefix(k, "failed:")] = n

@@ -46,6 +46,7 @@ if takeover then
 end
 redis.call('HINCRBY', KEYS[2], st, -1)
 redis.call('HINCRBY', KEYS[2], 'in_flight', 1)
+redis.call('HSET', KEYS[2], 'changed_ms', ARGV[2])
 -- claimed_from lets a delivery stopped before its call give the send back as it was.
 redis.call('HSET', rec, 'state', 'in_flight', 'owner', ARGV[1], 'lease_until', now + tonumber(ARGV[3]),
   'last_at', ARGV[2], 'claimed_from', st)

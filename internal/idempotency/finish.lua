@@ -2,7 +2,7 @@
 -- ARGV: owner, new state, coupon_id, code, message, now_ms,
 --       not_called ('1': no call was made), issued ('set': the call may have
 --       issued a coupon, 'clear': WeChat answered and nothing was issued, '': no news),
---       payload (kept while the send is unknown, for reconcile)
+--       the kept task (stored with an unknown send, for reconcile)
 local rec = KEYS[1]
 local new = ARGV[2]
 local st = redis.call('HGET', rec, 'state')
@@ -42,6 +42,7 @@ if st then
   end
 end
 redis.call('HINCRBY', KEYS[2], new, 1)
+redis.call('HSET', KEYS[2], 'changed_ms', ARGV[6])
 if new == 'failed' then
   redis.call('HINCRBY', KEYS[2], 'failed:' .. ARGV[4], 1)
 end
@@ -55,10 +56,10 @@ if ARGV[8] == 'set' then
 elseif ARGV[8] == 'clear' then
   redis.call('HDEL', rec, 'maybe_issued')
 end
-if new == 'unknown' then
-  redis.call('HSET', rec, 'payload', ARGV[9])
+if new == 'unknown' and ARGV[9] ~= '' then
+  redis.call('HSET', rec, 'task', ARGV[9])
 elseif new == 'succeeded' or new == 'failed' then
-  redis.call('HDEL', rec, 'payload')
+  redis.call('HDEL', rec, 'task')
 end
 if new == 'succeeded' then
   redis.call('HSET', rec, 'coupon_id', ARGV[3])

@@ -1,5 +1,5 @@
 -- KEYS: record, counts, members, meta, tomb
--- ARGV: campaign, mchid, out_request_no, openid, stock_id, now_ms
+-- ARGV: campaign, mchid, out_request_no, openid, stock_id, now_ms, task, queue
 local st = redis.call('HGET', KEYS[1], 'state')
 if st then
   return st
@@ -27,8 +27,9 @@ if redis.call('EXISTS', KEYS[5]) == 1 then
   redis.call('PERSIST', KEYS[4])
 end
 redis.call('HSET', KEYS[1], 'state', 'pending', 'campaign', ARGV[1], 'openid', ARGV[4],
-  'stock_id', ARGV[5], 'created_at', ARGV[6], 'attempts', 0)
+  'stock_id', ARGV[5], 'created_at', ARGV[6], 'attempts', 0, 'task', ARGV[7], 'queue', ARGV[8])
 redis.call('HINCRBY', KEYS[2], 'pending', 1)
 redis.call('HINCRBY', KEYS[2], 'total', 1)
+redis.call('HSET', KEYS[2], 'changed_ms', ARGV[6])
 redis.call('RPUSH', KEYS[3], ARGV[2] .. ':' .. ARGV[3])
 return 'new'

@@ -271,7 +271,14 @@ func (s *Store) Sweep(ctx context.Context) (SweepResult, error) {
 			if _, tomb, err := s.Tomb(ctx, name); err != nil {
 				return res, err
 			} else if tomb {
-				if err := s.rdb.SRem(ctx, s.campaignsKey(), name).Err(); err != nil {
+				// Off the list of campaigns, and out of the orphan
+				// sweeper's memory.
+				_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+					p.SRem(ctx, s.campaignsKey(), name)
+					p.HDel(ctx, s.keys.Swept(), name)
+					return nil
+				})
+				if err != nil {
 					return res, fmt.Errorf("idempotency: sweeping %s: %w", name, err)
 				}
 				res.Expired = append(res.Expired, name)

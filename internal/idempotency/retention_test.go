@@ -151,12 +151,17 @@ func TestSettledCampaignExpiresLeavingItsTombstone(t *testing.T) {
 	if len(campaignKeys(t, rdb, s, "c1")) != 1 {
 		t.Fatal("the refusals wrote keys")
 	}
-	// The sweeper forgets the name; the tombstone stays.
+	// The sweeper forgets the name, here and in the orphan sweeper's
+	// hash; the tombstone stays.
+	rdb.HSet(ctx, s.Keys().Swept(), "c1", 1, "other", 2)
 	if res := sweep(t, s); len(res.Expired) != 1 {
 		t.Fatalf("expired %v", res.Expired)
 	}
 	if names, _ := s.Campaigns(ctx); len(names) != 0 {
 		t.Fatalf("campaigns %v", names)
+	}
+	if f := rdb.HKeys(ctx, s.Keys().Swept()).Val(); len(f) != 1 || f[0] != "other" {
+		t.Fatalf("the orphan sweeper's hash keeps %v", f)
 	}
 }
 

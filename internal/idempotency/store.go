@@ -71,8 +71,14 @@ type Record struct {
 	// Until WeChat answers this out_request_no, the send is never
 	// recorded as failed and never held by a budget breaker.
 	MaybeIssued bool
-	// Payload is the task of an Unknown send, kept for reconcile.
-	Payload []byte
+	// Task is the send's task as tasks.Keep wrote it, kept until the send
+	// is settled: the sweeper queues it again if asynq loses it, and
+	// reconcile resends it.
+	Task []byte
+	// Queue is the asynq queue the producer put the task in.
+	Queue string
+	// LeaseUntil is when an in-flight claim runs out.
+	LeaseUntil time.Time
 	// ClaimedFrom is the state the send was in when last claimed.
 	ClaimedFrom State
 }
@@ -84,6 +90,10 @@ type Send struct {
 	Campaign     string
 	OpenID       string
 	StockID      string
+	// Task (tasks.Keep) and Queue, for Register: kept in the record until
+	// the send is settled, so that a task asynq lost can be queued again.
+	Task  []byte
+	Queue string
 }
 
 // Store is the Redis-backed record. Keys of one campaign share a hash tag,
@@ -150,7 +160,7 @@ func (s *Store) Register(ctx context.Context, send Send) (created bool, state St
 	keys := []string{s.recordKey(send.Campaign, send.MchID, send.OutRequestNo), s.countsKey(send.Campaign),
 		s.membersKey(send.Campaign), s.metaKey(send.Campaign), s.keys.Tomb(send.Campaign)}
 	res, err := registerScript.Run(ctx, s.rdb, keys, send.Campaign, send.MchID, send.OutRequestNo,
-		send.OpenID, send.StockID, s.now().UnixMilli()).Text()
+		send.OpenID, send.StockID, s.now().UnixMilli(), send.Task, send.Queue).Text()
 	if err != nil {
 		return false, "", fmt.Errorf("idempotency: registering %s: %w", send.OutRequestNo, err)
 	}
@@ -262,8 +272,9 @@ type Result struct {
 	// Answered: WeChat answered this out_request_no itself (a coupon, or a
 	// refusal that proves none exists), which clears MaybeIssued.
 	Answered bool
-	// Payload is the task, kept with an Unknown send for reconcile.
-	Payload []byte
+	// Task is the kept task, stored with an Unknown send whose producer
+	// did not register it.
+	Task []byte
 }
 
 func (r Result) issued() string {
@@ -285,7 +296,7 @@ func (s *Store) Finish(ctx context.Context, send Send, owner string, r Result) e
 	res, err := finishScript.Run(ctx, s.rdb,
 		[]string{s.recordKey(send.Campaign, send.MchID, send.OutRequestNo), s.countsKey(send.Campaign),
 			s.rateKey(send.Campaign, now.Unix())},
-		owner, string(r.State), r.CouponID, r.Code, r.Message, now.UnixMilli(), r.NotCalled, r.issued(), r.Payload).Text()
+		owner, string(r.State), r.CouponID, r.Code, r.Message, now.UnixMilli(), r.NotCalled, r.issued(), r.Task).Text()
 	if err != nil {
 		return fmt.Errorf("idempotency: recording %s: %w", send.OutRequestNo, err)
 	}
@@ -317,9 +328,11 @@ func recordFrom(mchID, outRequestNo string, m map[string]string) Record {
 		StockID: m["stock_id"], State: State(m["state"]), CouponID: m["coupon_id"], Code: m["code"],
 		Message: m["message"], MaybeIssued: m["maybe_issued"] == "1", ClaimedFrom: State(m["claimed_from"]),
 	}
-	if p, ok := m["payload"]; ok {
-		r.Payload = []byte(p)
+	if p, ok := m["task"]; ok {
+		r.Task = []byte(p)
 	}
+	r.Queue = m["queue"]
+	r.LeaseUntil = millis(m["lease_until"])
 	r.Attempts, _ = strconv.Atoi(m["attempts"])
 	r.FirstAttempt = millis(m["first_at"])
 	r.LastAttempt = millis(m["last_at"])

@@ -320,13 +320,13 @@ func TestUnknownKeepsItsTaskUntilSettled(t *testing.T) {
 	a := send(1)
 	s.Register(ctx, a)
 	s.TryClaim(ctx, a, "w1", time.Minute)
-	s.Finish(ctx, a, "w1", Result{State: Unknown, Code: "SYSTEM_ERROR", MaybeIssued: true, Payload: []byte("coupon:send\n{}")})
+	s.Finish(ctx, a, "w1", Result{State: Unknown, Code: "SYSTEM_ERROR", MaybeIssued: true, Task: []byte("coupon:send\n{}")})
 	st := wantCounts(t, s, map[State]int64{Unknown: 1})
 	if !st.Done() || st.Settled() {
 		t.Fatalf("an unknown send: done %v, settled %v", st.Done(), st.Settled())
 	}
 	rec, _ := s.Get(ctx, a)
-	if !rec.MaybeIssued || string(rec.Payload) != "coupon:send\n{}" {
+	if !rec.MaybeIssued || string(rec.Task) != "coupon:send\n{}" {
 		t.Fatalf("unknown record %+v", rec)
 	}
 	// Unknown is not terminal: reconcile claims it again.
@@ -336,7 +336,7 @@ func TestUnknownKeepsItsTaskUntilSettled(t *testing.T) {
 	}
 	s.Finish(ctx, a, "reconcile", Result{State: Succeeded, CouponID: "c1", Answered: true})
 	rec, _ = s.Get(ctx, a)
-	if rec.Payload != nil || rec.MaybeIssued {
+	if rec.Task != nil || rec.MaybeIssued {
 		t.Fatalf("settled record keeps %+v", rec)
 	}
 	if st := wantCounts(t, s, map[State]int64{Succeeded: 1}); !st.Settled() {

@@ -18,7 +18,8 @@
 //     in one atomic step.
 //   - A rate limit is its own tag, {mchid:endpoint}: its GCRA state and
 //     its adaptive rate live on one slot.
-//   - The campaigns set and the fleet's locks are single keys without a tag.
+//   - The campaigns set, the orphan sweeper's hash and the fleet's locks
+//     are single keys without a tag.
 //
 // The layout, with the default prefix:
 //
@@ -35,6 +36,7 @@
 //	cf:rl:{<mchid>:<endpoint>}                 string  GCRA state (go-redis/redis_rate)
 //	cf:rl:{<mchid>:<endpoint>}:aimd            hash    the adaptive shared rate
 //	cf:lock:<name>                             string  a fleet-wide lock (one sweeper at a time)
+//	cf:sweep:swept                             hash    campaign → when the orphan sweeper last swept it
 package keyspace
 
 import (
@@ -119,6 +121,10 @@ func (k Keys) LimiterRate(mchID, endpoint string) string { return k.Limiter(mchI
 
 // Lock is a fleet-wide lock, such as the retention sweeper's.
 func (k Keys) Lock(name string) string { return k.Prefix() + ":lock:" + name }
+
+// Swept records when the orphan sweeper (internal/sweep) last swept each
+// campaign; retention removes a campaign's field when its keys expire.
+func (k Keys) Swept() string { return k.Prefix() + ":sweep:swept" }
 
 // Owns reports whether key belongs to this layout.
 func (k Keys) Owns(key string) bool { return strings.HasPrefix(key, k.Prefix()+":") }

@@ -58,6 +58,7 @@ func TestLayout(t *testing.T) {
 		{Default, "limiter", Default.Limiter("1900", "favor_send"), "cf:rl:{1900:favor_send}", "1900:favor_send"},
 		{Default, "limiter rate", Default.LimiterRate("1900", "favor_send"), "cf:rl:{1900:favor_send}:aimd", "1900:favor_send"},
 		{Default, "lock", Default.Lock("retention"), "cf:lock:retention", ""},
+		{Default, "swept", Default.Swept(), "cf:sweep:swept", ""},
 		{Keys{}, "zero value", Keys{}.Counts("a"), "cf:{a}:counts", "a"},
 		{New("cf:"), "trailing colon", New("cf:").Meta("a"), "cf:{a}:meta", "a"},
 		{New("acme"), "prefix", New("acme").Record("a", "m", "o"), "acme:{a}:send:m:o", "a"},

@@ -338,3 +338,26 @@ func TestOpenBreakerShown(t *testing.T) {
 		t.Errorf("open breakers %+v", c.Merchant.OpenBreakers)
 	}
 }
+
+// A send that ended without WeChat's answer is neither done nor failed on
+// the page: it says so, and what to run.
+func TestUnknownShownApart(t *testing.T) {
+	r := newRig(t, monitor.WithBasicAuth(testUser, testPassword), monitor.WithMchID(testMchID))
+	sends := r.campaign("autumn", 2)
+	finish(t, r.store, sends[0], succeeded("C-0"))
+	finish(t, r.store, sends[1], idempotency.Result{State: idempotency.Unknown, Code: "SYSTEM_ERROR", MaybeIssued: true})
+	_, body := r.get("/api/campaigns/autumn", operator)
+	var c monitor.CampaignDetail
+	if err := json.Unmarshal([]byte(body), &c); err != nil {
+		t.Fatal(err)
+	}
+	if c.Unknown != 1 || c.Failed != 0 || c.ByState["unknown"] != 1 || !c.Done {
+		t.Errorf("campaign %+v", c.Campaign)
+	}
+	_, body = r.get("/", operator)
+	mustContain(t, "the index page", body, `<span class="unknown">needs reconcile</span>`, `data-unknown="autumn"`,
+		"enqueuer reconcile --campaign autumn")
+	if strings.Contains(body, `<span class="done">done</span>`) {
+		t.Error("a campaign with an unknown send is shown as done")
+	}
+}

@@ -23,6 +23,9 @@ type Campaign struct {
 	Finished  int64 `json:"finished"`
 	Succeeded int64 `json:"succeeded"`
 	Failed    int64 `json:"failed"`
+	// Unknown counts sends whose retries ran out without WeChat's answer:
+	// not failed, since the coupon may exist; enqueuer reconcile settles them.
+	Unknown int64 `json:"unknown"`
 	// Percent is Finished of Total, truncated to 0.1 (100 means done).
 	Percent      float64          `json:"percent"`
 	ByState      map[string]int64 `json:"by_state"`
@@ -121,7 +124,7 @@ func (s *Server) view(meta idempotency.Campaign, st idempotency.Status) Campaign
 	c := Campaign{
 		Name: meta.Name, MchID: meta.MchID, CreatedAt: meta.CreatedAt.UTC(), Deadline: meta.Deadline.UTC(),
 		Total: st.Total, Succeeded: st.ByState[idempotency.Succeeded], Failed: st.ByState[idempotency.Failed],
-		ByState: map[string]int64{}, FailedByCode: map[string]int64{},
+		Unknown: st.ByState[idempotency.Unknown], ByState: map[string]int64{}, FailedByCode: map[string]int64{},
 		Rate: st.Rate, Rate10s: st.Rate10s, Done: st.Done(),
 	}
 	c.Finished = c.Succeeded + c.Failed

@@ -57,6 +57,15 @@ func ShardQueues(queue string, shards int) []string {
 	return out
 }
 
+// WokenQueue is where sends that must not wait behind a queue's backlog
+// go: sends held on a stock whose budget is back (enqueuer stock resume),
+// and sends whose task asynq lost (the sweeper). Workers serve it before
+// queue itself: WokenWeight times queue's weight.
+func WokenQueue(queue string) string { return queue + "-woken" }
+
+// WokenWeight is the weight of a woken queue relative to its queue's.
+const WokenWeight = 10
+
 // MaxRetry bounds only failures that count (ambiguous outcomes): waits on a
 // rate limit or a budget are retried without counting, so that a MaxRetry is
 // never what ends them. With the worker's backoff capped at ten minutes,
@@ -257,4 +266,18 @@ func Kept(b []byte) (*asynq.Task, error) {
 		return nil, fmt.Errorf("a kept task must be its type, a newline and its payload; got %d bytes without a newline", len(b))
 	}
 	return asynq.NewTask(string(typ), payload), nil
+}
+
+// Requeue is a kept task made ready to queue again in queue, with the id
+// and bounds NewTask gives.
+func Requeue(kept []byte, queue string) (*asynq.Task, error) {
+	t, err := Kept(kept)
+	if err != nil {
+		return nil, err
+	}
+	args, err := Decode(t)
+	if err != nil {
+		return nil, err
+	}
+	return NewTask(args, asynq.Queue(queue))
 }
