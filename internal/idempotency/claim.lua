@@ -1,4 +1,4 @@
--- KEYS: record, counts, members
+-- KEYS: record, counts, members, meta, tomb
 -- ARGV: owner, now_ms, lease_ms, campaign, mchid, out_request_no, openid, stock_id
 local rec = KEYS[1]
 local now = tonumber(ARGV[2])
@@ -30,6 +30,19 @@ if attempts and not tonumber(attempts) then
   return redis.error_reply('attempts of ' .. rec .. ' is not a number: ' .. attempts)
 end
 if not st then
+  if redis.call('EXISTS', KEYS[5]) == 1 then
+    -- The campaign was sealed (see register.lua).
+    if redis.call('EXISTS', KEYS[4]) == 0 then
+      -- Its retention has passed and its records are gone: a task that
+      -- outlived them (an archived task run again) is not sent.
+      return {'closed', {}}
+    end
+    redis.call('DEL', KEYS[5])
+    redis.call('HDEL', KEYS[4], 'expires_at', 'finished_at')
+    redis.call('PERSIST', KEYS[2])
+    redis.call('PERSIST', KEYS[3])
+    redis.call('PERSIST', KEYS[4])
+  end
   -- Enqueued by a producer that did not register it: register it now, so
   -- that nothing is ever sent without a record.
   redis.call('HSET', rec, 'state', 'pending', 'campaign', ARGV[4], 'openid', ARGV[7],

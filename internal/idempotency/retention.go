@@ -100,7 +100,7 @@ func (e *ExpiredError) Error() string {
 	} else {
 		msg += "; its report was not archived"
 	}
-	return msg + ". Nothing was queued: its sends cannot be told from new ones. To send this file again on purpose, give it a new --campaign name"
+	return msg
 }
 
 // ErrExpired matches every *ExpiredError with errors.Is.

@@ -190,7 +190,9 @@ var ErrLeaseLost = errors.New("idempotency: lease lost to another delivery")
 
 // TryClaim takes the send for owner for lease, together with a lock on its
 // user (WeChat answers parallel sends to one openid with spurious
-// rule-limit errors). A terminal send is returned as it is, unclaimed.
+// rule-limit errors). A terminal send is returned as it is, unclaimed. A
+// send without a record in a campaign whose retention has passed is
+// refused with an *ExpiredError.
 func (s *Store) TryClaim(ctx context.Context, send Send, owner string, lease time.Duration) (Claim, error) {
 	lockKey := s.userLockKey(send.MchID, send.OpenID)
 	lockVal := owner + "|" + send.OutRequestNo
@@ -227,7 +229,7 @@ func (s *Store) TryClaim(ctx context.Context, send Send, owner string, lease tim
 	now := s.now()
 	res, err := claimScript.Run(ctx, s.rdb,
 		[]string{s.recordKey(send.Campaign, send.MchID, send.OutRequestNo), s.countsKey(send.Campaign),
-			s.membersKey(send.Campaign)},
+			s.membersKey(send.Campaign), s.metaKey(send.Campaign), s.keys.Tomb(send.Campaign)},
 		owner, now.UnixMilli(), lease.Milliseconds(), send.Campaign, send.MchID, send.OutRequestNo,
 		send.OpenID, send.StockID).Slice()
 	if err != nil {
@@ -237,6 +239,9 @@ func (s *Store) TryClaim(ctx context.Context, send Send, owner string, lease tim
 	verdict, _ := res[0].(string)
 	if verdict != "claimed" {
 		s.unlock(ctx, lockKey, lockVal)
+	}
+	if verdict == "closed" {
+		return Claim{}, s.closedError(ctx, send.Campaign)
 	}
 	fields := map[string]string{}
 	if kv, ok := res[1].([]any); ok {
