@@ -172,13 +172,13 @@ func (s *Store) ApplyExpiry(ctx context.Context, campaign string) error {
 			break
 		}
 	}
-	if !at.IsZero() {
-		// A rate bucket lives 10 minutes after its last success; expire
-		// the campaign's with it if that is sooner (LT: never later).
-		now := s.now().Unix()
+	if now := s.now(); !at.IsZero() && at.Before(now.Add(rateBucketTTL*time.Second)) {
+		// A rate bucket lives 10 minutes after its last success: when the
+		// campaign's keys go sooner, its buckets go with them (one that
+		// would have gone a little sooner lives at most until then).
 		_, err = s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-			for sec := now - rateBucketTTL - 10; sec <= now+1; sec++ {
-				p.Do(ctx, "PEXPIREAT", s.rateKey(campaign, sec), at.UnixMilli(), "LT")
+			for sec := now.Unix() - rateBucketTTL - 10; sec <= now.Unix()+1; sec++ {
+				p.PExpireAt(ctx, s.rateKey(campaign, sec), at)
 			}
 			return nil
 		})
