@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/couponflow/dispatcher/internal/idempotency"
+	"github.com/couponflow/dispatcher/internal/keyspace"
 )
 
 // A campaign that has settled is sealed by the workers on their own, its
@@ -111,5 +112,42 @@ func TestRetentionExpiresACampaignAndItsTombstoneRefusesARerun(t *testing.T) {
 	// Under another name the same file is a new campaign, on purpose.
 	if out, code = r.enqueuer("campaign", "--file", path, "--stock-id", r.stockID(), "--campaign", "autumn-again"); code != 0 {
 		t.Fatalf("new name exited %d:\n%s", code, out)
+	}
+}
+
+// REDIS_KEY_PREFIX moves every key of ours, in every program: a campaign
+// run under another prefix leaves nothing under cf:, and no key outside
+// its prefix but asynq's.
+func TestKeyPrefixHonouredByEveryProgram(t *testing.T) {
+	r := newRig(t)
+	r.env = append(r.env, keyspace.EnvPrefix+"=acme")
+	keys := keyspace.New("acme")
+	r.store = idempotency.New(r.rdb, idempotency.WithKeys(keys))
+	path, openids := r.writeUsers("prefixed", 20)
+	if out, code := r.enqueuer("campaign", "--file", path, "--stock-id", r.stockID(), "--campaign", "prefixed"); code != 0 {
+		t.Fatalf("enqueuer exited %d:\n%s", code, out)
+	}
+	r.worker("a", append([]string{"--retention-sweep", "200ms"}, fastWaits...)...)
+	r.waitFor("prefixed", time.Minute, "every send done", done)
+	r.checkOneCouponEach(r.stockID(), openids)
+	if out, code := r.enqueuer("status", "--campaign", "prefixed"); code != 0 || !strings.Contains(out, "20 of 20 done") {
+		t.Fatalf("status exited %d:\n%s", code, out)
+	}
+	time.Sleep(500 * time.Millisecond) // a sweep or two
+	var ours int
+	for _, k := range r.rdb.Keys(context.Background(), "*").Val() {
+		switch {
+		case keys.Owns(k):
+			ours++
+		case strings.HasPrefix(k, "asynq:"):
+		default:
+			t.Errorf("key %q outside the prefix", k)
+		}
+	}
+	if ours == 0 {
+		t.Fatal("nothing under acme:")
+	}
+	if _, ok, _ := r.store.Tomb(context.Background(), "prefixed"); !ok {
+		t.Error("the worker did not seal the campaign under the prefix")
 	}
 }

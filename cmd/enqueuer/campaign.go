@@ -71,7 +71,7 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return err
 	}
 	defer rdb.Close()
-	store := idempotency.New(rdb)
+	store := c.store(rdb)
 	meta, err := store.SaveCampaign(ctx, idempotency.Campaign{Name: *name, MchID: c.wx.MchID, Deadline: dl, Retention: *retention})
 	if errors.Is(err, idempotency.ErrExpired) {
 		return &exitError{code: 2, err: fmt.Errorf("%w.\nNothing was queued: once its records are gone its sends cannot be told from new ones. To send this file again on purpose, give it a new --campaign name (every recipient then gets a new coupon)", err)}
@@ -138,7 +138,7 @@ func cmdRetention(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		return err
 	}
 	defer rdb.Close()
-	store := idempotency.New(rdb)
+	store := c.store(rdb)
 	meta, err := campaignOf(ctx, store, *name)
 	if err != nil {
 		return err

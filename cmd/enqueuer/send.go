@@ -82,7 +82,7 @@ func cmdSend(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	defer rdb.Close()
-	meta, err := idempotency.New(rdb).SaveCampaign(ctx, idempotency.Campaign{Name: *campaignName, MchID: c.wx.MchID, Deadline: dl})
+	meta, err := c.store(rdb).SaveCampaign(ctx, idempotency.Campaign{Name: *campaignName, MchID: c.wx.MchID, Deadline: dl})
 	if errors.Is(err, idempotency.ErrExpired) {
 		return &exitError{code: 2, err: fmt.Errorf("%w.\nNothing was queued: once its records are gone its sends cannot be told from new ones. To send on purpose, give a new --campaign name", err)}
 	}

@@ -36,7 +36,7 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return err
 	}
 	defer rdb.Close()
-	store := idempotency.New(rdb)
+	store := c.store(rdb)
 	if *name == "" {
 		names, err := store.Campaigns(ctx)
 		if err != nil {
@@ -56,8 +56,8 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
-	limiter := ratelimit.New(rdb)
-	breakers := breaker.New(rdb)
+	limiter := c.limiter(rdb)
+	breakers := c.breakers(rdb)
 	for {
 		st, err := store.Status(ctx, *name)
 		if err != nil {
@@ -225,7 +225,7 @@ func cmdReport(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return err
 	}
 	defer rdb.Close()
-	store := idempotency.New(rdb)
+	store := c.store(rdb)
 	if _, err := campaignOf(ctx, store, *name); err != nil {
 		return err
 	}

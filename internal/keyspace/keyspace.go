@@ -40,6 +40,7 @@
 package keyspace
 
 import (
+	"fmt"
 	"strconv"
 	"strings"
 )
@@ -128,3 +129,19 @@ func (k Keys) Swept() string { return k.Prefix() + ":sweep:swept" }
 
 // Owns reports whether key belongs to this layout.
 func (k Keys) Owns(key string) bool { return strings.HasPrefix(key, k.Prefix()+":") }
+
+// EnvPrefix names the environment variable every program reads for the
+// prefix (flag --key-prefix).
+const EnvPrefix = "REDIS_KEY_PREFIX"
+
+// Validate checks a prefix: letters, digits, '_', '.' and '-', so that it
+// never holds a hash tag's brace or a separator of its own.
+func Validate(prefix string) error {
+	p := strings.TrimSuffix(prefix, ":")
+	if p == "" || len(p) > 32 || strings.IndexFunc(p, func(r rune) bool {
+		return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '_' || r == '.' || r == '-')
+	}) >= 0 {
+		return fmt.Errorf("key prefix %q must be 1-32 letters, digits, '_', '.' or '-'", prefix)
+	}
+	return nil
+}

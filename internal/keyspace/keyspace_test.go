@@ -118,3 +118,16 @@ func TestSlots(t *testing.T) {
 		t.Error("campaign pattern of spring matches spring2")
 	}
 }
+
+func TestValidate(t *testing.T) {
+	for _, ok := range []string{"cf", "cf:", "acme-prod", "a.b_c"} {
+		if err := Validate(ok); err != nil {
+			t.Errorf("%q: %v", ok, err)
+		}
+	}
+	for _, bad := range []string{"", ":", "a{b}", "a b", "a:b", strings.Repeat("x", 33)} {
+		if Validate(bad) == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}
