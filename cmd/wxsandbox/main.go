@@ -37,6 +37,7 @@ func run(args []string) error {
 	addr := fs.String("addr", "127.0.0.1:8090", "listen address (port 0 picks a free port)")
 	dataDir := fs.String("data-dir", "", "directory for keys, ids, state and sandbox.env (required)")
 	keyBits := fs.Int("key-bits", 2048, "RSA key size used when generating keys")
+	paging := fs.String("list-paging", sandbox.PagingItems, "how the coupon list reads offset: items (coupons to skip) or pages (a page number); WeChat's docs allow both")
 	var f sandbox.Faults
 	fs.Float64Var(&f.RateLimit, "rate-limit", 0, "API requests per second before 429 FREQUENCY_LIMIT_EXCEED (0 = none)")
 	fs.Float64Var(&f.ErrorRate, "error-rate", 0, "probability of 500 SYSTEM_ERROR before anything is committed")
@@ -58,7 +59,7 @@ func run(args []string) error {
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 
-	srv, err := sandbox.New(sandbox.Config{DataDir: *dataDir, KeyBits: *keyBits, Faults: f, Logger: log})
+	srv, err := sandbox.New(sandbox.Config{DataDir: *dataDir, KeyBits: *keyBits, Faults: f, Logger: log, ListPaging: *paging})
 	if err != nil {
 		return err
 	}

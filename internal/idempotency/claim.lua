@@ -18,16 +18,9 @@ if st == 'in_flight' then
   -- its call may have issued the coupon.
   takeover = true
 end
--- Check before writing: a script that fails halfway keeps its first writes.
-for _, f in ipairs({st or 'pending', 'in_flight', 'total'}) do
-  local v = redis.call('HGET', KEYS[2], f)
-  if v and not tonumber(v) then
-    return redis.error_reply('counter ' .. f .. ' of ' .. KEYS[2] .. ' is not a number: ' .. v)
-  end
-end
-local attempts = redis.call('HGET', rec, 'attempts')
-if attempts and not tonumber(attempts) then
-  return redis.error_reply('attempts of ' .. rec .. ' is not a number: ' .. attempts)
+local bad = numbers(KEYS[2], {st or 'pending', 'in_flight', 'total'}) or numbers(rec, {'attempts'})
+if bad then
+  return bad
 end
 if not st then
   if redis.call('EXISTS', KEYS[5]) == 1 then

@@ -18,22 +18,15 @@ if redis.call('HGET', rec, 'owner') ~= ARGV[1] and new ~= 'succeeded' then
   end
   return 'lost'
 end
--- Check before writing: a script that fails halfway keeps its first writes.
 local old_code = redis.call('HGET', rec, 'code') or ''
 local fields = {new, 'failed:' .. ARGV[4]}
 if st then
   table.insert(fields, st)
   table.insert(fields, 'failed:' .. old_code)
 end
-for _, f in ipairs(fields) do
-  local v = redis.call('HGET', KEYS[2], f)
-  if v and not tonumber(v) then
-    return redis.error_reply('counter ' .. f .. ' of ' .. KEYS[2] .. ' is not a number: ' .. v)
-  end
-end
-local attempts = redis.call('HGET', rec, 'attempts')
-if attempts and not tonumber(attempts) then
-  return redis.error_reply('attempts of ' .. rec .. ' is not a number: ' .. attempts)
+local bad = numbers(KEYS[2], fields) or numbers(rec, {'attempts'})
+if bad then
+  return bad
 end
 if st then
   redis.call('HINCRBY', KEYS[2], st, -1)

@@ -4,12 +4,9 @@ local st = redis.call('HGET', KEYS[1], 'state')
 if st then
   return st
 end
--- Check before writing: a script that fails halfway keeps its first writes.
-for _, f in ipairs({'pending', 'total'}) do
-  local v = redis.call('HGET', KEYS[2], f)
-  if v and not tonumber(v) then
-    return redis.error_reply('counter ' .. f .. ' of ' .. KEYS[2] .. ' is not a number: ' .. v)
-  end
+local bad = numbers(KEYS[2], {'pending', 'total'})
+if bad then
+  return bad
 end
 if redis.call('EXISTS', KEYS[5]) == 1 then
   -- The campaign was settled and sealed.

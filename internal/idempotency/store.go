@@ -136,15 +136,17 @@ func (s *Store) userLockKey(mchID, openID string) string   { return s.keys.UserL
 func (s *Store) Keys() keyspace.Keys { return s.keys }
 
 var (
+	//go:embed lib.lua
+	libLua string
 	//go:embed register.lua
 	registerLua    string
-	registerScript = redis.NewScript(registerLua)
+	registerScript = redis.NewScript(libLua + registerLua)
 	//go:embed claim.lua
 	claimLua    string
-	claimScript = redis.NewScript(claimLua)
+	claimScript = redis.NewScript(libLua + claimLua)
 	//go:embed finish.lua
 	finishLua    string
-	finishScript = redis.NewScript(finishLua)
+	finishScript = redis.NewScript(libLua + finishLua)
 	//go:embed unlock.lua
 	unlockLua    string
 	unlockScript = redis.NewScript(unlockLua)

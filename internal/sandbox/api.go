@@ -404,9 +404,9 @@ func uintParam(q url.Values, name string, def int64) (int64, *apiError) {
 	return int64(n), nil
 }
 
-// listCoupons is GET /v3/marketing/favor/users/{openid}/coupons. offset
-// counts coupons to skip: the docs label it 分页页码 (page number) without
-// saying more, and item offsets are what the project's client sends.
+// listCoupons is GET /v3/marketing/favor/users/{openid}/coupons. The docs
+// label offset 分页页码 (page number) without saying more; Config.ListPaging
+// says whether it counts coupons (the default) or pages.
 func (s *Server) listCoupons(r *http.Request, _ []byte) reply {
 	q := r.URL.Query()
 	f := listFilter{
@@ -458,7 +458,11 @@ func (s *Server) listCoupons(r *http.Request, _ []byte) reply {
 	all := s.find(f)
 	page := all
 	if f.availableMchID == "" {
-		from := min(int64(len(all)), offset)
+		skip := offset
+		if s.paging == PagingPages {
+			skip = offset * limit
+		}
+		from := min(int64(len(all)), skip)
 		page = all[from:min(int64(len(all)), from+limit)]
 	} else {
 		limit = int64(len(all))

@@ -41,7 +41,18 @@ type Config struct {
 	Logger  *slog.Logger // default: discard
 	// Seed seeds the fault dice; 0 picks a random seed.
 	Seed uint64
+	// ListPaging is how the user-coupons list reads its offset:
+	// PagingItems (default: coupons to skip) or PagingPages (a page
+	// number, offset×limit coupons skipped). WeChat's docs allow both
+	// readings (see docs/sandbox.md); clients must work under either.
+	ListPaging string
 }
+
+// The two readings of the list API's offset.
+const (
+	PagingItems = "items"
+	PagingPages = "pages"
+)
 
 // Server is a WeChat Pay API v3 sandbox.
 type Server struct {
@@ -52,6 +63,7 @@ type Server struct {
 	wxKey  *rsa.PrivateKey // the WeChat Pay key: signs responses, decrypts fields
 
 	handler http.Handler
+	paging  string // PagingItems or PagingPages
 	nonces  *nonceCache
 	faults  atomic.Pointer[Faults]
 	limiter atomic.Pointer[rate.Limiter]
@@ -90,12 +102,20 @@ func New(cfg Config) (*Server, error) {
 	if cfg.KeyBits < 1024 {
 		return nil, fmt.Errorf("key bits must be at least 1024, got %d", cfg.KeyBits)
 	}
+	switch cfg.ListPaging {
+	case "":
+		cfg.ListPaging = PagingItems
+	case PagingItems, PagingPages:
+	default:
+		return nil, fmt.Errorf("list paging must be %q or %q, got %q", PagingItems, PagingPages, cfg.ListPaging)
+	}
 	s := &Server{
 		log:    cfg.Logger,
 		nonces: newNonceCache(),
 		st:     newStore(),
 		bootID: strings.ToUpper(hex.EncodeToString(randBytes(8))),
 		ready:  make(chan struct{}),
+		paging: cfg.ListPaging,
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)

@@ -211,25 +211,106 @@ func (c *Client) ListUserCoupons(ctx context.Context, req ListCouponsRequest) (*
 	return &list, nil
 }
 
-// ListAllUserCoupons follows the pages of ListUserCoupons to the end.
+// ListAllUserCoupons follows the pages of ListUserCoupons until it holds
+// total_count distinct coupons.
+//
+// WeChat's docs call offset a page number (分页页码) and show it as a
+// count of coupons; the two readings page differently, and the wrong one
+// silently skips coupons. So the second request asks for offset+1, which
+// the readings answer differently: a page overlapping the first means
+// coupons are counted, a page that follows it means pages are. A page
+// that brings no coupon not already held, before total_count is reached,
+// fails the listing with an error naming it (CodeInconsistentPages), as
+// does a listing that would take more requests than total_count allows.
 func (c *Client) ListAllUserCoupons(ctx context.Context, req ListCouponsRequest) ([]Coupon, error) {
 	if req.Limit == 0 {
 		req.Limit = 100
 	}
+	return c.listAll(ctx, req, pagingUnknown)
+}
+
+type paging int
+
+const (
+	pagingUnknown paging = iota
+	pagingItems
+	pagingPages
+)
+
+func (p paging) String() string {
+	switch p {
+	case pagingItems:
+		return "offset counts coupons"
+	case pagingPages:
+		return "offset counts pages"
+	}
+	return "reading of offset not known yet"
+}
+
+// listAll pages under reading p; pagingUnknown finds it out.
+func (c *Client) listAll(ctx context.Context, req ListCouponsRequest, p paging) ([]Coupon, error) {
+	seen := map[string]bool{}
 	var all []Coupon
-	for {
+	add := func(data []Coupon) (fresh int) {
+		for _, cp := range data {
+			if !seen[cp.CouponID] {
+				seen[cp.CouponID] = true
+				all = append(all, cp)
+				fresh++
+			}
+		}
+		return fresh
+	}
+	first, err := c.ListUserCoupons(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	add(first.Data)
+	total := first.TotalCount
+	// With available_mchid WeChat ignores paging and returns everything.
+	if req.AvailableMchID != "" || len(seen) >= total || len(first.Data) == 0 {
+		return all, nil
+	}
+	// A short first page is no error: WeChat may cap limit below ours.
+	next := req.Offset + 1
+	for requests := 1; len(seen) < total; requests++ {
+		if requests > total+2 { // each request must bring a new coupon
+			return all, inconsistent(req, p, len(seen), total, fmt.Sprintf("still short after %d requests", requests))
+		}
+		req.Offset = next
 		page, err := c.ListUserCoupons(ctx, req)
 		if err != nil {
 			return all, err
 		}
-		all = append(all, page.Data...)
-		// With available_mchid WeChat ignores paging and returns everything
-		// at once; an empty page ends a listing that shrank meanwhile.
-		if len(page.Data) == 0 || len(all) >= page.TotalCount || req.AvailableMchID != "" {
-			return all, nil
+		total = page.TotalCount
+		if p == pagingUnknown {
+			p = pagingPages
+			for _, cp := range page.Data {
+				if seen[cp.CouponID] {
+					p = pagingItems
+					break
+				}
+			}
+			if req.Limit == 1 {
+				p = pagingItems // offset+1 is the next coupon under both readings
+			}
 		}
-		req.Offset += len(page.Data)
+		if add(page.Data) == 0 && len(seen) < total {
+			return all, inconsistent(req, p, len(seen), total, fmt.Sprintf("the page at offset %d brought no coupon not already held", req.Offset))
+		}
+		if p == pagingItems {
+			next = req.Offset + len(page.Data)
+		} else {
+			next = req.Offset + 1
+		}
 	}
+	return all, nil
+}
+
+func inconsistent(req ListCouponsRequest, p paging, have, total int, what string) error {
+	return &Error{Class: Ambiguous, Code: CodeInconsistentPages, Message: fmt.Sprintf(
+		"listing the coupons of %s (limit %d, %s): %s; %d of total_count %d held. The listing changed while it was paged, or WeChat pages in a way this client does not know: try again, and report it if it stays",
+		req.OpenID, req.Limit, p, what, have, total)}
 }
 
 func decodeBody(result *core.APIResult, v any) error {

@@ -56,6 +56,9 @@ const (
 	CodeBadSignature = "INVALID_SIGNATURE" // a 2xx whose signature is missing or wrong
 	CodeBadResponse  = "INVALID_RESPONSE"  // a verified 2xx whose body does not parse
 	CodeBadRequest   = "INVALID_ARGUMENT"  // refused locally, before any call
+	// CodeInconsistentPages: the pages of a listing do not add up to its
+	// total_count (ListAllUserCoupons).
+	CodeInconsistentPages = "INCONSISTENT_PAGES"
 )
 
 // Error is the failure of one call, classified. StatusCode is 0 when no
