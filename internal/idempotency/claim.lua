@@ -23,18 +23,10 @@ if bad then
   return bad
 end
 if not st then
-  if redis.call('EXISTS', KEYS[5]) == 1 then
-    -- The campaign was sealed (see register.lua).
-    if redis.call('EXISTS', KEYS[4]) == 0 then
-      -- Its retention has passed and its records are gone: a task that
-      -- outlived them (an archived task run again) is not sent.
-      return {'closed', {}}
-    end
-    redis.call('DEL', KEYS[5])
-    redis.call('HDEL', KEYS[4], 'expires_at', 'finished_at')
-    redis.call('PERSIST', KEYS[2])
-    redis.call('PERSIST', KEYS[3])
-    redis.call('PERSIST', KEYS[4])
+  if admit(KEYS[2], KEYS[3], KEYS[4], KEYS[5]) == 'closed' then
+    -- A task that outlived its campaign's records (an archived task run
+    -- again) is not sent.
+    return {'closed', {}}
   end
   -- Enqueued by a producer that did not register it: register it now, so
   -- that nothing is ever sent without a record.
