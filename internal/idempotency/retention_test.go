@@ -270,3 +270,54 @@ func TestSweepTakesTurns(t *testing.T) {
 		t.Fatalf("keys %v", keys)
 	}
 }
+
+// On a Redis Cluster every retention script touches one slot (the
+// campaign's), and the sweep spans the slots of the campaigns set and the
+// campaigns.
+func TestRetentionOnACluster(t *testing.T) {
+	rdb := redistest.StartCluster(t, 3).Client()
+	s, ctx := New(rdb), context.Background()
+	for _, name := range []string{"c1", "c2", "c3"} {
+		if _, err := s.SaveCampaign(ctx, Campaign{Name: name, MchID: "1900000001", Deadline: time.Now().Add(time.Hour), Retention: time.Hour}); err != nil {
+			t.Fatal(err)
+		}
+		a := send(1)
+		a.Campaign = name
+		if _, _, err := s.Register(ctx, a); err != nil {
+			t.Fatal(err)
+		}
+		if c, err := s.TryClaim(ctx, a, "w", time.Minute); err != nil || !c.Acquired {
+			t.Fatalf("claim: %+v %v", c, err)
+		}
+		if err := s.Finish(ctx, a, "w", Result{State: Succeeded, CouponID: "cp"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	res, err := s.Sweep(ctx)
+	if err != nil || len(res.Sealed) != 3 {
+		t.Fatalf("sweep: %+v %v", res, err)
+	}
+	for _, name := range []string{"c1", "c2", "c3"} {
+		if ttl := rdb.PTTL(ctx, s.Keys().Record(name, "1900000001", "r1")).Val(); ttl <= 0 || ttl > time.Hour {
+			t.Errorf("%s: record TTL %s", name, ttl)
+		}
+	}
+	if _, err := s.SetRetention(ctx, "c2", time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.RecordReport(ctx, "c1", "/a/c1.csv.gz"); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := s.Sweep(ctx); err != nil || len(res.Expired) != 1 || res.Expired[0] != "c2" {
+		t.Fatalf("sweep after c2 expired: %+v %v", res, err)
+	}
+	a := send(2)
+	a.Campaign = "c2"
+	if _, _, err := s.Register(ctx, a); !errors.Is(err, ErrExpired) {
+		t.Fatalf("register into expired c2: %v", err)
+	}
+	a.Campaign = "c3"
+	if created, _, err := s.Register(ctx, a); err != nil || !created {
+		t.Fatalf("reopening c3: %v %v", created, err)
+	}
+}
