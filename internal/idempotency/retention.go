@@ -135,6 +135,12 @@ func (s *Store) Seal(ctx context.Context, campaign string) (bool, error) {
 // walks the records in batches, so a campaign of millions does not block
 // Redis; it is idempotent, and a no-op once applied.
 func (s *Store) ApplyExpiry(ctx context.Context, campaign string) error {
+	return s.applyExpiry(ctx, campaign, func() {})
+}
+
+// applyExpiry is ApplyExpiry calling tick after each batch (the sweeper
+// extends its lock).
+func (s *Store) applyExpiry(ctx context.Context, campaign string, tick func()) error {
 	m, err := s.rdb.HMGet(ctx, s.metaKey(campaign), "expires_at", "expiry_applied").Result()
 	if err != nil {
 		return fmt.Errorf("idempotency: expiry of %s: %w", campaign, err)
@@ -168,6 +174,7 @@ func (s *Store) ApplyExpiry(ctx context.Context, campaign string) error {
 		if err != nil {
 			return fmt.Errorf("idempotency: setting the expiry of %s: %w", campaign, err)
 		}
+		tick()
 		if len(members) < batch {
 			break
 		}
@@ -261,8 +268,9 @@ func (s *Store) Sweep(ctx context.Context) (SweepResult, error) {
 	if err != nil {
 		return res, fmt.Errorf("idempotency: listing campaigns: %w", err)
 	}
+	extend := func() { s.rdb.PExpire(ctx, lock, lease) }
 	for _, name := range names {
-		s.rdb.PExpire(ctx, lock, lease)
+		extend()
 		alive, err := s.rdb.Exists(ctx, s.metaKey(name)).Result()
 		if err != nil {
 			return res, fmt.Errorf("idempotency: sweeping %s: %w", name, err)
@@ -292,7 +300,7 @@ func (s *Store) Sweep(ctx context.Context) (SweepResult, error) {
 		if sealed {
 			res.Sealed = append(res.Sealed, name)
 		}
-		if err := s.ApplyExpiry(ctx, name); err != nil {
+		if err := s.applyExpiry(ctx, name, extend); err != nil {
 			return res, err
 		}
 	}
