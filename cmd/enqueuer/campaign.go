@@ -37,6 +37,7 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	showInvalid := c.fs.Int("show-invalid", 20, "invalid rows listed in the summary; the rest are counted")
 	progress := c.fs.String("progress", "auto", "auto (a bar on a terminal, lines otherwise), bar, lines or none")
 	retention := c.fs.Duration("retention", idempotency.DefaultRetention, "how long the records are kept once every send has succeeded or failed; then every key of the campaign expires and only its tombstone is left (kept from the first run unless given again)")
+	replicaTimeout := replicaFlag(c.fs)
 	if err := c.parse(args); err != nil {
 		return err
 	}
@@ -71,6 +72,10 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return err
 	}
 	defer rdb.Close()
+	ack, err := acknowledger(ctx, rdb, *replicaTimeout)
+	if err != nil {
+		return err
+	}
 	store := c.store(rdb)
 	meta, err := store.SaveCampaign(ctx, idempotency.Campaign{Name: *name, MchID: c.wx.MchID, Deadline: dl, Retention: *retention})
 	if errors.Is(err, idempotency.ErrExpired) {
@@ -92,15 +97,31 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	var stats enqueue.Stats
 	start := time.Now()
 	stopProgress := showProgress(*progress, stderr, size, &stats, start)
+	opts := enqueue.BulkOptions{Concurrency: *concurrency, KeepInvalid: *showInvalid}
+	if ack.Enabled() {
+		opts.Ack = ack
+	}
 	runErr := c.producer(rdb, *queue).Bulk(ctx, reader, enqueue.Campaign{
 		Name: *name, MchID: c.wx.MchID, AppID: c.wx.AppID, StockID: *stock, StockCreatorMchID: *creator, Deadline: meta.Deadline,
-	}, &stats, enqueue.BulkOptions{Concurrency: *concurrency, KeepInvalid: *showInvalid})
+	}, &stats, opts)
 	stopProgress()
+	if runErr == nil {
+		// The campaign now holds every valid row of its file: remember how
+		// many, so that status can tell when Redis loses some.
+		if _, err := store.RecordExpected(ctx, *name); err != nil {
+			runErr = err
+		} else if err := ack.Acknowledge(ctx); err != nil {
+			runErr = fmt.Errorf("the campaign's count was written but %w; run the same command again", err)
+		}
+	}
 
 	elapsed := time.Since(start)
 	rows := stats.Enqueued.Load() + stats.Duplicates.Load() + stats.Invalid.Load()
 	fmt.Fprintf(stdout, "campaign %s: enqueued %d, duplicates %d, invalid %d, in %s (%.0f rows/s)\n",
 		*name, stats.Enqueued.Load(), stats.Duplicates.Load(), stats.Invalid.Load(), elapsed.Round(time.Millisecond), float64(rows)/elapsed.Seconds())
+	if ack.Enabled() && ack.Replicas() > 0 {
+		fmt.Fprintf(stdout, "every row counted as enqueued or duplicate was acknowledged by %d replica(s) (WAIT, timeout %s)\n", ack.Replicas(), ack.Timeout())
+	}
 	if inv := stats.InvalidRows(); len(inv) > 0 {
 		fmt.Fprintln(stdout, "invalid rows (skipped):")
 		for _, line := range inv {

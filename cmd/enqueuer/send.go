@@ -30,6 +30,7 @@ func cmdSend(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	deadline := c.fs.String("deadline", "72h", "how long to keep retrying an exhausted budget: a duration or an RFC 3339 time")
 	queue := c.fs.String("queue", tasks.DefaultQueue, "asynq queue")
 	c.retryFlag()
+	replicaTimeout := replicaFlag(c.fs)
 	if err := c.parse(args); err != nil {
 		return err
 	}
@@ -106,11 +107,21 @@ func cmdSend(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
+	ack, err := acknowledger(ctx, rdb, *replicaTimeout)
+	if err == nil {
+		err = ack.Acknowledge(ctx)
+	}
+	if err != nil {
+		return fmt.Errorf("%s written but %w; run the same command again", res.TaskID, err)
+	}
 	if res.Outcome == enqueue.Duplicate {
 		fmt.Fprintf(stdout, "duplicate: %s is already %s; nothing queued\n", res.TaskID, res.State)
 		return nil
 	}
 	fmt.Fprintf(stdout, "enqueued %s (out_request_no %s, queue %s)\n", res.TaskID, *orn, *queue)
+	if ack.Enabled() {
+		fmt.Fprintf(stdout, "acknowledged by %d replica(s)\n", ack.Replicas())
+	}
 	return nil
 }
 

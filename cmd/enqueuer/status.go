@@ -165,6 +165,9 @@ func printStatus(w io.Writer, meta idempotency.Campaign, st idempotency.Status, 
 	}
 	fmt.Fprintf(w, "campaign %s (merchant %s, deadline %s): %d of %d done (%.1f%%), %.1f sends/s over the last minute, %.1f over the last 10s\n",
 		meta.Name, meta.MchID, meta.Deadline.Format(time.RFC3339), done, st.Total, pct, st.Rate, st.Rate10s)
+	if st.Missing() > 0 {
+		fmt.Fprintf(w, "  WARNING: %s (%d recorded, %d counted by its last complete enqueue)\n", st.MissingAdvice(), st.Total, st.Expected)
+	}
 	for _, s := range idempotency.States {
 		fmt.Fprintf(w, "  %-15s %d\n", s, st.ByState[s])
 	}
@@ -197,6 +200,7 @@ func printStatusJSON(w io.Writer, meta idempotency.Campaign, st idempotency.Stat
 		"campaign": meta.Name, "mchid": meta.MchID, "deadline": meta.Deadline.Format(time.RFC3339),
 		"total": st.Total, "by_state": byState, "failed_by_code": st.FailedByCode,
 		"rate_per_second": st.Rate, "rate_10s": st.Rate10s, "done": st.Done(),
+		"expected": st.Expected, "missing": st.Missing(),
 		"shared_rates": f.Rates, "open_breakers": f.Breakers,
 		"retention": meta.Retention.String(), "finished_at": jsonTime(meta.FinishedAt), "expires_at": jsonTime(meta.ExpiresAt),
 		"report": meta.Report,

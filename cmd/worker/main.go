@@ -12,9 +12,12 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/signal"
 	"sort"
 	"strconv"
 	"strings"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/hibiken/asynq"
@@ -109,11 +112,20 @@ func run(argv []string) error {
 	if err != nil {
 		return err
 	}
-	rdb, err := redisconn.OpenSpec(ctx, spec, *concurrency*2+10)
+	// Redis may be down, restarting or loading its data set: the worker
+	// waits for it (readiness 503 meanwhile) rather than exiting.
+	rdb, err := redisconn.Connect(spec, *concurrency*2+10)
 	if err != nil {
 		return err
 	}
 	defer rdb.Close()
+	var started atomic.Bool
+	waiting := func() error {
+		if !started.Load() {
+			return errors.New("waiting for redis")
+		}
+		return nil
+	}
 
 	keys := keyspace.New(*keyPrefix)
 	store := idempotency.New(rdb, idempotency.WithKeys(keys))
@@ -151,12 +163,31 @@ func run(argv []string) error {
 		}
 		reg.MustRegister(metrics.NewFleetCollector(store, limiter, breakers, wxCfg.MchID),
 			collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-		stop, err := serveHTTP(*httpAddr, reg, rdb, log)
+		stop, err := serveHTTP(*httpAddr, reg, rdb, waiting, log)
 		if err != nil {
 			return err
 		}
 		defer stop()
 	}
+	sigCtx, stopSignals := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
+	err = redisconn.WaitReady(sigCtx, rdb, spec, redisconn.WaitOptions{
+		Waiting: func(err error, waited time.Duration) {
+			log.Warn("waiting for redis: the worker starts processing when it answers", "redis", spec,
+				"waited", waited.Round(time.Second).String(), "err", err)
+		},
+		Ready: func(waited time.Duration) {
+			log.Info("redis answers; starting", "redis", spec, "waited", waited.Round(time.Second).String())
+		},
+	})
+	stopSignals()
+	if err != nil {
+		if sigCtx.Err() != nil && ctx.Err() == nil {
+			log.Info("worker stopped while waiting for redis")
+			return nil
+		}
+		return err
+	}
+	started.Store(true)
 	if *sweepEvery > 0 {
 		sweepCtx, stopSweep := context.WithCancel(ctx)
 		defer stopSweep()
@@ -186,12 +217,12 @@ func run(argv []string) error {
 
 // serveHTTP serves /metrics, /healthz and /readyz on addr until stop is
 // called.
-func serveHTTP(addr string, reg *prometheus.Registry, rdb redis.UniversalClient, log *slog.Logger) (stop func(), err error) {
+func serveHTTP(addr string, reg *prometheus.Registry, rdb redis.UniversalClient, ready func() error, log *slog.Logger) (stop func(), err error) {
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("--http-addr: %w", err)
 	}
-	healthz, readyz := metrics.Health(rdb)
+	healthz, readyz := metrics.Health(rdb, ready)
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", metrics.Handler(reg))
 	mux.Handle("GET /healthz", healthz)

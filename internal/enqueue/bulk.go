@@ -56,6 +56,78 @@ func (s *Stats) addInvalid(msg string) {
 type BulkOptions struct {
 	Concurrency int // enqueues in flight at once, default 32
 	KeepInvalid int // invalid rows kept for the summary, default 20
+	// Ack, when set, makes the rows written so far durable (a replica
+	// holds them: redisconn.Acknowledger); Bulk counts a row as enqueued
+	// or duplicate only once a call of Ack that began after the row's
+	// writes completed has returned nil. Nil: rows count at once.
+	Ack Acknowledger
+	// AckInterval is how often the rows written since the last Ack are
+	// acknowledged, as one batch, while writing goes on; default 20ms.
+	AckInterval time.Duration
+}
+
+// An Acknowledger returns nil once every write completed before the call
+// is kept by the deployment (held by a replica).
+type Acknowledger interface {
+	Acknowledge(ctx context.Context) error
+}
+
+// AckError is Bulk's error when rows were written but not acknowledged.
+type AckError struct {
+	Rows int64 // rows written whose acknowledgement failed
+	Err  error
+}
+
+func (e *AckError) Error() string {
+	return fmt.Sprintf("%v: the last %d rows written, and any after them, are not counted as queued; run the same command again: rows already queued will count as duplicates", e.Err, e.Rows)
+}
+func (e *AckError) Unwrap() error { return e.Err }
+
+// acked counts rows into stats as their batches are acknowledged.
+type acked struct {
+	ack            Acknowledger
+	stats          *Stats
+	mu             sync.Mutex
+	enqueued, dups int64 // written, not yet acknowledged
+}
+
+func (a *acked) add(dup bool) {
+	if a.ack == nil {
+		if dup {
+			a.stats.Duplicates.Add(1)
+		} else {
+			a.stats.Enqueued.Add(1)
+		}
+		return
+	}
+	a.mu.Lock()
+	if dup {
+		a.dups++
+	} else {
+		a.enqueued++
+	}
+	a.mu.Unlock()
+}
+
+// flush acknowledges every row counted so far: their writes completed
+// before this call, so before Acknowledge's own.
+func (a *acked) flush(ctx context.Context) error {
+	if a.ack == nil {
+		return nil
+	}
+	a.mu.Lock()
+	enq, dups := a.enqueued, a.dups
+	a.enqueued, a.dups = 0, 0
+	a.mu.Unlock()
+	if enq+dups == 0 {
+		return nil
+	}
+	if err := a.ack.Acknowledge(ctx); err != nil {
+		return &AckError{Rows: enq + dups, Err: err}
+	}
+	a.stats.Enqueued.Add(enq)
+	a.stats.Duplicates.Add(dups)
+	return nil
 }
 
 // Bulk enqueues every valid row of r, concurrently, counting into stats.
@@ -74,8 +146,35 @@ func (p *Producer) Bulk(ctx context.Context, r *campaign.Reader, c Campaign, sta
 	if c.StockCreatorMchID == "" {
 		c.StockCreatorMchID = c.MchID
 	}
+	if opts.AckInterval <= 0 {
+		opts.AckInterval = 20 * time.Millisecond
+	}
+	parent := ctx
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
+	counts := &acked{ack: opts.Ack, stats: stats}
+	stopAcks, acksDone := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(acksDone)
+		if opts.Ack == nil {
+			return
+		}
+		t := time.NewTicker(opts.AckInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-stopAcks:
+				return
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			if err := counts.flush(ctx); err != nil {
+				cancel(err)
+				return
+			}
+		}
+	}()
 
 	rows := make(chan campaign.Row, opts.Concurrency*4)
 	var wg sync.WaitGroup
@@ -94,10 +193,8 @@ func (p *Producer) Bulk(ctx context.Context, r *campaign.Reader, c Campaign, sta
 					stats.addInvalid(fmt.Sprintf("line %d: %v", row.Line, err))
 				case err != nil:
 					cancel(fmt.Errorf("line %d: %w", row.Line, err))
-				case res.Outcome == Duplicate:
-					stats.Duplicates.Add(1)
 				default:
-					stats.Enqueued.Add(1)
+					counts.add(res.Outcome == Duplicate)
 				}
 			}
 		}()
@@ -127,7 +224,19 @@ func (p *Producer) Bulk(ctx context.Context, r *campaign.Reader, c Campaign, sta
 	}
 	close(rows)
 	wg.Wait()
-	if cause := context.Cause(ctx); cause != nil && !errors.Is(cause, context.Canceled) {
+	close(stopAcks)
+	<-acksDone
+	// The last batch, also after a Redis failure: rows written before it
+	// count once acknowledged.
+	var ackErr *AckError
+	cause := context.Cause(ctx)
+	if errors.As(cause, &ackErr) {
+		return cause
+	}
+	if err := counts.flush(context.WithoutCancel(parent)); err != nil && (cause == nil || errors.Is(cause, context.Canceled)) {
+		return err
+	}
+	if cause != nil && !errors.Is(cause, context.Canceled) {
 		return fmt.Errorf("redis failed at %w; run the same command again to resume: rows already queued will count as duplicates", cause)
 	}
 	if fileErr != nil {

@@ -2,6 +2,7 @@ package idempotency
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sort"
 	"strconv"
@@ -73,6 +74,30 @@ func (s *Store) Campaign(ctx context.Context, name string) (Campaign, error) {
 	return c, nil
 }
 
+// expectedScript raises the campaign's expected count (KEYS[2] meta,
+// field expected) to its registered total (KEYS[1] counts, field total),
+// never lowers it, and returns it.
+var expectedScript = redis.NewScript(`
+local total = tonumber(redis.call('HGET', KEYS[1], 'total') or '0') or 0
+local expected = tonumber(redis.call('HGET', KEYS[2], 'expected') or '0') or 0
+if total > expected then
+  redis.call('HSET', KEYS[2], 'expected', total)
+  expected = total
+end
+return expected`)
+
+// RecordExpected notes, at the end of a successful enqueue of a campaign,
+// how many sends it holds (its registered total, kept as the largest seen)
+// and returns that count. Should Redis later lose records (a failover
+// after unreplicated writes), Status reports the difference as Missing.
+func (s *Store) RecordExpected(ctx context.Context, campaign string) (int64, error) {
+	n, err := expectedScript.Run(ctx, s.rdb, []string{s.countsKey(campaign), s.metaKey(campaign)}).Int64()
+	if err != nil {
+		return 0, fmt.Errorf("idempotency: recording the expected count of %s: %w", campaign, err)
+	}
+	return n, nil
+}
+
 // Campaigns lists the names of every campaign, sorted.
 func (s *Store) Campaigns(ctx context.Context) ([]string, error) {
 	names, err := s.rdb.SMembers(ctx, s.campaignsKey()).Result()
@@ -83,7 +108,10 @@ func (s *Store) Campaigns(ctx context.Context) ([]string, error) {
 // Status is a campaign's progress.
 type Status struct {
 	Campaign string
-	Total    int64           // sends registered
+	Total    int64 // sends registered
+	// Expected is how many sends the campaign's last successful enqueue
+	// counted (the largest across runs), 0 if none finished yet.
+	Expected int64
 	ByState  map[State]int64 // every state, zeros included
 	// FailedByCode counts permanent failures by WeChat's code.
 	FailedByCode map[string]int64
@@ -102,6 +130,16 @@ func (st Status) Done() bool {
 	return st.Total > 0 && st.ByState[Succeeded]+st.ByState[Failed]+st.ByState[Unknown] == st.Total
 }
 
+// Missing is how many records fewer than Expected Redis holds: writes it
+// acknowledged and then lost (a master that died before a replica had
+// them). Running the same enqueue again restores them.
+func (st Status) Missing() int64 { return max(st.Expected-st.Total, 0) }
+
+// MissingAdvice is what to tell an operator when Missing is not 0.
+func (st Status) MissingAdvice() string {
+	return fmt.Sprintf("%d records missing (Redis lost writes); run the same enqueuer campaign command again to restore them", st.Missing())
+}
+
 // Settled reports whether every send's outcome is known: done, and
 // nothing unknown.
 func (st Status) Settled() bool { return st.Done() && st.ByState[Unknown] == 0 }
@@ -116,15 +154,22 @@ func (s *Store) Status(ctx context.Context, campaign string) (Status, error) {
 	}
 	var counts *redis.MapStringStringCmd
 	var rates *redis.SliceCmd
+	var expected *redis.StringCmd
 	_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		counts = p.HGetAll(ctx, s.countsKey(campaign))
+		expected = p.HGet(ctx, s.metaKey(campaign), "expected")
 		rates = p.MGet(ctx, rateKeys...)
 		return nil
 	})
+	if err != nil && errors.Is(err, redis.Nil) {
+		// No expected count yet; the other reads answered or failed alone.
+		err = errors.Join(counts.Err(), rates.Err())
+	}
 	if err != nil {
 		return Status{}, fmt.Errorf("idempotency: status of %s: %w", campaign, err)
 	}
 	st := Status{Campaign: campaign, ByState: map[State]int64{}, FailedByCode: map[string]int64{}}
+	st.Expected, _ = strconv.ParseInt(expected.Val(), 10, 64)
 	for _, state := range States {
 		st.ByState[state] = 0
 	}

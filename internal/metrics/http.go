@@ -24,9 +24,10 @@ func Handler(reg *prometheus.Registry) http.Handler {
 const readyTimeout = time.Second
 
 // Health returns the handlers of /healthz, 200 "ok" while the process
-// serves at all, and /readyz, 200 when Redis answers PING within a second
-// and 503 with the error otherwise.
-func Health(rdb redis.UniversalClient) (healthz, readyz http.Handler) {
+// serves at all, and /readyz, 200 when every gate returns nil (a worker
+// still waiting for Redis says so there) and Redis answers PING within a
+// second, and 503 with the error otherwise.
+func Health(rdb redis.UniversalClient, gates ...func() error) (healthz, readyz http.Handler) {
 	healthz = http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		_, _ = w.Write([]byte("ok\n"))
@@ -36,6 +37,13 @@ func Health(rdb redis.UniversalClient) (healthz, readyz http.Handler) {
 		defer cancel()
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		w.Header().Set("Cache-Control", "no-store")
+		for _, gate := range gates {
+			if err := gate(); err != nil {
+				w.WriteHeader(http.StatusServiceUnavailable)
+				_, _ = w.Write([]byte(err.Error() + "\n"))
+				return
+			}
+		}
 		if err := rdb.Ping(ctx).Err(); err != nil {
 			w.WriteHeader(http.StatusServiceUnavailable)
 			_, _ = w.Write([]byte("redis: " + err.Error() + "\n"))

@@ -35,7 +35,13 @@ type Campaign struct {
 	Rate    float64 `json:"rate_per_second"`
 	Rate10s float64 `json:"rate_10s"`
 	Done    bool    `json:"done"`
-	Links   Links   `json:"links"`
+	// Expected is how many sends the campaign's last successful enqueue
+	// counted; Missing how many records fewer Redis holds (it lost
+	// writes), and Warning what to do about it, "" when none is missing.
+	Expected int64  `json:"expected"`
+	Missing  int64  `json:"missing"`
+	Warning  string `json:"warning,omitempty"`
+	Links    Links  `json:"links"`
 
 	// For the pages: the states in status order, the codes sorted.
 	States []Count `json:"-"`
@@ -126,6 +132,10 @@ func (s *Server) view(meta idempotency.Campaign, st idempotency.Status) Campaign
 		Total: st.Total, Succeeded: st.ByState[idempotency.Succeeded], Failed: st.ByState[idempotency.Failed],
 		Unknown: st.ByState[idempotency.Unknown], ByState: map[string]int64{}, FailedByCode: map[string]int64{},
 		Rate: st.Rate, Rate10s: st.Rate10s, Done: st.Done(),
+		Expected: st.Expected, Missing: st.Missing(),
+	}
+	if c.Missing > 0 {
+		c.Warning = st.MissingAdvice()
 	}
 	c.Finished = c.Succeeded + c.Failed
 	c.Percent = percent(c.Finished, c.Total)

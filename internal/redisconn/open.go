@@ -36,6 +36,24 @@ const (
 // The client is a *redis.Client (standalone), a failover *redis.Client
 // (Sentinel) or a *redis.ClusterClient; the caller closes it.
 func OpenSpec(ctx context.Context, spec Spec, poolSize int) (redis.UniversalClient, error) {
+	c, err := Connect(spec, poolSize)
+	if err != nil {
+		return nil, err
+	}
+	checkCtx, cancel := context.WithTimeout(ctx, checkTimeout)
+	defer cancel()
+	if err := Check(checkCtx, c, spec); err != nil {
+		_ = c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// Connect is OpenSpec without the check: it builds the client, which
+// connects when first used, and fails only on a spec that names no
+// deployment. A program that should wait for Redis rather than fail
+// (WaitReady) starts here.
+func Connect(spec Spec, poolSize int) (redis.UniversalClient, error) {
 	if poolSize < 10 {
 		poolSize = 10
 	}
@@ -95,14 +113,30 @@ func OpenSpec(ctx context.Context, spec Spec, poolSize int) (redis.UniversalClie
 			TLSConfig:    spec.tlsConfig(),
 		})
 	}
-	checkCtx, cancel := context.WithTimeout(ctx, checkTimeout)
-	defer cancel()
-	if err := check(checkCtx, c, spec); err != nil {
-		_ = c.Close()
-		return nil, fail("%v", err)
-	}
 	return c, nil
 }
+
+// Check asks the deployment whether it serves, as OpenSpec does; its
+// error names the URL and its variable. An error that waiting cannot cure
+// (a Sentinel or cluster node given as a plain server) is a
+// *MisconfiguredError.
+func Check(ctx context.Context, c redis.UniversalClient, spec Spec) error {
+	if err := check(ctx, c, spec); err != nil {
+		err = fmt.Errorf("redis at %s (%s) %w", spec, spec.source(), err)
+		if _, ok := errors.AsType[*MisconfiguredError](err); ok {
+			return &MisconfiguredError{err}
+		}
+		return err
+	}
+	return nil
+}
+
+// MisconfiguredError is a Check error that waiting cannot cure: the
+// configuration names the wrong kind of server.
+type MisconfiguredError struct{ Err error }
+
+func (e *MisconfiguredError) Error() string { return e.Err.Error() }
+func (e *MisconfiguredError) Unwrap() error { return e.Err }
 
 func (s Spec) tlsConfig() *tls.Config {
 	if !s.TLS {
@@ -161,9 +195,9 @@ func check(ctx context.Context, c redis.UniversalClient, spec Spec) error {
 		}
 		switch infoField(info, "redis_mode") {
 		case "sentinel":
-			return fmt.Errorf("is a Sentinel, not a Redis server: use redis-sentinel://%s/<master-name> with every Sentinel's address", spec.Addrs[0])
+			return &MisconfiguredError{fmt.Errorf("is a Sentinel, not a Redis server: use redis-sentinel://%s/<master-name> with every Sentinel's address", spec.Addrs[0])}
 		case "cluster":
-			return fmt.Errorf("is a Redis Cluster node: use redis-cluster://%s,… with some of the nodes' addresses", spec.Addrs[0])
+			return &MisconfiguredError{fmt.Errorf("is a Redis Cluster node: use redis-cluster://%s,… with some of the nodes' addresses", spec.Addrs[0])}
 		}
 		return nil
 	}

@@ -64,6 +64,13 @@ type SentinelOptions struct {
 	// master into its replica, some 10s after a Failover (after KillMaster,
 	// not until the old one restarts).
 	ServerArgs []string
+	// ReplicationDelay, when not 0, puts the master behind a proxy on its
+	// address (Nodes[0].Addr, and what the Sentinels and replicas use) that
+	// passes clients' traffic through but delivers the replication stream
+	// this long late, and drops what is still in flight when the master
+	// dies, as a crashed host does: KillMaster then loses about this
+	// long's worth of acknowledged writes, unless clients WAIT.
+	ReplicationDelay time.Duration
 }
 
 // StartSentinelWith is StartSentinel with options.
@@ -75,6 +82,9 @@ func StartSentinelWith(tb testing.TB, o SentinelOptions) *Sentinel {
 	s := &Sentinel{tb: tb}
 	repl := append([]string{"--appendonly", "yes", "--repl-diskless-sync-delay", "0", "--repl-ping-replica-period", "1"}, o.ServerArgs...)
 	master := Start(tb, repl...)
+	if o.ReplicationDelay > 0 {
+		master.Addr = startDelayProxy(tb, master.Addr, o.ReplicationDelay).addr
+	}
 	_, mport, _ := net.SplitHostPort(master.Addr)
 	s.Nodes = []*Server{master}
 	for range o.Replicas {
