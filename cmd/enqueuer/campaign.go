@@ -72,7 +72,7 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return err
 	}
 	defer rdb.Close()
-	ack, err := acknowledger(ctx, rdb, *replicaTimeout)
+	ack, err := c.acknowledger(ctx, rdb, *replicaTimeout)
 	if err != nil {
 		return err
 	}

@@ -107,7 +107,7 @@ func cmdSend(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	ack, err := acknowledger(ctx, rdb, *replicaTimeout)
+	ack, err := c.acknowledger(ctx, rdb, *replicaTimeout)
 	if err == nil {
 		err = ack.Acknowledge(ctx)
 	}

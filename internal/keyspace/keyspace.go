@@ -37,6 +37,8 @@
 //	cf:rl:{<mchid>:<endpoint>}:aimd            hash    the adaptive shared rate
 //	cf:lock:<name>                             string  a fleet-wide lock (one sweeper at a time)
 //	cf:sweep:swept                             hash    campaign → when the orphan sweeper last swept it
+//	cf:replica-ack                             string  the enqueuer's marker write before WAIT (standalone, Sentinel)
+//	cf:replica-ack:{<n>}                       string  the same on each cluster master, n chosen to land there
 package keyspace
 
 import (
@@ -126,6 +128,16 @@ func (k Keys) Lock(name string) string { return k.Prefix() + ":lock:" + name }
 // Swept records when the orphan sweeper (internal/sweep) last swept each
 // campaign; retention removes a campaign's field when its keys expire.
 func (k Keys) Swept() string { return k.Prefix() + ":sweep:swept" }
+
+// ReplicaAck is the marker the enqueuer writes before WAIT, so that one
+// connection's write follows every earlier write (redisconn.Acknowledger).
+func (k Keys) ReplicaAck() string { return k.Prefix() + ":replica-ack" }
+
+// ReplicaAckTagged is ReplicaAck under hash tag {n}: in a cluster, n is
+// tried until the key lands on the master to be waited for.
+func (k Keys) ReplicaAckTagged(n int) string {
+	return k.ReplicaAck() + ":{" + strconv.Itoa(n) + "}"
+}
 
 // Owns reports whether key belongs to this layout.
 func (k Keys) Owns(key string) bool { return strings.HasPrefix(key, k.Prefix()+":") }

@@ -59,6 +59,8 @@ func TestLayout(t *testing.T) {
 		{Default, "limiter rate", Default.LimiterRate("1900", "favor_send"), "cf:rl:{1900:favor_send}:aimd", "1900:favor_send"},
 		{Default, "lock", Default.Lock("retention"), "cf:lock:retention", ""},
 		{Default, "swept", Default.Swept(), "cf:sweep:swept", ""},
+		{Default, "replica ack", Default.ReplicaAck(), "cf:replica-ack", ""},
+		{Default, "replica ack on a master", Default.ReplicaAckTagged(7), "cf:replica-ack:{7}", "7"},
 		{Keys{}, "zero value", Keys{}.Counts("a"), "cf:{a}:counts", "a"},
 		{New("cf:"), "trailing colon", New("cf:").Meta("a"), "cf:{a}:meta", "a"},
 		{New("acme"), "prefix", New("acme").Record("a", "m", "o"), "acme:{a}:send:m:o", "a"},
