@@ -18,7 +18,8 @@ import (
 // retention sweeper (every worker runs one; a lock lets one work at a time)
 // then seals it: it writes the campaign's tombstone, and every key of the
 // campaign (records, counters, member list, meta; rate buckets expire on
-// their own within 10 minutes) expires once the retention has passed
+// their own within 10 minutes, or with it if sooner) expires once the
+// retention has passed
 // (DefaultRetention unless set at enqueue or later). The tombstone stays:
 // a re-run of the campaign after that is refused, since nothing would tell
 // its sends from new ones. A new send in a sealed campaign whose keys are
