@@ -72,6 +72,10 @@ func TestRetentionExpiresACampaignAndItsTombstoneRefusesARerun(t *testing.T) {
 		}
 	}
 
+	out, code = r.enqueuer("campaign", "retention", "--campaign", "autumn")
+	if code != 0 || !regexp.MustCompile(`campaign autumn: settled \S+; records kept until \S+ \(retention 1h0m0s\); report archived to `+regexp.QuoteMeta(archive)).MatchString(out) {
+		t.Fatalf("campaign retention exited %d:\n%s", code, out)
+	}
 	out, code = r.enqueuer("campaign", "retention", "--campaign", "autumn", "--set", "3s")
 	if code != 0 || !strings.Contains(out, "(retention 3s)") {
 		t.Fatalf("campaign retention exited %d:\n%s", code, out)
