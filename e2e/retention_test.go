@@ -13,6 +13,7 @@ import (
 
 	"github.com/couponflow/dispatcher/internal/idempotency"
 	"github.com/couponflow/dispatcher/internal/keyspace"
+	"github.com/couponflow/dispatcher/internal/sandbox"
 )
 
 // A campaign that has settled is sealed by the workers on their own, its
@@ -153,5 +154,58 @@ func TestKeyPrefixHonouredByEveryProgram(t *testing.T) {
 	}
 	if _, ok, _ := r.store.Tomb(context.Background(), "prefixed"); !ok {
 		t.Error("the worker did not seal the campaign under the prefix")
+	}
+}
+
+// A campaign with unknown sends is not settled, so the workers keep all of
+// it; once enqueuer reconcile settles it, they seal it without anyone
+// asking.
+func TestCampaignSettledByReconcileIsSealed(t *testing.T) {
+	t.Parallel()
+	r := newRig(t)
+	r.sb.SetFaults(sandbox.Faults{CommitFailRate: 1, CommitFailMode: sandbox.CommitFailDrop})
+	path, _ := r.writeUsers("unsettled", 5)
+	if out, code := r.enqueuer("campaign", "--file", path, "--stock-id", r.stockID(), "--campaign", "unsettled", "--max-retry", "1"); code != 0 {
+		t.Fatal(out)
+	}
+	r.worker("a", "--concurrency", "4", "--http-addr=", "--retention-sweep", "100ms")
+	r.waitFor("unsettled", time.Minute, "every send stopped", done)
+	ctx := context.Background()
+	time.Sleep(500 * time.Millisecond) // several sweeps
+	if _, ok, _ := r.store.Tomb(ctx, "unsettled"); ok {
+		t.Fatal("a campaign with unknown sends was sealed")
+	}
+	for _, k := range r.rdb.Keys(ctx, r.store.Keys().CampaignPattern("unsettled")).Val() {
+		if ttl := r.rdb.PTTL(ctx, k).Val(); ttl != -1 && !strings.Contains(k, ":rate:") {
+			t.Fatalf("%s expires in %s while sends are unknown", k, ttl)
+		}
+	}
+	r.sb.SetFaults(sandbox.Faults{})
+	if out, code := r.enqueuer("reconcile", "--campaign", "unsettled"); code != 0 {
+		t.Fatalf("reconcile exit %d:\n%s", code, out)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if tomb, ok, _ := r.store.Tomb(ctx, "unsettled"); ok {
+			if tomb.Total != 5 || tomb.Succeeded != 5 {
+				t.Fatalf("tomb %+v", tomb)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the workers did not seal the campaign reconcile settled")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	// The sweep that sealed it goes on to set the expiry on every key.
+	for {
+		ttl := r.rdb.PTTL(ctx, r.store.Keys().Counts("unsettled")).Val()
+		if ttl > 700*time.Hour {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("counts TTL %s, want the default 30 days", ttl)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
