@@ -142,15 +142,40 @@ func (s *Store) ApplyExpiry(ctx context.Context, campaign string) error {
 // applyExpiry is ApplyExpiry calling tick after each batch (the sweeper
 // extends its lock).
 func (s *Store) applyExpiry(ctx context.Context, campaign string, tick func()) error {
-	m, err := s.rdb.HMGet(ctx, s.metaKey(campaign), "expires_at", "expiry_applied").Result()
-	if err != nil {
-		return fmt.Errorf("idempotency: expiry of %s: %w", campaign, err)
+	// Another walk (a retention changed meanwhile, a reopening) may run at
+	// the same time with another target. Only a walk whose target is still
+	// the campaign's when it ends marks it applied; a walk that was
+	// overtaken walks again with the new target, since some records may
+	// now carry its old one.
+	again := false
+	for range 5 {
+		m, err := s.rdb.HMGet(ctx, s.metaKey(campaign), "expires_at", "expiry_applied").Result()
+		if err != nil {
+			return fmt.Errorf("idempotency: expiry of %s: %w", campaign, err)
+		}
+		want, _ := m[0].(string)
+		applied, _ := m[1].(string)
+		if want == applied && !again {
+			return nil
+		}
+		if err := s.walkExpiry(ctx, campaign, want, tick); err != nil {
+			return err
+		}
+		res, err := expireScript.Run(ctx, s.rdb, []string{s.countsKey(campaign), s.membersKey(campaign), s.metaKey(campaign)}, want).Text()
+		if err != nil {
+			return fmt.Errorf("idempotency: setting the expiry of %s: %w", campaign, err)
+		}
+		if res == "ok" || res == "gone" {
+			return nil
+		}
+		again = true
 	}
-	want, _ := m[0].(string)
-	applied, _ := m[1].(string)
-	if want == applied {
-		return nil
-	}
+	return fmt.Errorf("idempotency: the expiry of %s kept changing while it was applied", campaign)
+}
+
+// walkExpiry sets the expiry want (unix ms; "" for none) on every record
+// of the campaign and, when sooner than their own, on its rate buckets.
+func (s *Store) walkExpiry(ctx context.Context, campaign, want string, tick func()) error {
 	var at time.Time
 	if want != "" {
 		at = millis(want)
@@ -184,7 +209,7 @@ func (s *Store) applyExpiry(ctx context.Context, campaign string, tick func()) e
 		// A rate bucket lives 10 minutes after its last success: when the
 		// campaign's keys go sooner, its buckets go with them (one that
 		// would have gone a little sooner lives at most until then).
-		_, err = s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for sec := now.Unix() - rateBucketTTL - 10; sec <= now.Unix()+1; sec++ {
 				p.PExpireAt(ctx, s.rateKey(campaign, sec), at)
 			}
@@ -193,10 +218,6 @@ func (s *Store) applyExpiry(ctx context.Context, campaign string, tick func()) e
 		if err != nil {
 			return fmt.Errorf("idempotency: setting the expiry of %s: %w", campaign, err)
 		}
-	}
-	err = expireScript.Run(ctx, s.rdb, []string{s.countsKey(campaign), s.membersKey(campaign), s.metaKey(campaign)}, want).Err()
-	if err != nil {
-		return fmt.Errorf("idempotency: setting the expiry of %s: %w", campaign, err)
 	}
 	return nil
 }

@@ -321,3 +321,48 @@ func TestRetentionOnACluster(t *testing.T) {
 		t.Fatalf("reopening c3: %v %v", created, err)
 	}
 }
+
+// A walk overtaken by a change of retention walks again: no record keeps
+// the old expiry, which could let records go before the campaign's meta
+// (and a re-run then send them again).
+func TestOvertakenExpiryWalksAgain(t *testing.T) {
+	rdb := redistest.Start(t).Client()
+	s, ctx := New(rdb), context.Background()
+	saveC1(t, s, time.Hour)
+	for i := 1; i <= 2500; i++ {
+		s.Register(ctx, send(i))
+	}
+	for i := 1; i <= 2500; i++ {
+		s.TryClaim(ctx, send(i), "w", time.Minute)
+		s.Finish(ctx, send(i), "w", Result{State: Succeeded, CouponID: "cp"})
+	}
+	if ok, err := s.Seal(ctx, "c1"); err != nil || !ok {
+		t.Fatalf("seal %v %v", ok, err)
+	}
+	changed := false
+	err := s.applyExpiry(ctx, "c1", func() {
+		if !changed { // after the first batch, another process extends the retention
+			changed = true
+			if _, err := s.SetRetention(ctx, "c1", 2*time.Hour); err != nil {
+				t.Error(err)
+			}
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, ttl := range campaignKeys(t, rdb, s, "c1") {
+		if k != s.Keys().Tomb("c1") && !strings.Contains(k, ":rate:") && ttl < 90*time.Minute {
+			t.Fatalf("%s expires in %s, after the retention became 2h", k, ttl)
+		}
+	}
+	// Once the keys are gone, applying writes nothing back.
+	s.SetRetention(ctx, "c1", time.Millisecond)
+	rdb.HSet(ctx, s.Keys().Tomb("c1"), "x", 1)
+	if err := s.ApplyExpiry(ctx, "c1"); err != nil {
+		t.Fatal(err)
+	}
+	if left := campaignKeys(t, rdb, s, "c1"); len(left) != 1 {
+		t.Fatalf("left %v", left)
+	}
+}
