@@ -62,6 +62,11 @@ func (c *common) parse(args []string) error {
 	}
 	c.set = map[string]bool{}
 	c.fs.Visit(func(f *flag.Flag) { c.set[f.Name] = true })
+	if c.fs.Lookup("max-retry") != nil && c.maxRetry < 1 {
+		// asynq archives a task on any error, a wait included, once its
+		// retries are used up: with none, a send could not wait at all.
+		return &exitError{code: 2, err: fmt.Errorf("--max-retry must be at least 1, got %d", c.maxRetry)}
+	}
 	return nil
 }
 

@@ -33,7 +33,8 @@ type attempt struct {
 	rec      idempotency.Record // as claimed: Attempts counts this one
 	deadline time.Time          // the campaign's: budget waits end here
 	now      time.Time
-	// lastTry: asynq archives the task if this attempt counts as a failure.
+	// lastTry: a failure now would count the task's last retry, after
+	// which asynq archives it on any error, a wait included.
 	lastTry bool
 	// final: no delivery follows this one whatever it returns (reconcile),
 	// so a wait cannot be recorded: there would be nothing to end it.

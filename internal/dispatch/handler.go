@@ -221,9 +221,13 @@ func (h *Handler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 		h.log.Error("undecodable task", "type", t.Type(), "err", err)
 		return fmt.Errorf("%v: %w", err, asynq.SkipRetry)
 	}
+	// asynq archives a task on any error, a wait included, once its
+	// counted failures reach MaxRetry. So the ambiguous outcome that would
+	// count the last one ends the send unknown instead, and the count never
+	// gets there: a later wait is never archived.
 	retried, _ := asynq.GetRetryCount(ctx)
 	maxRetry, ok := asynq.GetMaxRetry(ctx)
-	return h.deliver(ctx, args, tasks.Keep(t), ok && retried >= maxRetry, false)
+	return h.deliver(ctx, args, tasks.Keep(t), ok && retried+1 >= maxRetry, false)
 }
 
 // Reconcile makes one final delivery of a send whose outcome is unknown
@@ -251,8 +255,8 @@ func (h *Handler) Reconcile(ctx context.Context, kept []byte) error {
 
 const reasonRedis = "redis"
 
-// deliver is one delivery of a send. lastTry: asynq archives the task if
-// it fails; final: nothing follows this delivery (reconcile).
+// deliver is one delivery of a send. lastTry: a failure now would count
+// asynq's last retry; final: nothing follows this delivery (reconcile).
 func (h *Handler) deliver(ctx context.Context, args tasks.Args, kept []byte, lastTry, final bool) error {
 	send := sendOf(args)
 	b := args.Base()

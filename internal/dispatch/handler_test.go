@@ -185,7 +185,7 @@ func TestAmbiguousOnTheLastTryIsUnknownUntilReconciled(t *testing.T) {
 	w := newWorld(t, 2)
 	w.sb.SetFaults(sandbox.Faults{CommitFailRate: 1, CommitFailMode: sandbox.CommitFail500})
 	stock := w.stock(sandbox.StockSpec{Budget: 10})
-	a := w.send(stock, "o1", "r-amb-1", far(), asynq.MaxRetry(1))
+	a := w.send(stock, "o1", "r-amb-1", far(), asynq.MaxRetry(2))
 	w.waitState(a, idempotency.Retrying, 10*time.Second)
 	rec := w.waitState(a, idempotency.Unknown, 15*time.Second)
 	if rec.Code != "SYSTEM_ERROR" || rec.Attempts != 2 || !rec.MaybeIssued || !strings.Contains(rec.Message, "reconcile") || len(rec.Task) == 0 {
@@ -199,6 +199,47 @@ func TestAmbiguousOnTheLastTryIsUnknownUntilReconciled(t *testing.T) {
 	issued := w.sb.Ledger().Coupons
 	if rec.State != idempotency.Succeeded || len(issued) != 1 || rec.CouponID != issued[0].CouponID || rec.MaybeIssued || rec.Task != nil {
 		t.Fatalf("after reconcile: record %+v, ledger %+v", rec, issued)
+	}
+}
+
+// asynq archives a task on any error once its counted failures reach
+// MaxRetry, a wait included. The ambiguous outcome that would count the
+// last one ends the send unknown, so the count never gets there and a
+// wait after an ambiguous outcome keeps its task.
+func TestAWaitAfterAnAmbiguousOutcomeKeepsItsTask(t *testing.T) {
+	t.Parallel()
+	w := newWorld(t, 2)
+	stock := w.stock(sandbox.StockSpec{Budget: 10})
+	// One token: the first call passes the limit and meets the error, every
+	// later one is rate limited.
+	w.sb.SetFaults(sandbox.Faults{ErrorRate: 1, RateLimit: 0.001})
+	a := w.send(stock, "o1", "r-wait-1", far(), asynq.MaxRetry(2))
+	deadline := time.Now().Add(20 * time.Second)
+	for w.sb.Ledger().Requests["429 FREQUENCY_LIMIT_EXCEED"] < 3 {
+		if time.Now().After(deadline) {
+			t.Fatalf("only %v after 20s", w.sb.Ledger().Requests)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	info, err := asynq.NewInspectorFromRedisClient(w.rdb).GetTaskInfo(tasks.DefaultQueue, a.Key().TaskID())
+	if err != nil || info.State == asynq.TaskStateArchived {
+		t.Fatalf("a waiting send's task: %+v %v", info, err)
+	}
+	w.sb.SetFaults(sandbox.Faults{})
+	if rec := w.waitState(a, idempotency.Succeeded, 15*time.Second); rec.CouponID == "" {
+		t.Fatalf("record %+v", rec)
+	}
+}
+
+// With one retry allowed, the first ambiguous outcome is the last.
+func TestAmbiguousOutcomeThatWouldUseUpTheRetriesIsUnknown(t *testing.T) {
+	t.Parallel()
+	w := newWorld(t, 2)
+	stock := w.stock(sandbox.StockSpec{Budget: 10})
+	w.sb.SetFaults(sandbox.Faults{ErrorRate: 1})
+	a := w.send(stock, "o1", "r-once-1", far(), asynq.MaxRetry(1))
+	if rec := w.waitState(a, idempotency.Unknown, 10*time.Second); rec.Attempts != 1 {
+		t.Fatalf("record %+v", rec)
 	}
 }
 
