@@ -84,6 +84,7 @@ func run(ctx context.Context, argv []string, stderr io.Writer, ready func(net.Ad
 	if err != nil {
 		return err
 	}
+	logging.RouteRedis(log)
 	if err := keyspace.Validate(*keyPrefix); err != nil {
 		return fmt.Errorf("--key-prefix: %w", err)
 	}

@@ -57,6 +57,9 @@ func TestRefusesPublicAddressWithoutCredentials(t *testing.T) {
 				t.Errorf("%v: the refusal does not name %s: %v", args, v, err)
 			}
 		}
+		if strings.Contains(err.Error(), "monitor:") {
+			t.Errorf("main prints the program's name before the error, which names it again: %v", err)
+		}
 	}
 	t.Setenv("MONITOR_ADDR", "0.0.0.0:8080")
 	if err := run(context.Background(), nil, io.Discard, nil); err == nil || !strings.Contains(err.Error(), "MONITOR_TOKEN") {

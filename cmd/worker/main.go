@@ -85,6 +85,7 @@ func run(argv []string) error {
 	if err != nil {
 		return err
 	}
+	logging.RouteRedis(log)
 	if *concurrency < 1 {
 		return fmt.Errorf("--concurrency must be at least 1, got %d", *concurrency)
 	}
@@ -136,7 +137,7 @@ func run(argv []string) error {
 		dispatch.WithCallTimeout(*callTimeout), dispatch.WithBudgetWait(*probe, *probeMax),
 		dispatch.WithRateWait(*rateWait, *rateWaitMax),
 		dispatch.WithLimiter(limiter, *rateMaxWait),
-		dispatch.WithBreakers(breakers), dispatch.WithMetrics(m))
+		dispatch.WithBreakers(breakers), dispatch.WithMetrics(m), dispatch.WithMerchant(wxCfg.MchID))
 	srv := asynq.NewServerFromRedisClient(rdb, asynq.Config{
 		Concurrency:    *concurrency,
 		Queues:         queueWeights,

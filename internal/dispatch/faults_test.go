@@ -1,13 +1,17 @@
 package dispatch
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"io"
 	"log/slog"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/hibiken/asynq"
 
 	"github.com/couponflow/dispatcher/internal/breaker"
 	"github.com/couponflow/dispatcher/internal/idempotency"
@@ -79,6 +83,23 @@ func testArgs() tasks.SendCoupon {
 		StockID: "s1", OutRequestNo: "r1", AppID: "wx1", Deadline: time.Now().Add(time.Hour)}, StockCreatorMchID: "1900000001"}
 }
 
+func TestTaskOfAnotherMerchantIsRefused(t *testing.T) {
+	s, c := &fakeStore{}, &fakeCaller{}
+	var logs bytes.Buffer
+	h := New(c, s, WithMerchant("1900000002"), WithLogger(slog.New(slog.NewTextHandler(&logs, nil))))
+	task, err := tasks.NewTask(testArgs())
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = h.ProcessTask(context.Background(), task)
+	if !errors.Is(err, asynq.SkipRetry) || c.calls != 0 || len(s.finished) != 0 {
+		t.Fatalf("told %v, %d calls, %d writes", err, c.calls, len(s.finished))
+	}
+	if !strings.Contains(logs.String(), "task_mchid=1900000001") || !strings.Contains(logs.String(), "worker_mchid=1900000002") {
+		t.Fatalf("log:\n%s", logs.String())
+	}
+}
+
 func newTestHandler(s Store, c Caller, opts ...Option) *Handler {
 	return New(c, s, append([]Option{WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))}, opts...)...)
 }
@@ -124,9 +145,16 @@ func TestUnrecordedResultOnTheLastTryIsAWait(t *testing.T) {
 	} {
 		t.Run(name, func(t *testing.T) {
 			s, c := &fakeStore{finishErr: errRedis}, &fakeCaller{err: callErr}
-			err := newTestHandler(s, c).deliver(context.Background(), testArgs(), nil, true, false)
+			var logs bytes.Buffer
+			h := New(c, s, WithLogger(slog.New(slog.NewTextHandler(&logs, nil))))
+			err := h.deliver(context.Background(), testArgs(), nil, true, false)
 			if !isWait(err) || IsFailure(err) || c.calls != 1 {
 				t.Fatalf("told %v (failure %v), %d calls", err, IsFailure(err), c.calls)
+			}
+			// The line an operator searches for when a coupon was issued
+			// and not recorded.
+			if !strings.Contains(logs.String(), "outcome="+name) || (name == "success" && !strings.Contains(logs.String(), "coupon_id=coupon-1")) {
+				t.Fatalf("log:\n%s", logs.String())
 			}
 		})
 	}

@@ -91,6 +91,7 @@ type Handler struct {
 	maxSlotWait time.Duration
 	breakers    Breakers
 	metrics     *metrics.Metrics // nil: not measured
+	mchID       string           // "": any merchant's tasks
 	holds       *holdLog
 	now         func() time.Time
 }
@@ -131,6 +132,11 @@ func WithBreakers(b Breakers) Option { return func(h *Handler) { h.breakers = b 
 // WithMetrics counts every WeChat call, the waits for a rate slot and the
 // sends held before a call in m.
 func WithMetrics(m *metrics.Metrics) Option { return func(h *Handler) { h.metrics = m } }
+
+// WithMerchant makes the handler refuse tasks of any other merchant: it
+// signs with this merchant's key, so another's task would be sent under
+// the wrong merchant and recorded under a foreign id.
+func WithMerchant(mchID string) Option { return func(h *Handler) { h.mchID = mchID } }
 
 // WithHoldSummary sets how often the sends held before a call (breaker,
 // rate slot, busy user) are summed up in one info line (default 10s).
@@ -220,6 +226,11 @@ func (h *Handler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 		// Nothing we could send; retrying cannot help.
 		h.log.Error("undecodable task", "type", t.Type(), "err", err)
 		return fmt.Errorf("%v: %w", err, asynq.SkipRetry)
+	}
+	if b := args.Base(); h.mchID != "" && b.MchID != h.mchID {
+		h.log.Error("refusing a task of another merchant: this worker signs as its own merchant; the task is archived, nothing was sent or recorded",
+			"task_mchid", b.MchID, "worker_mchid", h.mchID, "out_request_no", b.OutRequestNo, "campaign", b.Campaign)
+		return fmt.Errorf("task of merchant %q, worker of merchant %q: %w", b.MchID, h.mchID, asynq.SkipRetry)
 	}
 	// asynq archives a task on any error, a wait included, once its
 	// counted failures reach MaxRetry. So the ambiguous outcome that would
@@ -341,7 +352,7 @@ func (h *Handler) deliver(ctx context.Context, args tasks.Args, kept []byte, las
 		// delivery then takes it over as maybe issued and resends the
 		// same request, which WeChat answers with the same outcome. A
 		// wait, so that this never archives the task.
-		log.Error("recording the result failed; the send will be resent", "outcome", o.class, "err", err)
+		log.Error("recording the result failed; the send will be resent", "outcome", o.class.String(), "coupon_id", o.couponID, "err", err)
 		return &waitError{reason: reasonRedis, delay: h.jitter(5 * time.Second), err: err}
 	}
 	attrs := []any{"outcome", o.class.String(), "state", res.State, "latency_ms", latency.Milliseconds()}

@@ -144,7 +144,7 @@ func WithCollectors(cs ...prometheus.Collector) Option {
 // connections; rdb stays the caller's.
 func New(rdb redis.UniversalClient, conn asynq.RedisConnOpt, opts ...Option) (*Server, error) {
 	if rdb == nil || conn == nil {
-		return nil, errors.New("monitor: a Redis client and an asynq.RedisConnOpt are required")
+		return nil, errors.New("a Redis client and an asynq.RedisConnOpt are required")
 	}
 	s := &Server{rdb: rdb, queue: tasks.DefaultQueue, refresh: 2 * time.Second}
 	for _, o := range opts {
@@ -155,9 +155,9 @@ func New(rdb redis.UniversalClient, conn asynq.RedisConnOpt, opts ...Option) (*S
 	}
 	switch {
 	case s.user != "" && s.password == "":
-		return nil, fmt.Errorf("monitor: %s is set but %s is empty: set both for basic auth", EnvUser, EnvPassword)
+		return nil, fmt.Errorf("%s is set but %s is empty: set both for basic auth", EnvUser, EnvPassword)
 	case s.user == "" && s.password != "":
-		return nil, fmt.Errorf("monitor: %s is set but %s is empty: set both for basic auth", EnvPassword, EnvUser)
+		return nil, fmt.Errorf("%s is set but %s is empty: set both for basic auth", EnvPassword, EnvUser)
 	}
 	if s.refresh <= 0 {
 		s.refresh = 2 * time.Second
@@ -178,7 +178,7 @@ func New(rdb redis.UniversalClient, conn asynq.RedisConnOpt, opts ...Option) (*S
 	s.registry = prometheus.NewRegistry()
 	for _, c := range append([]prometheus.Collector{metrics.NewQueueMetricsCollector(s.inspector)}, s.collectors...) {
 		if err := s.registry.Register(c); err != nil {
-			return nil, fmt.Errorf("monitor: registering a metrics collector: %w", err)
+			return nil, fmt.Errorf("registering a metrics collector: %w", err)
 		}
 	}
 
@@ -293,12 +293,12 @@ func CheckExposure(addr string, authenticated bool) error {
 	}
 	host, _, err := net.SplitHostPort(addr)
 	if err != nil {
-		return fmt.Errorf("monitor: address %q: %v", addr, err)
+		return fmt.Errorf("address %q: %v", addr, err)
 	}
 	if isLoopback(host) {
 		return nil
 	}
-	return fmt.Errorf("monitor: %w: refusing to listen on %s, which is not a loopback address, without authentication: set %s and %s (HTTP basic auth) or %s (bearer token), or listen on 127.0.0.1",
+	return fmt.Errorf("%w: refusing to listen on %s, which is not a loopback address, without authentication: set %s and %s (HTTP basic auth) or %s (bearer token), or listen on 127.0.0.1",
 		ErrNoCredentials, addr, EnvUser, EnvPassword, EnvToken)
 }
 
@@ -318,7 +318,7 @@ func (s *Server) ListenAndServe(ctx context.Context, addr string) error {
 	}
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
-		return fmt.Errorf("monitor: %w", err)
+		return err
 	}
 	return s.Serve(ctx, l)
 }
@@ -342,7 +342,7 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	go func() { errc <- hs.Serve(l) }()
 	select {
 	case err := <-errc:
-		return fmt.Errorf("monitor: %w", err)
+		return err
 	case <-ctx.Done():
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
