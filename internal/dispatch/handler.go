@@ -275,6 +275,12 @@ func (h *Handler) deliver(ctx context.Context, args tasks.Args, kept []byte, las
 	owner := newOwner()
 
 	claim, err := h.claim(ctx, send, owner)
+	if errors.Is(err, idempotency.ErrExpired) {
+		// A task that outlived its campaign's records: nothing can say
+		// whether it was sent, so it is not.
+		log.Error("not sent: the campaign's retention has passed", "err", err)
+		return fmt.Errorf("%v: %w", err, asynq.SkipRetry)
+	}
 	if err != nil {
 		// Nothing was written: a wait, which does not use up the task's
 		// retries, so a Redis outage never archives a send.

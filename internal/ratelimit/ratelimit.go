@@ -19,6 +19,8 @@ import (
 
 	"github.com/go-redis/redis_rate/v10"
 	"github.com/redis/go-redis/v9"
+
+	"github.com/couponflow/dispatcher/internal/keyspace"
 )
 
 // Endpoint names a WeChat Pay API with a limit of its own.
@@ -94,7 +96,7 @@ type Limiter struct {
 	rdb    redis.UniversalClient
 	gcra   *redis_rate.Limiter
 	limits map[Endpoint]Limit
-	prefix string
+	keys   keyspace.Keys
 
 	decrease  float64       // factor applied on a 429
 	recovery  time.Duration // time to grow from 0 back to the configured rate
@@ -144,10 +146,13 @@ func WithLimits(m map[Endpoint]Limit) Option { return func(l *Limiter) { l.limit
 // it would take to grow from zero to the configured limit (default 30s).
 func WithRecovery(d time.Duration) Option { return func(l *Limiter) { l.recovery = d } }
 
+// WithKeys sets the key layout (default keyspace.Default).
+func WithKeys(k keyspace.Keys) Option { return func(l *Limiter) { l.keys = k } }
+
 // New returns a limiter sharing its state through rdb.
 func New(rdb redis.UniversalClient, opts ...Option) *Limiter {
 	l := &Limiter{
-		rdb: rdb, gcra: redis_rate.NewLimiter(rdb), limits: Defaults, prefix: "cf:rl:",
+		rdb: rdb, gcra: redis_rate.NewLimiter(unprefixed{rdb}), limits: Defaults, keys: keyspace.Default,
 		decrease: 0.5, recovery: 30 * time.Second, cooldown: time.Second, cacheFor: 200 * time.Millisecond,
 		floorFrac: 0.01, cache: map[string]cached{}, turns: map[string]chan struct{}{}, now: time.Now,
 	}
@@ -162,8 +167,35 @@ func (l *Limiter) Limit(ep Endpoint) Limit { return l.limits[ep] }
 
 // The key carries a hash tag, so that in Redis Cluster both of a limit's
 // keys live on one slot.
-func (l *Limiter) key(mchID string, ep Endpoint) string {
-	return l.prefix + "{" + mchID + ":" + string(ep) + "}"
+func (l *Limiter) key(mchID string, ep Endpoint) string { return l.keys.Limiter(mchID, string(ep)) }
+
+// unprefixed hands redis_rate's scripts our key as it is: redis_rate v10
+// puts its own "rate:" in front of every key (a constant, with no option),
+// which would land the GCRA state outside our prefix and layout.
+type unprefixed struct{ redis.UniversalClient }
+
+func stripRate(keys []string) []string {
+	out := make([]string, len(keys))
+	for i, k := range keys {
+		out[i] = strings.TrimPrefix(k, "rate:")
+	}
+	return out
+}
+
+func (u unprefixed) Eval(ctx context.Context, script string, keys []string, args ...any) *redis.Cmd {
+	return u.UniversalClient.Eval(ctx, script, stripRate(keys), args...)
+}
+func (u unprefixed) EvalSha(ctx context.Context, sha1 string, keys []string, args ...any) *redis.Cmd {
+	return u.UniversalClient.EvalSha(ctx, sha1, stripRate(keys), args...)
+}
+func (u unprefixed) EvalRO(ctx context.Context, script string, keys []string, args ...any) *redis.Cmd {
+	return u.UniversalClient.EvalRO(ctx, script, stripRate(keys), args...)
+}
+func (u unprefixed) EvalShaRO(ctx context.Context, sha1 string, keys []string, args ...any) *redis.Cmd {
+	return u.UniversalClient.EvalShaRO(ctx, sha1, stripRate(keys), args...)
+}
+func (u unprefixed) Del(ctx context.Context, keys ...string) *redis.IntCmd {
+	return u.UniversalClient.Del(ctx, stripRate(keys)...)
 }
 
 // TooLong is returned by Wait when the next slot is further away than the
@@ -266,7 +298,7 @@ func (l *Limiter) aimd(ctx context.Context, mchID string, ep Endpoint, op string
 	}
 	max := lim.PerSecond()
 	now := l.now()
-	v, err := aimdScript.Run(ctx, l.rdb, []string{l.key(mchID, ep) + ":aimd"},
+	v, err := aimdScript.Run(ctx, l.rdb, []string{l.keys.LimiterRate(mchID, string(ep))},
 		now.UnixMilli(), max, max/l.recovery.Seconds(), op, l.decrease, max*l.floorFrac, l.cooldown.Milliseconds()).Text()
 	if err != nil {
 		return 0, fmt.Errorf("ratelimit: %w", err)

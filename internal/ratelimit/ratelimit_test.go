@@ -3,11 +3,14 @@ package ratelimit
 import (
 	"context"
 	"errors"
+	"slices"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/couponflow/dispatcher/internal/keyspace"
 	"github.com/couponflow/dispatcher/internal/redistest"
 )
 
@@ -113,5 +116,26 @@ func TestThrottledIsSharedAndRecovers(t *testing.T) {
 	}
 	if r, _ := a.Rate(ctx, "m1", SendCoupon); r < 1 {
 		t.Fatalf("the rate fell to %v; it must keep a floor", r)
+	}
+}
+
+// Every key the limiter writes, redis_rate's GCRA state included, is under
+// the layout's prefix, on the limit's hash tag.
+func TestKeysUnderThePrefix(t *testing.T) {
+	rdb := redistest.Start(t).Client()
+	ctx := context.Background()
+	keys := keyspace.New("acme")
+	l := New(rdb, WithKeys(keys))
+	if _, err := l.Wait(ctx, "m", SendCoupon, time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.Throttled(ctx, "m", SendCoupon); err != nil {
+		t.Fatal(err)
+	}
+	got := rdb.Keys(ctx, "*").Val()
+	sort.Strings(got)
+	want := []string{keys.Limiter("m", string(SendCoupon)), keys.LimiterRate("m", string(SendCoupon))}
+	if !slices.Equal(got, want) {
+		t.Fatalf("keys %q, want %q", got, want)
 	}
 }
