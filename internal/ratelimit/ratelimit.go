@@ -281,34 +281,39 @@ func (l *Limiter) Rate(ctx context.Context, mchID string, ep Endpoint) (float64,
 	if ok && l.now().Sub(c.at) < l.cacheFor {
 		return c.rate, nil
 	}
-	return l.aimd(ctx, mchID, ep, "get")
+	rate, _, err := l.aimd(ctx, mchID, ep, "get")
+	return rate, err
 }
 
 // Throttled tells the limiter that WeChat answered 429 although a slot was
 // taken: the real limit is lower than configured, or another system shares
-// the merchant. The shared rate drops for every worker; it returns the new rate.
-func (l *Limiter) Throttled(ctx context.Context, mchID string, ep Endpoint) (float64, error) {
+// the merchant. The shared rate drops for every worker, at most once a
+// cooldown however many 429s the fleet sees; it returns the rate now and
+// whether this call lowered it.
+func (l *Limiter) Throttled(ctx context.Context, mchID string, ep Endpoint) (rate float64, lowered bool, err error) {
 	return l.aimd(ctx, mchID, ep, "decrease")
 }
 
-func (l *Limiter) aimd(ctx context.Context, mchID string, ep Endpoint, op string) (float64, error) {
+func (l *Limiter) aimd(ctx context.Context, mchID string, ep Endpoint, op string) (float64, bool, error) {
 	lim, ok := l.limits[ep]
 	if !ok {
-		return 0, fmt.Errorf("ratelimit: no limit for endpoint %q", ep)
+		return 0, false, fmt.Errorf("ratelimit: no limit for endpoint %q", ep)
 	}
 	max := lim.PerSecond()
 	now := l.now()
 	v, err := aimdScript.Run(ctx, l.rdb, []string{l.keys.LimiterRate(mchID, string(ep))},
-		now.UnixMilli(), max, max/l.recovery.Seconds(), op, l.decrease, max*l.floorFrac, l.cooldown.Milliseconds()).Text()
+		now.UnixMilli(), max, max/l.recovery.Seconds(), op, l.decrease, max*l.floorFrac, l.cooldown.Milliseconds()).Slice()
 	if err != nil {
-		return 0, fmt.Errorf("ratelimit: %w", err)
+		return 0, false, fmt.Errorf("ratelimit: %w", err)
 	}
-	rate, err := strconv.ParseFloat(v, 64)
+	s, _ := v[0].(string)
+	lowered, _ := v[1].(int64)
+	rate, err := strconv.ParseFloat(s, 64)
 	if err != nil {
-		return 0, errors.New("ratelimit: bad rate from Redis: " + v)
+		return 0, false, errors.New("ratelimit: bad rate from Redis: " + s)
 	}
 	l.mu.Lock()
 	l.cache[l.key(mchID, ep)] = cached{rate: rate, at: now}
 	l.mu.Unlock()
-	return rate, nil
+	return rate, lowered == 1, nil
 }
