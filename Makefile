@@ -1,10 +1,14 @@
 GO ?= go
 BIN := bin
 
-.PHONY: build test vet fmt bench demo sandbox clean
+.PHONY: build install test vet fmt bench demo sandbox clean
 
 build:
 	$(GO) build -o $(BIN)/ ./cmd/...
+
+# The programs on the PATH: into $(go env GOPATH)/bin, or GOBIN.
+install:
+	$(GO) install ./cmd/...
 
 # The README's test command: what CI runs.
 test:

@@ -18,6 +18,7 @@ import (
 	"github.com/couponflow/dispatcher/internal/dispatch"
 	"github.com/couponflow/dispatcher/internal/enqueue"
 	"github.com/couponflow/dispatcher/internal/idempotency"
+	"github.com/couponflow/dispatcher/internal/keyspace"
 	"github.com/couponflow/dispatcher/internal/logging"
 	"github.com/couponflow/dispatcher/internal/redisconn"
 	"github.com/couponflow/dispatcher/internal/redistest"
@@ -221,7 +222,7 @@ func BenchmarkDispatch(b *testing.B) {
 		b.Logf("redis commandstats per send: %s", commandStats(b, r.rdb, int64(n)))
 		memDone += usedMemory(b, r.rdb) - r.memBase
 		mch := r.sb.Env()[wechat.EnvMchID]
-		recKey := "cf:{" + r.campaign + "}:send:" + mch + ":" + tasks.DeriveOutRequestNo(mch, r.campaign, openID("oDsp", 0))
+		recKey := keyspace.Default.Record(r.campaign, mch, tasks.DeriveOutRequestNo(mch, r.campaign, openID("oDsp", 0)))
 		b.Logf("redis memory per send: %d B pending, %d B once sent (a sent record's hash: %d B, MEMORY USAGE)",
 			(r.memPending-r.memBase)/int64(n), (usedMemory(b, r.rdb)-r.memBase)/int64(n), r.rdb.MemoryUsage(context.Background(), recKey).Val())
 

@@ -15,6 +15,7 @@ import (
 	"github.com/couponflow/dispatcher/internal/campaign"
 	"github.com/couponflow/dispatcher/internal/enqueue"
 	"github.com/couponflow/dispatcher/internal/idempotency"
+	"github.com/couponflow/dispatcher/internal/keyspace"
 	"github.com/couponflow/dispatcher/internal/redisconn"
 	"github.com/couponflow/dispatcher/internal/redistest"
 	"github.com/couponflow/dispatcher/internal/tasks"
@@ -98,7 +99,7 @@ func BenchmarkEnqueue(b *testing.B) {
 		if o == 0 || o != p {
 			b.Fatalf("task message is %d bytes in ours, %d in plain", o, p)
 		}
-		recKey := "cf:{" + c.Name + "}:send:" + c.MchID + ":" + tasks.DeriveOutRequestNo(c.MchID, c.Name, openID("oUpF8u", n-1))
+		recKey := keyspace.Default.Record(c.Name, c.MchID, tasks.DeriveOutRequestNo(c.MchID, c.Name, openID("oUpF8u", n-1)))
 		b.Logf("one send: asynq task hash %d B (msg %d B), idempotency record hash %d B (MEMORY USAGE)",
 			oursRDB.MemoryUsage(ctx, taskKey).Val(), o, oursRDB.MemoryUsage(ctx, recKey).Val())
 		b.Logf("ours, redis commandstats per row: %s", commandStats(b, oursRDB, int64(n)))

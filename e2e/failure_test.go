@@ -65,10 +65,11 @@ func TestBadInputIsReportedAndSkipped(t *testing.T) {
 	// Files that are not recipient files at all: refused whole, exit 2,
 	// nothing queued.
 	cases := map[string]struct{ content, want string }{
-		"header.csv":     {"open_id,value\nx,1\n", `unknown column "open_id"`},
-		"binary.csv":     {"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "looks binary"},
-		"empty.csv":      {"", "no recipients"},
-		"noheader.jsonl": {"{\"openid\": \"a\"}\n{\"openid\": \"b\", \"oops\": 1}\nnot json\n", ""},
+		"header.csv":      {"open_id,value\nx,1\n", `unknown column "open_id"`},
+		"binary.csv":      {"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "looks binary"},
+		"empty.csv":       {"", "no recipients"},
+		"header-only.csv": {"openid,out_request_no\n", "no recipients"},
+		"noheader.jsonl":  {"{\"openid\": \"a\"}\n{\"openid\": \"b\", \"oops\": 1}\nnot json\n", ""},
 	}
 	for name, c := range cases {
 		path := filepath.Join(r.dir, name)
@@ -88,6 +89,17 @@ func TestBadInputIsReportedAndSkipped(t *testing.T) {
 		if st, _ := r.store.Status(context.Background(), campaign); st.Total != 0 {
 			t.Errorf("%s: %d sends recorded from a refused file", name, st.Total)
 		}
+		if meta, _ := r.store.Campaign(context.Background(), campaign); meta.Name != "" {
+			t.Errorf("%s: a refused file created the campaign %+v", name, meta)
+		}
+	}
+	adir := filepath.Join(r.dir, "adir")
+	os.Mkdir(adir, 0o755)
+	if out, code := r.enqueuer("campaign", "--file", adir, "--stock-id", r.stockID(), "--campaign", "adir"); code != 2 {
+		t.Errorf("a directory: exit %d:\n%s", code, out)
+	}
+	if meta, _ := r.store.Campaign(context.Background(), "adir"); meta.Name != "" {
+		t.Errorf("a directory created the campaign %+v", meta)
 	}
 	if r.pending() != 4 {
 		t.Fatalf("%d tasks queued in all, want 4", r.pending())

@@ -127,7 +127,7 @@ ensuring_redis=''
 
 section "Building the programs (bin/)"
 "$GO" build -o bin/ ./cmd/...
-say "bin/wxsandbox bin/worker bin/enqueuer"
+say "bin/wxsandbox bin/worker bin/enqueuer bin/monitor"
 
 # A name of its own for every run, so that a shared Redis holding earlier
 # runs (or anything else) never mixes with this one.
@@ -243,3 +243,14 @@ say "since the sandbox's data dir was made: ${requests:-no requests} ${faults:-}
 [ "$succeeded" = "$USERS" ] || die "$succeeded of $USERS sends succeeded"
 [ "$issued" = "$USERS" ] || die "the sandbox issued $issued coupons on stock $stock, not one for each of the $USERS users"
 say "every user got exactly one coupon"
+
+section "Watching it: the monitor"
+if [ -n "$redis_pid" ]; then
+  say "this run's private Redis stops now, and the campaign with it. To watch a campaign in the browser,"
+  say "start a Redis of your own (redis-server --port 6379 --appendonly yes), run make demo again, then:"
+else
+  say "the campaign stays in the Redis at $REDIS_ADDR. To watch it, and every later one, in the browser:"
+fi
+say "  REDIS_ADDR=$REDIS_ADDR bin/monitor --addr 127.0.0.1:8080"
+say "  then open http://127.0.0.1:8080/campaigns/$run_id (on loopback no credentials are needed;"
+say "  asynqmon's view of the queues is under /monitoring/)"

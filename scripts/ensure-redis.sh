@@ -36,8 +36,8 @@ if ! command -v redis-server >/dev/null 2>&1; then
   fi
   echo "ensure-redis: installing redis-server with apt-get" >&2
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >&2
-  apt-get install -y -qq redis-server >&2
+  apt-get -o DPkg::Lock::Timeout=300 update -qq >&2
+  apt-get -o DPkg::Lock::Timeout=300 install -y -qq redis-server >&2
 fi
 
 mkdir -p "$dir"

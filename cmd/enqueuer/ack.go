@@ -7,6 +7,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/couponflow/dispatcher/internal/keyspace"
 	"github.com/couponflow/dispatcher/internal/redisconn"
 )
 
@@ -17,6 +18,6 @@ func replicaFlag(fs *flag.FlagSet) *time.Duration {
 
 // acknowledger waits, on a deployment with replicas, until one holds the
 // writes made so far (see redisconn.Acknowledger).
-func acknowledger(ctx context.Context, rdb redis.UniversalClient, timeout time.Duration) (*redisconn.Acknowledger, error) {
-	return redisconn.NewAcknowledger(ctx, rdb, timeout)
+func (c *common) acknowledger(ctx context.Context, rdb redis.UniversalClient, timeout time.Duration) (*redisconn.Acknowledger, error) {
+	return redisconn.NewAcknowledger(ctx, rdb, timeout, redisconn.AckKeys(keyspace.New(c.keyPrefix)))
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -20,7 +21,10 @@ import (
 )
 
 func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	c := newFlags("campaign", "--file users.csv|users.jsonl --stock-id ID [flags]", stderr)
+	if len(args) > 0 && args[0] == "retention" {
+		return cmdRetention(ctx, args[1:], stdout, stderr)
+	}
+	c := newFlags("campaign", "--file users.csv|users.jsonl --stock-id ID [flags]\n       enqueuer campaign retention --campaign NAME [--set 240h]", stderr)
 	file := c.fs.String("file", "", "recipients: CSV with a header (openid, out_request_no, coupon_value, coupon_minimum) or JSON lines")
 	format := c.fs.String("format", "", "csv or jsonl; default by the file's extension or content")
 	stock := c.fs.String("stock-id", "", "stock (批次) id")
@@ -32,9 +36,13 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	c.retryFlag()
 	showInvalid := c.fs.Int("show-invalid", 20, "invalid rows listed in the summary; the rest are counted")
 	progress := c.fs.String("progress", "auto", "auto (a bar on a terminal, lines otherwise), bar, lines or none")
+	retention := c.fs.Duration("retention", idempotency.DefaultRetention, "how long the records are kept once every send has succeeded or failed; then every key of the campaign expires and only its tombstone is left (kept from the first run unless given again)")
 	replicaTimeout := replicaFlag(c.fs)
 	if err := c.parse(args); err != nil {
 		return err
+	}
+	if *retention <= 0 {
+		return &exitError{code: 2, err: fmt.Errorf("--retention must be positive, got %s", *retention)}
 	}
 	if err := need("--file", *file, "--stock-id", *stock, "--mchid or WECHATPAY_MCHID", c.wx.MchID, "--appid or WECHATPAY_APPID", c.wx.AppID); err != nil {
 		return err
@@ -54,6 +62,11 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return &exitError{code: 2, err: err}
 	}
 	defer closer.Close()
+	// Before anything is written: a file that is not a recipients file
+	// must not leave a campaign behind.
+	if err := reader.Peek(); err != nil {
+		return &exitError{code: 2, err: fmt.Errorf("%w; nothing was queued and no campaign was created", err)}
+	}
 	var size int64
 	if fi, err := os.Stat(*file); err == nil {
 		size = fi.Size()
@@ -64,19 +77,27 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return err
 	}
 	defer rdb.Close()
-	ack, err := acknowledger(ctx, rdb, *replicaTimeout)
+	ack, err := c.acknowledger(ctx, rdb, *replicaTimeout)
 	if err != nil {
 		return err
 	}
-	store := idempotency.New(rdb)
-	meta, err := store.SaveCampaign(ctx, idempotency.Campaign{Name: *name, MchID: c.wx.MchID, Deadline: dl})
+	store := c.store(rdb)
+	meta, err := store.SaveCampaign(ctx, idempotency.Campaign{Name: *name, MchID: c.wx.MchID, Deadline: dl, Retention: *retention})
+	if errors.Is(err, idempotency.ErrExpired) {
+		return &exitError{code: 2, err: fmt.Errorf("%w.\nNothing was queued: once its records are gone its sends cannot be told from new ones. To send this file again on purpose, give it a new --campaign name (every recipient then gets a new coupon)", err)}
+	}
 	if err != nil {
 		return err
 	}
 	if meta.MchID != c.wx.MchID {
 		return &exitError{code: 2, err: fmt.Errorf("campaign %q belongs to merchant %s, not %s; choose another --campaign", *name, meta.MchID, c.wx.MchID)}
 	}
-	fmt.Fprintf(stderr, "campaign %s: %s → stock %s, queue %s, deadline %s\n", *name, *file, *stock, *queue, meta.Deadline.Format(time.RFC3339))
+	if c.set["retention"] && meta.Retention != *retention {
+		if meta, err = store.SetRetention(ctx, *name, *retention); err != nil {
+			return err
+		}
+	}
+	fmt.Fprintf(stderr, "campaign %s: %s → stock %s, queue %s, deadline %s, retention %s\n", *name, *file, *stock, *queue, meta.Deadline.Format(time.RFC3339), meta.Retention)
 
 	var stats enqueue.Stats
 	start := time.Now()
@@ -122,6 +143,46 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return runErr
 	}
 	fmt.Fprintf(stdout, "follow it with: enqueuer status --campaign %s\n", *name)
+	return nil
+}
+
+func cmdRetention(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	c := newFlags("campaign retention", "--campaign NAME [--set 240h]", stderr)
+	name := c.fs.String("campaign", "", "campaign name")
+	set := c.fs.Duration("set", 0, "keep the records this long after the campaign settled (counted from when it settled); without it, show the retention")
+	if err := c.parse(args); err != nil {
+		return err
+	}
+	if err := need("--campaign", *name); err != nil {
+		return err
+	}
+	if c.set["set"] && *set <= 0 {
+		return &exitError{code: 2, err: fmt.Errorf("--set must be positive, got %s", *set)}
+	}
+	rdb, err := c.redis(ctx, 2)
+	if err != nil {
+		return err
+	}
+	defer rdb.Close()
+	store := c.store(rdb)
+	meta, err := campaignOf(ctx, store, *name)
+	if err != nil {
+		return err
+	}
+	if c.set["set"] {
+		if meta, err = store.SetRetention(ctx, *name, *set); err != nil {
+			var expired *idempotency.ExpiredError
+			if errors.As(err, &expired) {
+				return &exitError{code: 2, err: err}
+			}
+			return err
+		}
+	}
+	if !meta.ExpiresAt.IsZero() && !meta.ExpiresAt.After(time.Now()) {
+		fmt.Fprintf(stdout, "campaign %s: retention %s; settled %s, so its records have expired now\n", *name, meta.Retention, meta.FinishedAt.UTC().Format(time.RFC3339))
+		return nil
+	}
+	fmt.Fprintf(stdout, "campaign %s: %s\n", *name, retentionLine(meta))
 	return nil
 }
 

@@ -11,9 +11,12 @@ import (
 	"github.com/hibiken/asynq"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/couponflow/dispatcher/internal/breaker"
 	"github.com/couponflow/dispatcher/internal/enqueue"
 	"github.com/couponflow/dispatcher/internal/envflag"
 	"github.com/couponflow/dispatcher/internal/idempotency"
+	"github.com/couponflow/dispatcher/internal/keyspace"
+	"github.com/couponflow/dispatcher/internal/ratelimit"
 	"github.com/couponflow/dispatcher/internal/redisconn"
 	"github.com/couponflow/dispatcher/internal/tasks"
 	"github.com/couponflow/dispatcher/internal/wechat"
@@ -26,7 +29,9 @@ type common struct {
 	redisAddr string
 	redisURL  string
 	shards    int
+	set       map[string]bool // flags given on the command line or by the environment
 	maxRetry  int
+	keyPrefix string
 }
 
 func newFlags(name, synopsis string, stderr io.Writer) *common {
@@ -40,16 +45,23 @@ func newFlags(name, synopsis string, stderr io.Writer) *common {
 	c.fs.StringVar(&c.redisAddr, "redis-addr", redisconn.DefaultAddr, "Redis host:port")
 	c.fs.StringVar(&c.redisURL, "redis-url", "", "Redis URL, for TLS, Sentinel or Cluster (see README); wins over --redis-addr")
 	c.fs.IntVar(&c.shards, "queue-shards", 1, "spread sends over this many queues, <queue>-0 … (for Redis Cluster); workers need the same setting")
+	c.fs.StringVar(&c.keyPrefix, "key-prefix", keyspace.DefaultPrefix, "prefix of every Redis key of ours (asynq's are its own); workers and the monitor need the same setting")
 	return c
 }
 
 func (c *common) parse(args []string) error {
-	if err := envflag.Parse(c.fs, map[string]string{"redis-addr": redisconn.EnvAddr, "redis-url": redisconn.EnvURL, "queue-shards": "QUEUE_SHARDS"}, args); err != nil {
+	if err := envflag.Parse(c.fs, map[string]string{"redis-addr": redisconn.EnvAddr, "redis-url": redisconn.EnvURL, "queue-shards": "QUEUE_SHARDS",
+		"key-prefix": keyspace.EnvPrefix}, args); err != nil {
 		return err // printed by the flag package, or -h
+	}
+	if err := keyspace.Validate(c.keyPrefix); err != nil {
+		return &exitError{code: 2, err: fmt.Errorf("--key-prefix: %w", err)}
 	}
 	if c.fs.NArg() > 0 {
 		return &exitError{code: 2, err: fmt.Errorf("unexpected argument %q", c.fs.Arg(0))}
 	}
+	c.set = map[string]bool{}
+	c.fs.Visit(func(f *flag.Flag) { c.set[f.Name] = true })
 	if c.fs.Lookup("max-retry") != nil && c.maxRetry < 1 {
 		// asynq archives a task on any error, a wait included, once its
 		// retries are used up: with none, a send could not wait at all.
@@ -80,8 +92,21 @@ func (c *common) redis(ctx context.Context, pool int) (redis.UniversalClient, er
 	return redisconn.OpenSpec(ctx, spec, pool)
 }
 
+// store, limiter and breakers use the key layout under --key-prefix.
+func (c *common) store(rdb redis.UniversalClient) *idempotency.Store {
+	return idempotency.New(rdb, idempotency.WithKeys(keyspace.New(c.keyPrefix)))
+}
+
+func (c *common) limiter(rdb redis.UniversalClient, opts ...ratelimit.Option) *ratelimit.Limiter {
+	return ratelimit.New(rdb, append(opts, ratelimit.WithKeys(keyspace.New(c.keyPrefix)))...)
+}
+
+func (c *common) breakers(rdb redis.UniversalClient) *breaker.Breakers {
+	return breaker.New(rdb, breaker.WithKeys(keyspace.New(c.keyPrefix)))
+}
+
 func (c *common) producer(rdb redis.UniversalClient, queue string) *enqueue.Producer {
-	return enqueue.New(asynq.NewClientFromRedisClient(rdb), idempotency.New(rdb), enqueue.WithQueue(queue),
+	return enqueue.New(asynq.NewClientFromRedisClient(rdb), c.store(rdb), enqueue.WithQueue(queue),
 		enqueue.WithQueueShards(c.shards), enqueue.WithMaxRetry(c.maxRetry))
 }
 

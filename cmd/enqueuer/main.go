@@ -22,14 +22,18 @@ type exitError struct {
 }
 
 func (e *exitError) Error() string { return e.err.Error() }
+func (e *exitError) Unwrap() error { return e.err }
 
 const usage = `usage: enqueuer <command> [flags]
 
 commands:
   send       queue one send
-  campaign   queue a send for every recipient of a CSV or JSON-lines file
+  campaign   queue a send for every recipient of a CSV or JSON-lines file;
+             campaign retention --campaign NAME [--set 240h]: how long its
+             records are kept once it has settled
   status     a campaign's progress
-  report     a campaign's results, one CSV line per recipient
+  report     a campaign's results, one CSV line per recipient (gzipped to
+             a .gz file, which a settled campaign's tombstone remembers)
   coupons    a user's coupons, through the WeChat Pay list API
   stock      status|resume --stock-id ID: a stock's budget breaker
   reconcile  settle a campaign's unknown sends by asking WeChat

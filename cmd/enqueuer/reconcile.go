@@ -50,7 +50,7 @@ func cmdReconcile(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		return err
 	}
 	defer rdb.Close()
-	store := idempotency.New(rdb)
+	store := c.store(rdb)
 	if camp, err := store.Campaign(ctx, *name); err != nil {
 		return err
 	} else if camp.Name == "" {
@@ -61,7 +61,7 @@ func cmdReconcile(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		return err
 	}
 	h := dispatch.New(dispatch.WeChat(wx), store, dispatch.WithLogger(log),
-		dispatch.WithLimiter(ratelimit.New(rdb, ratelimit.WithLimits(limits)), time.Minute))
+		dispatch.WithLimiter(c.limiter(rdb, ratelimit.WithLimits(limits)), time.Minute))
 
 	var (
 		mu     sync.Mutex

@@ -83,7 +83,10 @@ func cmdSend(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	defer rdb.Close()
-	meta, err := idempotency.New(rdb).SaveCampaign(ctx, idempotency.Campaign{Name: *campaignName, MchID: c.wx.MchID, Deadline: dl})
+	meta, err := c.store(rdb).SaveCampaign(ctx, idempotency.Campaign{Name: *campaignName, MchID: c.wx.MchID, Deadline: dl})
+	if errors.Is(err, idempotency.ErrExpired) {
+		return &exitError{code: 2, err: fmt.Errorf("%w.\nNothing was queued: once its records are gone its sends cannot be told from new ones. To send on purpose, give a new --campaign name", err)}
+	}
 	if err != nil {
 		return err
 	}
@@ -104,7 +107,7 @@ func cmdSend(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	ack, err := acknowledger(ctx, rdb, *replicaTimeout)
+	ack, err := c.acknowledger(ctx, rdb, *replicaTimeout)
 	if err == nil {
 		err = ack.Acknowledge(ctx)
 	}

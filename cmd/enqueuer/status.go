@@ -1,14 +1,18 @@
 package main
 
 import (
+	"compress/gzip"
 	"context"
 	"encoding/csv"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"math"
 	"os"
+	"path/filepath"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -32,7 +36,7 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return err
 	}
 	defer rdb.Close()
-	store := idempotency.New(rdb)
+	store := c.store(rdb)
 	if *name == "" {
 		names, err := store.Campaigns(ctx)
 		if err != nil {
@@ -44,11 +48,16 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return nil
 	}
 	meta, err := campaignOf(ctx, store, *name)
+	var expired *idempotency.ExpiredError
+	if errors.As(err, &expired) {
+		printTomb(stdout, expired.Tomb, *asJSON)
+		return nil
+	}
 	if err != nil {
 		return err
 	}
-	limiter := ratelimit.New(rdb)
-	breakers := breaker.New(rdb)
+	limiter := c.limiter(rdb)
+	breakers := c.breakers(rdb)
 	for {
 		st, err := store.Status(ctx, *name)
 		if err != nil {
@@ -74,13 +83,57 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 }
 
-// campaignOf reads a campaign that must exist.
+// campaignOf reads a campaign that must exist; one whose retention has
+// passed is an *idempotency.ExpiredError, which says what is left of it.
 func campaignOf(ctx context.Context, store *idempotency.Store, name string) (idempotency.Campaign, error) {
 	meta, err := store.Campaign(ctx, name)
 	if err == nil && meta.Name == "" {
-		err = &exitError{code: 2, err: fmt.Errorf("no campaign %q; run enqueuer status without --campaign to list them", name)}
+		tomb, ok, terr := store.Tomb(ctx, name)
+		switch {
+		case terr != nil:
+			err = terr
+		case ok:
+			err = &exitError{code: 2, err: &idempotency.ExpiredError{Tomb: tomb}}
+		default:
+			err = &exitError{code: 2, err: fmt.Errorf("no campaign %q; run enqueuer status without --campaign to list them", name)}
+		}
 	}
 	return meta, err
+}
+
+// printTomb describes a campaign whose retention has passed.
+func printTomb(w io.Writer, t idempotency.Tomb, asJSON bool) {
+	if asJSON {
+		_ = json.NewEncoder(w).Encode(map[string]any{
+			"campaign": t.Campaign, "mchid": t.MchID, "expired": true, "finished_at": t.FinishedAt.UTC().Format(time.RFC3339),
+			"expired_at": t.ExpiresAt.UTC().Format(time.RFC3339), "retention": t.Retention.String(),
+			"total": t.Total, "succeeded": t.Succeeded, "failed": t.Failed, "report": t.Report,
+		})
+		return
+	}
+	fmt.Fprintf(w, "campaign %s (merchant %s): finished %s, %d sends: %d succeeded, %d failed\n",
+		t.Campaign, t.MchID, t.FinishedAt.UTC().Format(time.RFC3339), t.Total, t.Succeeded, t.Failed)
+	fmt.Fprintf(w, "  its records expired at %s (retention %s); only this tombstone is left\n", t.ExpiresAt.UTC().Format(time.RFC3339), t.Retention)
+	if t.Report != "" {
+		fmt.Fprintf(w, "  report archived to %s\n", t.Report)
+	} else {
+		fmt.Fprintln(w, "  its report was not archived")
+	}
+}
+
+// retentionLine says how long a campaign's records are kept.
+func retentionLine(meta idempotency.Campaign) string {
+	var line string
+	if meta.ExpiresAt.IsZero() {
+		line = fmt.Sprintf("records kept %s once every send has succeeded or failed", meta.Retention)
+	} else {
+		line = fmt.Sprintf("settled %s; records kept until %s (retention %s)", meta.FinishedAt.UTC().Format(time.RFC3339),
+			meta.ExpiresAt.UTC().Format(time.RFC3339), meta.Retention)
+	}
+	if meta.Report != "" {
+		line += "; report archived to " + meta.Report
+	}
+	return line
 }
 
 // fleet is what the workers share: the current rates and open breakers.
@@ -135,6 +188,7 @@ func printStatus(w io.Writer, meta idempotency.Campaign, st idempotency.Status, 
 		fmt.Fprintf(w, "  stock %s: budget breaker OPEN since %s, next probe %s (every %s)\n",
 			b.StockID, b.OpenedAt.Format(time.RFC3339), b.NextProbe.Format(time.RFC3339), b.Interval)
 	}
+	fmt.Fprintf(w, "  %s\n", retentionLine(meta))
 }
 
 func printStatusJSON(w io.Writer, meta idempotency.Campaign, st idempotency.Status, f fleet) {
@@ -148,13 +202,22 @@ func printStatusJSON(w io.Writer, meta idempotency.Campaign, st idempotency.Stat
 		"rate_per_second": st.Rate, "rate_10s": st.Rate10s, "done": st.Done(),
 		"expected": st.Expected, "missing": st.Missing(),
 		"shared_rates": f.Rates, "open_breakers": f.Breakers,
+		"retention": meta.Retention.String(), "finished_at": jsonTime(meta.FinishedAt), "expires_at": jsonTime(meta.ExpiresAt),
+		"report": meta.Report,
 	})
 }
 
+func jsonTime(t time.Time) any {
+	if t.IsZero() {
+		return nil
+	}
+	return t.UTC().Format(time.RFC3339)
+}
+
 func cmdReport(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	c := newFlags("report", "--campaign NAME --out results.csv", stderr)
+	c := newFlags("report", "--campaign NAME --out results.csv[.gz]", stderr)
 	name := c.fs.String("campaign", "", "campaign name")
-	out := c.fs.String("out", "", "CSV file to write; - for standard output")
+	out := c.fs.String("out", "", "CSV file to write, gzipped if it ends in .gz; - for standard output. The file of a settled campaign is its archive: its tombstone keeps the path once its records expire")
 	if err := c.parse(args); err != nil {
 		return err
 	}
@@ -166,8 +229,12 @@ func cmdReport(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return err
 	}
 	defer rdb.Close()
-	store := idempotency.New(rdb)
+	store := c.store(rdb)
 	if _, err := campaignOf(ctx, store, *name); err != nil {
+		return err
+	}
+	st, err := store.Status(ctx, *name)
+	if err != nil {
 		return err
 	}
 	var w io.Writer = stdout
@@ -182,6 +249,12 @@ func cmdReport(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		defer os.Remove(f.Name())
 		w = f
 	}
+	var zw *gzip.Writer
+	if strings.HasSuffix(*out, ".gz") {
+		zw = gzip.NewWriter(w)
+		zw.Name = strings.TrimSuffix(filepath.Base(*out), ".gz")
+		w = zw
+	}
 	cw := csv.NewWriter(w)
 	_ = cw.Write(idempotency.ReportHeader)
 	n := 0
@@ -193,18 +266,41 @@ func cmdReport(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err == nil {
 		err = cw.Error()
 	}
+	if err == nil && zw != nil {
+		err = zw.Close()
+	}
 	if err != nil {
 		return err
 	}
-	if f != nil {
-		if err := f.Close(); err != nil {
-			return err
-		}
-		if err := os.Rename(f.Name(), *out); err != nil {
-			return err
-		}
-		fmt.Fprintf(stderr, "wrote %d rows to %s\n", n, *out)
+	if f == nil {
+		return nil
 	}
+	if err := f.Sync(); err != nil {
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(f.Name(), *out); err != nil {
+		return err
+	}
+	fmt.Fprintf(stderr, "wrote %d rows to %s\n", n, *out)
+	if !st.Settled() {
+		fmt.Fprintf(stderr, "campaign %s is not settled (%d of %d sends succeeded or failed), so this report is not recorded as its archive\n",
+			*name, st.ByState[idempotency.Succeeded]+st.ByState[idempotency.Failed], st.Total)
+		return nil
+	}
+	where, err := filepath.Abs(*out)
+	if err != nil {
+		return err
+	}
+	if host, err := os.Hostname(); err == nil {
+		where += " on " + host
+	}
+	if err := store.RecordReport(ctx, *name, where); err != nil {
+		return err
+	}
+	fmt.Fprintf(stderr, "recorded as the archive of campaign %s: its tombstone will say %s\n", *name, where)
 	return nil
 }
 

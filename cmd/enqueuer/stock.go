@@ -10,7 +10,6 @@ import (
 	"github.com/hibiken/asynq"
 	"github.com/redis/go-redis/v9"
 
-	"github.com/couponflow/dispatcher/internal/breaker"
 	"github.com/couponflow/dispatcher/internal/tasks"
 )
 
@@ -33,7 +32,7 @@ func cmdStock(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer rdb.Close()
-	b := breaker.New(rdb)
+	b := c.breakers(rdb)
 	if op == "resume" {
 		if err := b.Resume(ctx, c.wx.MchID, *stock); err != nil {
 			return err

@@ -25,6 +25,7 @@ import (
 	"github.com/couponflow/dispatcher/internal/breaker"
 	"github.com/couponflow/dispatcher/internal/envflag"
 	"github.com/couponflow/dispatcher/internal/idempotency"
+	"github.com/couponflow/dispatcher/internal/keyspace"
 	"github.com/couponflow/dispatcher/internal/logging"
 	"github.com/couponflow/dispatcher/internal/metrics"
 	"github.com/couponflow/dispatcher/internal/monitor"
@@ -57,6 +58,7 @@ func run(ctx context.Context, argv []string, stderr io.Writer, ready func(net.Ad
 	rateLimits := fs.String("rate-limits", "", "the limits the workers run with, as the worker's --rate-limits (default WeChat's)")
 	logFormat := fs.String("log-format", "json", "json or text")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+	keyPrefix := fs.String("key-prefix", keyspace.DefaultPrefix, "prefix of every Redis key of ours (asynq's are its own), as the workers'")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "usage: monitor [flags]\n\nCredentials come from the environment only: %s and %s (HTTP basic auth), or %s (bearer token; a browser may give it as the basic-auth password).\n\n",
 			monitor.EnvUser, monitor.EnvPassword, monitor.EnvToken)
@@ -66,7 +68,7 @@ func run(ctx context.Context, argv []string, stderr io.Writer, ready func(net.Ad
 		"addr": "MONITOR_ADDR", "redis-addr": redisconn.EnvAddr, "redis-url": redisconn.EnvURL,
 		"mchid": "WECHATPAY_MCHID", "readonly": "MONITOR_READONLY", "queue": "MONITOR_QUEUE",
 		"refresh": "MONITOR_REFRESH", "rate-limits": "WORKER_RATE_LIMITS",
-		"log-format": "LOG_FORMAT", "log-level": "LOG_LEVEL",
+		"log-format": "LOG_FORMAT", "log-level": "LOG_LEVEL", "key-prefix": keyspace.EnvPrefix,
 	}, argv)
 	if err != nil {
 		return err
@@ -79,6 +81,9 @@ func run(ctx context.Context, argv []string, stderr io.Writer, ready func(net.Ad
 		return err
 	}
 	logging.RouteRedis(log)
+	if err := keyspace.Validate(*keyPrefix); err != nil {
+		return fmt.Errorf("--key-prefix: %w", err)
+	}
 	user, password, token := os.Getenv(monitor.EnvUser), os.Getenv(monitor.EnvPassword), os.Getenv(monitor.EnvToken)
 	// Before anything is opened: a monitor that would be open to the
 	// network, or half-configured, stops here.
@@ -102,9 +107,10 @@ func run(ctx context.Context, argv []string, stderr io.Writer, ready func(net.Ad
 	}
 	defer rdb.Close()
 
-	store := idempotency.New(rdb)
-	limiter := ratelimit.New(rdb, ratelimit.WithLimits(limits))
-	breakers := breaker.New(rdb)
+	keys := keyspace.New(*keyPrefix)
+	store := idempotency.New(rdb, idempotency.WithKeys(keys))
+	limiter := ratelimit.New(rdb, ratelimit.WithLimits(limits), ratelimit.WithKeys(keys))
+	breakers := breaker.New(rdb, breaker.WithKeys(keys))
 	opts := []monitor.Option{
 		monitor.WithLogger(log), monitor.WithMchID(*mchID), monitor.WithReadOnly(*readOnly),
 		monitor.WithQueue(*queue), monitor.WithRefresh(*refresh),

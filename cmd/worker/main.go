@@ -29,6 +29,7 @@ import (
 	"github.com/couponflow/dispatcher/internal/dispatch"
 	"github.com/couponflow/dispatcher/internal/envflag"
 	"github.com/couponflow/dispatcher/internal/idempotency"
+	"github.com/couponflow/dispatcher/internal/keyspace"
 	"github.com/couponflow/dispatcher/internal/logging"
 	"github.com/couponflow/dispatcher/internal/metrics"
 	"github.com/couponflow/dispatcher/internal/ratelimit"
@@ -60,6 +61,8 @@ func run(argv []string) error {
 	rateMaxWait := fs.Duration("rate-max-wait", 2*time.Second, "longest wait for a rate slot inside the handler; a longer one goes back to the queue")
 	rateWait := fs.Duration("rate-wait", time.Second, "first wait after a rate limit; it grows up to --rate-wait-max")
 	rateWaitMax := fs.Duration("rate-wait-max", 30*time.Second, "longest wait after a rate limit")
+	keyPrefix := fs.String("key-prefix", keyspace.DefaultPrefix, "prefix of every Redis key of ours (asynq's are its own); the enqueuer and the monitor need the same setting")
+	retentionSweep := fs.Duration("retention-sweep", 30*time.Second, "how often to look for settled campaigns, start their retention and expire their keys once it has passed (one worker of the fleet at a time); 0 disables")
 	sweepEvery := fs.Duration("sweep-every", 10*time.Second, "how often the fleet looks for a dead worker's sends and for stalled campaigns whose tasks asynq lost (one worker sweeps at a time); 0 turns it off")
 	sweepStall := fs.Duration("sweep-stall", 15*time.Minute, "a campaign not done whose sends have not changed for this long is checked for lost tasks; keep it above --breaker-probe-max")
 	httpAddr := fs.String("http-addr", "127.0.0.1:9091", "where to serve /metrics, /healthz and /readyz; empty disables")
@@ -72,6 +75,7 @@ func run(argv []string) error {
 		"rate-wait": "WORKER_RATE_WAIT", "rate-wait-max": "WORKER_RATE_WAIT_MAX",
 		"sweep-every": "WORKER_SWEEP_EVERY", "sweep-stall": "WORKER_SWEEP_STALL",
 		"log-format": "LOG_FORMAT", "log-level": "LOG_LEVEL", "http-addr": "WORKER_HTTP_ADDR",
+		"retention-sweep": "WORKER_RETENTION_SWEEP", "key-prefix": keyspace.EnvPrefix,
 	}, argv)
 	if err != nil {
 		return err
@@ -83,6 +87,9 @@ func run(argv []string) error {
 	logging.RouteRedis(log)
 	if *concurrency < 1 {
 		return envflag.Usagef("--concurrency must be at least 1, got %d", *concurrency)
+	}
+	if err := keyspace.Validate(*keyPrefix); err != nil {
+		return fmt.Errorf("--key-prefix: %w", err)
 	}
 	queueWeights, err := parseQueues(*queues, *shards)
 	if err != nil {
@@ -120,9 +127,10 @@ func run(argv []string) error {
 		return nil
 	}
 
-	store := idempotency.New(rdb)
-	limiter := ratelimit.New(rdb, ratelimit.WithLimits(limits))
-	breakers := breaker.New(rdb, breaker.WithProbeInterval(*probe, *probeMax))
+	keys := keyspace.New(*keyPrefix)
+	store := idempotency.New(rdb, idempotency.WithKeys(keys))
+	limiter := ratelimit.New(rdb, ratelimit.WithLimits(limits), ratelimit.WithKeys(keys))
+	breakers := breaker.New(rdb, breaker.WithProbeInterval(*probe, *probeMax), breaker.WithKeys(keys))
 	m := metrics.New()
 	h := dispatch.New(dispatch.WeChat(wx), store, dispatch.WithLogger(log),
 		dispatch.WithCallTimeout(*callTimeout), dispatch.WithBudgetWait(*probe, *probeMax),
@@ -194,6 +202,12 @@ func run(argv []string) error {
 		sort.Strings(base)
 		go sweep.New(rdb, store, sweep.WithInterval(*sweepEvery), sweep.WithStallAfter(*sweepStall),
 			sweep.WithQueues(base...), sweep.WithLogger(log)).Run(sweepCtx)
+	}
+	if *retentionSweep > 0 {
+		retentionCtx, stopRetention := context.WithCancel(ctx)
+		swept := make(chan struct{})
+		go func() { defer close(swept); store.RunSweeper(retentionCtx, *retentionSweep, log) }()
+		defer func() { stopRetention(); <-swept }()
 	}
 	// Run returns after SIGTERM or SIGINT, once calls in flight are done.
 	if err := srv.Run(mux); err != nil {

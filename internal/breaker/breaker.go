@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/couponflow/dispatcher/internal/keyspace"
 )
 
 //go:embed breaker.lua
@@ -22,7 +24,7 @@ var script = redis.NewScript(lua)
 // Breakers is the set of breakers of all stocks.
 type Breakers struct {
 	rdb        redis.UniversalClient
-	prefix     string
+	keys       keyspace.Keys
 	first, max time.Duration
 	probeLease time.Duration
 	now        func() time.Time
@@ -36,9 +38,12 @@ func WithProbeInterval(first, max time.Duration) Option {
 	return func(b *Breakers) { b.first, b.max = first, max }
 }
 
+// WithKeys sets the key layout (default keyspace.Default).
+func WithKeys(k keyspace.Keys) Option { return func(b *Breakers) { b.keys = k } }
+
 // New returns the breakers kept in rdb.
 func New(rdb redis.UniversalClient, opts ...Option) *Breakers {
-	b := &Breakers{rdb: rdb, prefix: "cf:breaker:", first: 30 * time.Second, max: 10 * time.Minute,
+	b := &Breakers{rdb: rdb, keys: keyspace.Default, first: 30 * time.Second, max: 10 * time.Minute,
 		probeLease: time.Minute, now: time.Now}
 	for _, o := range opts {
 		o(b)
@@ -46,11 +51,11 @@ func New(rdb redis.UniversalClient, opts ...Option) *Breakers {
 	return b
 }
 
-func (b *Breakers) key(mchID, stockID string) string {
-	return b.prefix + "{" + mchID + ":" + stockID + "}"
-}
+// A stock's breaker and its merchant's set of open breakers share the hash
+// tag {mchid}, so the script changes both in one atomic step.
+func (b *Breakers) key(mchID, stockID string) string { return b.keys.Breaker(mchID, stockID) }
 
-func (b *Breakers) setKey(mchID string) string { return b.prefix + "open:{" + mchID + "}" }
+func (b *Breakers) setKey(mchID string) string { return b.keys.OpenBreakers(mchID) }
 
 // Verdict is what Check decided.
 type Verdict int
@@ -89,10 +94,7 @@ func (b *Breakers) Exhausted(ctx context.Context, mchID, stockID string, probe b
 	if probe {
 		op = "exhausted_probe"
 	}
-	verdict, next, err := b.run(ctx, mchID, stockID, op)
-	if err == nil && verdict == "opened" {
-		err = b.rdb.SAdd(ctx, b.setKey(mchID), stockID).Err()
-	}
+	_, next, err := b.run(ctx, mchID, stockID, op)
 	return next, err
 }
 
@@ -112,10 +114,8 @@ func (b *Breakers) Succeeded(ctx context.Context, mchID, stockID string) error {
 
 // Resume closes the breaker at once, after a top-up.
 func (b *Breakers) Resume(ctx context.Context, mchID, stockID string) error {
-	if _, _, err := b.run(ctx, mchID, stockID, "success"); err != nil {
-		return err
-	}
-	return b.rdb.SRem(ctx, b.setKey(mchID), stockID).Err()
+	_, _, err := b.run(ctx, mchID, stockID, "success")
+	return err
 }
 
 // State is a breaker as status shows it.
@@ -165,8 +165,8 @@ func (b *Breakers) Open(ctx context.Context, mchID string) ([]State, error) {
 }
 
 func (b *Breakers) run(ctx context.Context, mchID, stockID, op string) (string, time.Time, error) {
-	res, err := script.Run(ctx, b.rdb, []string{b.key(mchID, stockID)}, op, b.now().UnixMilli(),
-		b.first.Milliseconds(), b.max.Milliseconds(), b.probeLease.Milliseconds()).Slice()
+	res, err := script.Run(ctx, b.rdb, []string{b.key(mchID, stockID), b.setKey(mchID)}, op, b.now().UnixMilli(),
+		b.first.Milliseconds(), b.max.Milliseconds(), b.probeLease.Milliseconds(), stockID).Slice()
 	if err != nil {
 		return "", time.Time{}, fmt.Errorf("breaker: %s %s: %w", op, stockID, err)
 	}

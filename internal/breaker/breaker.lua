@@ -1,10 +1,13 @@
 -- A per-stock budget breaker.
--- KEYS: the breaker hash
--- ARGV: op (check | exhausted | exhausted_probe | success | abandon), now_ms, first_ms, max_ms, probe_lease_ms
+-- KEYS: the breaker hash, the merchant's set of open breakers (same hash tag)
+-- ARGV: op (check | exhausted | exhausted_probe | success | abandon), now_ms, first_ms, max_ms, probe_lease_ms, stock_id
+-- The hash and the set change together: a stock is in the set exactly
+-- while its breaker is open.
 local k = KEYS[1]
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
 if op == 'success' then
+  redis.call('SREM', KEYS[2], ARGV[6])
   return {'closed', redis.call('DEL', k)}
 end
 if op == 'abandon' then
@@ -36,6 +39,7 @@ end
 if next_ms < 0 then
   local first = tonumber(ARGV[3])
   redis.call('HSET', k, 'opened_ms', now, 'interval_ms', first, 'next_ms', now + first, 'probes', 0, 'probe_until', 0)
+  redis.call('SADD', KEYS[2], ARGV[6])
   return {'opened', now + first}
 end
 if op == 'exhausted_probe' then

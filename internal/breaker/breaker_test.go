@@ -2,9 +2,13 @@ package breaker
 
 import (
 	"context"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
+	"github.com/couponflow/dispatcher/internal/keyspace"
 	"github.com/couponflow/dispatcher/internal/redistest"
 )
 
@@ -104,5 +108,81 @@ func TestResumeClosesAtOnce(t *testing.T) {
 	}
 	if d, _ := b.Check(ctx, "m", "s1"); d.Verdict != Closed {
 		t.Fatalf("after resume: %+v", d)
+	}
+}
+
+// commands counts the commands a client sends.
+type commands struct{ names []string }
+
+func (c *commands) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (c *commands) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		switch cmd.Name() {
+		case "hello", "client", "evalsha": // connection set-up; a script not yet loaded is sent again as eval
+		default:
+			c.names = append(c.names, cmd.Name())
+		}
+		return next(ctx, cmd)
+	}
+}
+func (c *commands) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// The breaker and its merchant's open set change in one script: one
+// command each way, both keys under the layout's prefix and one hash tag,
+// so the script runs on a Cluster too.
+func TestOpenSetMovesWithTheBreaker(t *testing.T) {
+	cluster := redistest.StartCluster(t, 3)
+	for name, rdb := range map[string]redis.UniversalClient{"standalone": redistest.Start(t).Client(), "cluster": cluster.Client()} {
+		t.Run(name, func(t *testing.T) {
+			ctx := context.Background()
+			keys := keyspace.New("acme")
+			b := New(rdb, WithKeys(keys))
+			var seen commands
+			rdb.AddHook(&seen)
+			if _, err := b.Exhausted(ctx, "m", "s1", false); err != nil {
+				t.Fatal(err)
+			}
+			if len(seen.names) > 1 || len(seen.names) == 1 && seen.names[0] != "eval" {
+				t.Fatalf("opening took %v besides its script", seen.names)
+			}
+			if !rdb.SIsMember(ctx, keys.OpenBreakers("m"), "s1").Val() || rdb.Exists(ctx, keys.Breaker("m", "s1")).Val() != 1 {
+				t.Fatal("opened breaker missing from the hash or the open set")
+			}
+			seen.names = nil
+			if err := b.Resume(ctx, "m", "s1"); err != nil {
+				t.Fatal(err)
+			}
+			if len(seen.names) > 1 || len(seen.names) == 1 && seen.names[0] != "eval" {
+				t.Fatalf("resuming took %v besides its script", seen.names)
+			}
+			if rdb.SCard(ctx, keys.OpenBreakers("m")).Val() != 0 || rdb.Exists(ctx, keys.Breaker("m", "s1")).Val() != 0 {
+				t.Fatal("resumed breaker left behind")
+			}
+			b.Exhausted(ctx, "m", "s2", false)
+			var all []string
+			var mu sync.Mutex
+			scan := func(ctx context.Context, c *redis.Client) error {
+				ks := c.Keys(ctx, "*").Val()
+				mu.Lock()
+				defer mu.Unlock()
+				all = append(all, ks...)
+				return nil
+			}
+			if cc, ok := rdb.(*redis.ClusterClient); ok {
+				cc.ForEachMaster(ctx, scan)
+			} else {
+				scan(ctx, rdb.(*redis.Client))
+			}
+			for _, k := range all {
+				if !keys.Owns(k) {
+					t.Errorf("key %q outside the prefix", k)
+				}
+			}
+			if len(all) != 2 {
+				t.Errorf("keys %v, want the breaker and the open set", all)
+			}
+		})
 	}
 }

@@ -93,6 +93,10 @@ type Reader struct {
 	csv     *csv.Reader
 	header  bool
 	columns []field // header order
+	// A row read by Peek, handed out by the next Next.
+	peeked  bool
+	peekRow Row
+	peekErr error
 }
 
 // NewReader returns a Reader of r. It does no I/O: every problem with the
@@ -159,6 +163,10 @@ func (r *Reader) BytesRead() int64 { return r.bytes }
 // *RowError, and the caller may go on. At the end it returns io.EOF. Any
 // other error is fatal and is returned again by every later call.
 func (r *Reader) Next() (Row, error) {
+	if r.peeked {
+		r.peeked = false
+		return r.peekRow, r.peekErr
+	}
 	if r.err != nil {
 		return Row{}, r.err
 	}
@@ -167,6 +175,21 @@ func (r *Reader) Next() (Row, error) {
 		r.err = err
 	}
 	return row, err
+}
+
+// Peek reads up to the first row, which the next Next returns, and says
+// whether the input is a recipients file at all: a producer refuses one
+// that is not (a wrong header, nothing but a header, a binary file, a
+// directory) before it writes anything. An invalid row is no such error.
+func (r *Reader) Peek() error {
+	if !r.peeked {
+		r.peekRow, r.peekErr = r.Next()
+		r.peeked = true
+	}
+	if _, isRow := r.peekErr.(*RowError); r.peekErr != nil && !isRow {
+		return r.peekErr
+	}
+	return nil
 }
 
 func (r *Reader) next() (Row, error) {

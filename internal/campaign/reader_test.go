@@ -490,3 +490,32 @@ func TestRowErrorMessage(t *testing.T) {
 		}
 	}
 }
+
+func TestPeekRefusesBeforeAnythingIsRead(t *testing.T) {
+	r, err := NewReader(strings.NewReader("openid\no1\no2\n"), Options{Format: "csv"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Peek(); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"o1", "o2"} {
+		row, err := r.Next()
+		if err != nil || row.OpenID != want {
+			t.Fatalf("after Peek: %+v %v, want %s", row, err, want)
+		}
+	}
+	for name, input := range map[string]string{"header only": "openid,out_request_no\n", "wrong header": "open_id\nx\n", "empty": ""} {
+		r, err := NewReader(strings.NewReader(input), Options{Format: "csv"})
+		if err == nil {
+			err = r.Peek()
+		}
+		if err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	r, _ = NewReader(strings.NewReader("openid\nbad id\no2\n"), Options{Format: "csv"})
+	if err := r.Peek(); err != nil {
+		t.Fatalf("an invalid first row refused the file: %v", err)
+	}
+}

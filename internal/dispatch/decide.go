@@ -70,7 +70,7 @@ func outcomeOf(couponID string, err error) outcome {
 // error page without WeChat's code was no look at the send.
 func (o outcome) answers() bool {
 	switch o.class {
-	case wechat.Success, wechat.BudgetExhausted:
+	case wechat.Success, wechat.BudgetExhausted, wechat.StockUnavailable:
 		return true
 	case wechat.Permanent:
 		switch o.code {
@@ -117,7 +117,7 @@ func (p policy) holdForBudget(a attempt, until time.Time, stockID string) *heldS
 func (p policy) waitForBudget(a attempt, res idempotency.Result, next time.Time, cause error) (idempotency.Result, error) {
 	if !a.now.Before(a.deadline) || a.final {
 		res.State = idempotency.Failed
-		res.Message = fmt.Sprintf("budget exhausted at %s (campaign deadline %s); no coupon was issued: %s",
+		res.Message = fmt.Sprintf("the stock could not issue at %s (campaign deadline %s); no coupon was issued: %s",
 			a.now.UTC().Format(time.RFC3339), a.deadline.UTC().Format(time.RFC3339), res.Message)
 		return res, fmt.Errorf("%v: %w", cause, asynq.SkipRetry)
 	}
@@ -154,7 +154,7 @@ func (p policy) settle(a attempt, o outcome, nextProbe time.Time) (idempotency.R
 		}
 		res.State = idempotency.Failed
 		return res, fmt.Errorf("%v: %w", err, asynq.SkipRetry)
-	case wechat.BudgetExhausted:
+	case wechat.BudgetExhausted, wechat.StockUnavailable:
 		// The breaker holds the stock until its next probe anyway.
 		return p.waitForBudget(a, res, nextProbe, err)
 	case wechat.RateLimited:

@@ -24,6 +24,7 @@ var (
 	lost     = outcome{class: wechat.Ambiguous, code: "SYSTEM_ERROR", message: "系统错误"}
 	dry      = outcome{class: wechat.BudgetExhausted, code: "NOT_ENOUGH", message: "批次预算不足"}
 	limited  = outcome{class: wechat.RateLimited, code: "FREQUENCY_LIMIT_EXCEED"}
+	paused   = outcome{class: wechat.StockUnavailable, code: "INVALID_REQUEST", message: "活动已结束或未激活"}
 	refused  = outcome{class: wechat.Permanent, code: "USER_ACCOUNT_ABNORMAL"}
 	signErr  = outcome{class: wechat.Permanent, code: "SIGN_ERROR"}
 	proxyErr = outcome{class: wechat.Permanent, code: "HTTP_407"}
@@ -72,6 +73,9 @@ func TestSettle(t *testing.T) {
 		{"dry at the deadline", attempt{rec: clean, deadline: passed}, dry, idempotency.Failed, "skip", "clear", false, 0},
 		{"dry at the deadline after a lost answer", attempt{rec: maybe, deadline: passed}, dry, idempotency.Failed, "skip", "clear", false, 0},
 		{"dry in reconcile", attempt{rec: maybe, deadline: before, final: true}, dry, idempotency.Failed, "skip", "clear", false, 0},
+		{"stock paused: held like a dry one", attempt{rec: clean, deadline: before}, paused, idempotency.WaitingBudget, "wait", "clear", false, 15 * time.Second},
+		{"stock paused after a lost answer: nothing was issued", attempt{rec: maybe, deadline: before}, paused, idempotency.WaitingBudget, "wait", "clear", false, 15 * time.Second},
+		{"stock paused at the deadline", attempt{rec: clean, deadline: passed}, paused, idempotency.Failed, "skip", "clear", false, 0},
 		{"rate limited", attempt{rec: clean, deadline: before}, limited, idempotency.WaitingRate, "wait", "", false, 500 * time.Millisecond},
 		{"rate limited on the last try: not a failure", attempt{rec: maybe, deadline: before, lastTry: true}, limited, idempotency.WaitingRate, "wait", "", false, 500 * time.Millisecond},
 		{"rate limited in reconcile", attempt{rec: maybe, deadline: before, final: true}, limited, idempotency.Unknown, "skip", "set", true, 0},

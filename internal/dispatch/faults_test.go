@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -72,8 +73,8 @@ type fakeLimiter struct{ err error }
 func (l fakeLimiter) Wait(context.Context, string, ratelimit.Endpoint, time.Duration) (time.Duration, error) {
 	return 0, l.err
 }
-func (fakeLimiter) Throttled(context.Context, string, ratelimit.Endpoint) (float64, error) {
-	return 0, nil
+func (fakeLimiter) Throttled(context.Context, string, ratelimit.Endpoint) (float64, bool, error) {
+	return 0, false, nil
 }
 
 var errRedis = errors.New("dial tcp 127.0.0.1:6379: connect: connection refused")
@@ -185,4 +186,30 @@ func mustJSON(t *testing.T, v any) []byte {
 		t.Fatal(err)
 	}
 	return b
+}
+
+// lowerOnce is a limiter whose shared rate is lowered by the first 429
+// only, as the real one lowers it once a second however many arrive.
+type lowerOnce struct{ calls atomic.Int64 }
+
+func (*lowerOnce) Wait(context.Context, string, ratelimit.Endpoint, time.Duration) (time.Duration, error) {
+	return 0, nil
+}
+func (l *lowerOnce) Throttled(context.Context, string, ratelimit.Endpoint) (float64, bool, error) {
+	return 250, l.calls.Add(1) == 1, nil
+}
+
+// A burst of 429s makes one warning, for the one decrease it caused.
+func TestA429BurstLogsOneDecrease(t *testing.T) {
+	var logs bytes.Buffer
+	c := &fakeCaller{err: &wechat.Error{Class: wechat.RateLimited, Code: "FREQUENCY_LIMIT_EXCEED", StatusCode: 429}}
+	h := New(c, &fakeStore{}, WithLimiter(&lowerOnce{}, time.Second), WithLogger(slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))))
+	for i := 0; i < 20; i++ {
+		if err := h.deliver(context.Background(), testArgs(), nil, false, false); !isWait(err) {
+			t.Fatalf("a 429 told asynq %v", err)
+		}
+	}
+	if n := strings.Count(logs.String(), "the shared rate is lowered"); n != 1 {
+		t.Fatalf("%d warnings for one decrease:\n%s", n, logs.String())
+	}
 }

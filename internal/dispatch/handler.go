@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"sync/atomic"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -47,7 +48,7 @@ type Breakers interface {
 // Limiter is the fleet's shared rate limit (internal/ratelimit).
 type Limiter interface {
 	Wait(ctx context.Context, mchID string, ep ratelimit.Endpoint, maxWait time.Duration) (time.Duration, error)
-	Throttled(ctx context.Context, mchID string, ep ratelimit.Endpoint) (float64, error)
+	Throttled(ctx context.Context, mchID string, ep ratelimit.Endpoint) (rate float64, lowered bool, err error)
 }
 
 // Caller makes the WeChat call of a send, returning the coupon id.
@@ -93,6 +94,7 @@ type Handler struct {
 	metrics     *metrics.Metrics // nil: not measured
 	mchID       string           // "": any merchant's tasks
 	holds       *holdLog
+	throttled   atomic.Int64 // 429s since this worker last lowered the shared rate
 	now         func() time.Time
 }
 
@@ -275,6 +277,12 @@ func (h *Handler) deliver(ctx context.Context, args tasks.Args, kept []byte, las
 	owner := newOwner()
 
 	claim, err := h.claim(ctx, send, owner)
+	if errors.Is(err, idempotency.ErrExpired) {
+		// A task that outlived its campaign's records: nothing can say
+		// whether it was sent, so it is not.
+		log.Error("not sent: the campaign's retention has passed", "err", err)
+		return fmt.Errorf("%v: %w", err, asynq.SkipRetry)
+	}
 	if err != nil {
 		// Nothing was written: a wait, which does not use up the task's
 		// retries, so a Redis outage never archives a send.
@@ -422,12 +430,22 @@ func (h *Handler) observe(ctx context.Context, log *slog.Logger, args tasks.Args
 	b := args.Base()
 	switch {
 	case class == wechat.RateLimited && h.limiter != nil:
-		if rate, err := h.limiter.Throttled(ctx, b.MchID, endpointOf(args)); err == nil {
-			log.Warn("WeChat rate limited a call that had a slot; lowering the shared rate", "rate_per_s", rate)
+		// The fleet sees 429s in bursts and lowers the rate once a second at
+		// most: one line per decrease, with the 429s that came since the last
+		// (all are counted in couponflow_wechat_calls_total).
+		n := h.throttled.Add(1)
+		if rate, lowered, err := h.limiter.Throttled(ctx, b.MchID, endpointOf(args)); err == nil && lowered {
+			h.throttled.Add(-n)
+			log.Warn("WeChat rate limited calls that had a slot; the shared rate is lowered for every worker",
+				"rate_per_s", rate, "endpoint", endpointOf(args), "rate_limited_since_last_decrease", n)
 		}
-	case class == wechat.BudgetExhausted && h.breakers != nil:
+	case (class == wechat.BudgetExhausted || class == wechat.StockUnavailable) && h.breakers != nil:
 		if next, err := h.breakers.Exhausted(ctx, b.MchID, b.StockID, probe); err == nil {
-			log.Warn("stock budget exhausted; its breaker holds sends until the next probe", "probe", probe, "next_probe", next)
+			what := "stock budget exhausted"
+			if class == wechat.StockUnavailable {
+				what = "stock paused, not yet active or ended"
+			}
+			log.Warn(what+"; its breaker holds sends until the next probe", "probe", probe, "next_probe", next)
 			nextProbe = next
 		}
 	case class == wechat.Success && probe:
@@ -435,7 +453,7 @@ func (h *Handler) observe(ctx context.Context, log *slog.Logger, args tasks.Args
 			log.Info("probe succeeded; the stock's breaker is closed")
 		}
 	}
-	if probe && class != wechat.Success && class != wechat.BudgetExhausted {
+	if probe && class != wechat.Success && class != wechat.BudgetExhausted && class != wechat.StockUnavailable {
 		// The probe learned nothing about the budget: let another send probe.
 		_ = h.breakers.Abandon(ctx, b.MchID, b.StockID)
 	}

@@ -277,6 +277,31 @@ func TestMaybeIssuedSendPassesAnOpenBreaker(t *testing.T) {
 	}
 }
 
+// A paused stock is an operator's mistake to mend, not a reason to fail
+// the campaign: its sends are held like a dry stock's, go out once it is
+// active again, and fail only at the deadline, saying why.
+func TestPausedStockIsHeldUntilActive(t *testing.T) {
+	t.Parallel()
+	w := newWorld(t, 2, func(rdb *redis.Client) dispatch.Option {
+		return dispatch.WithBreakers(breaker.New(rdb, breaker.WithProbeInterval(300*time.Millisecond, 300*time.Millisecond)))
+	})
+	stock := w.stock(sandbox.StockSpec{Budget: 10, State: sandbox.StatePaused})
+	held := w.send(stock, "o1", "r-paused-1", far())
+	late := w.send(stock, "o2", "r-paused-2", time.Now().Add(2*time.Second))
+	if rec := w.waitState(held, idempotency.WaitingBudget, 10*time.Second); rec.Code != "INVALID_REQUEST" {
+		t.Fatalf("record %+v", rec)
+	}
+	if rec := w.waitState(late, idempotency.Failed, 10*time.Second); rec.Code != "INVALID_REQUEST" || !strings.Contains(rec.Message, "deadline") || !strings.Contains(rec.Message, "活动已结束或未激活") {
+		t.Fatalf("at the deadline: %+v", rec)
+	}
+	if err := w.sb.SetStockState(stock, sandbox.StateActive); err != nil {
+		t.Fatal(err)
+	}
+	if rec := w.waitState(held, idempotency.Succeeded, 15*time.Second); rec.CouponID == "" {
+		t.Fatalf("record %+v", rec)
+	}
+}
+
 // WeChat answers parallel sends to one user with spurious errors, so one
 // user's sends must reach it one at a time.
 func TestOneUsersSendsNeverOverlap(t *testing.T) {

@@ -18,23 +18,34 @@ type Campaign struct {
 	MchID     string
 	Deadline  time.Time // budget waits end here
 	CreatedAt time.Time
+	// Retention is how long the records are kept once the campaign has
+	// settled (DefaultRetention when zero).
+	Retention time.Duration
+	// FinishedAt and ExpiresAt are set once the campaign has settled and
+	// its retention has started; zero before.
+	FinishedAt, ExpiresAt time.Time
+	// Report is where its report was archived ("" if it was not).
+	Report string
 }
 
-func (s *Store) metaKey(campaign string) string {
-	return fmt.Sprintf("%s:{%s}:meta", s.prefix, campaign)
-}
+func (s *Store) metaKey(campaign string) string { return s.keys.Meta(campaign) }
 
 // SaveCampaign records a campaign the first time it is seen; a re-run keeps
-// the original creation time and deadline, so that resuming an interrupted
-// enqueue does not move the goalposts.
+// the original creation time, deadline and retention, so that resuming an
+// interrupted enqueue does not move the goalposts (SetRetention changes
+// the retention on purpose). A campaign whose retention has passed is
+// refused with an *ExpiredError: its records are gone, so its sends
+// cannot be told from new ones.
 func (s *Store) SaveCampaign(ctx context.Context, c Campaign) (Campaign, error) {
-	key := s.metaKey(c.Name)
-	_, err := s.rdb.TxPipelined(ctx, func(p redis.Pipeliner) error {
-		p.HSetNX(ctx, key, "mchid", c.MchID)
-		p.HSetNX(ctx, key, "deadline", strconv.FormatInt(c.Deadline.Unix(), 10))
-		p.HSetNX(ctx, key, "created_at", strconv.FormatInt(s.now().Unix(), 10))
-		return nil
-	})
+	retention := c.Retention
+	if retention <= 0 {
+		retention = DefaultRetention
+	}
+	res, err := saveCampaignScript.Run(ctx, s.rdb, []string{s.metaKey(c.Name), s.keys.Tomb(c.Name)},
+		c.MchID, c.Deadline.Unix(), s.now().Unix(), retention.Milliseconds()).Text()
+	if err == nil && res == "expired" {
+		return Campaign{}, s.closedError(ctx, c.Name)
+	}
 	if err == nil {
 		err = s.rdb.SAdd(ctx, s.campaignsKey(), c.Name).Err()
 	}
@@ -55,7 +66,12 @@ func (s *Store) Campaign(ctx context.Context, name string) (Campaign, error) {
 	}
 	deadline, _ := strconv.ParseInt(m["deadline"], 10, 64)
 	created, _ := strconv.ParseInt(m["created_at"], 10, 64)
-	return Campaign{Name: name, MchID: m["mchid"], Deadline: time.Unix(deadline, 0), CreatedAt: time.Unix(created, 0)}, nil
+	c := Campaign{Name: name, MchID: m["mchid"], Deadline: time.Unix(deadline, 0), CreatedAt: time.Unix(created, 0),
+		Retention: DefaultRetention, FinishedAt: millis(m["finished_at"]), ExpiresAt: millis(m["expires_at"]), Report: m["report"]}
+	if r, err := strconv.ParseInt(m["retention"], 10, 64); err == nil && r > 0 {
+		c.Retention = time.Duration(r) * time.Millisecond
+	}
+	return c, nil
 }
 
 // expectedScript raises the campaign's expected count (KEYS[2] meta,

@@ -1,4 +1,4 @@
--- KEYS: record, counts, members
+-- KEYS: record, counts, members, meta, tomb
 -- ARGV: owner, now_ms, lease_ms, campaign, mchid, out_request_no, openid, stock_id
 local rec = KEYS[1]
 local now = tonumber(ARGV[2])
@@ -23,6 +23,11 @@ if bad then
   return bad
 end
 if not st then
+  if admit(KEYS[2], KEYS[3], KEYS[4], KEYS[5]) == 'closed' then
+    -- A task that outlived its campaign's records (an archived task run
+    -- again) is not sent.
+    return {'closed', {}}
+  end
   -- Enqueued by a producer that did not register it: register it now, so
   -- that nothing is ever sent without a record.
   redis.call('HSET', rec, 'state', 'pending', 'campaign', ARGV[4], 'openid', ARGV[7],

@@ -13,3 +13,25 @@ local function numbers(key, fields)
   end
   return nil
 end
+
+-- admit decides whether a campaign takes a new record. A campaign that
+-- has settled is sealed (seal.lua): its tombstone exists and its keys
+-- expire. Once its retention has passed its records are gone, so a new
+-- record could be a second coupon: admit returns 'closed'. Until then a
+-- new send reopens it: its tombstone goes and its keys lose their expiry
+-- (the retention sweeper takes it off the records). Checks nothing that
+-- can fail, so it may run after the checks and before the writes.
+local function admit(counts, members, meta, tomb)
+  if redis.call('EXISTS', tomb) == 0 then
+    return nil
+  end
+  if redis.call('EXISTS', meta) == 0 then
+    return 'closed'
+  end
+  redis.call('DEL', tomb)
+  redis.call('HDEL', meta, 'expires_at', 'finished_at')
+  redis.call('PERSIST', counts)
+  redis.call('PERSIST', members)
+  redis.call('PERSIST', meta)
+  return nil
+end

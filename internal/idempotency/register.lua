@@ -1,4 +1,4 @@
--- KEYS: record, counts, members
+-- KEYS: record, counts, members, meta, tomb
 -- ARGV: campaign, mchid, out_request_no, openid, stock_id, now_ms, task, queue
 local st = redis.call('HGET', KEYS[1], 'state')
 if st then
@@ -7,6 +7,9 @@ end
 local bad = numbers(KEYS[2], {'pending', 'total'})
 if bad then
   return bad
+end
+if admit(KEYS[2], KEYS[3], KEYS[4], KEYS[5]) == 'closed' then
+  return 'closed'
 end
 redis.call('HSET', KEYS[1], 'state', 'pending', 'campaign', ARGV[1], 'openid', ARGV[4],
   'stock_id', ARGV[5], 'created_at', ARGV[6], 'attempts', 0, 'task', ARGV[7], 'queue', ARGV[8])

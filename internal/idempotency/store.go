@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/couponflow/dispatcher/internal/keyspace"
 )
 
 // State of one send.
@@ -96,22 +98,25 @@ type Send struct {
 
 // Store is the Redis-backed record. Keys of one campaign share a hash tag,
 // so a campaign's records and counters live on one Redis Cluster slot and
-// every script touches a single slot.
+// every script touches a single slot (see internal/keyspace).
 type Store struct {
-	rdb    redis.UniversalClient
-	prefix string
-	now    func() time.Time
+	rdb  redis.UniversalClient
+	keys keyspace.Keys
+	now  func() time.Time
 }
 
 // Option configures a Store.
 type Option func(*Store)
 
-// WithPrefix sets the key prefix (default "cf").
-func WithPrefix(p string) Option { return func(s *Store) { s.prefix = p } }
+// WithKeys sets the key layout (default keyspace.Default).
+func WithKeys(k keyspace.Keys) Option { return func(s *Store) { s.keys = k } }
+
+// WithPrefix sets the key prefix (default "cf"): WithKeys(keyspace.New(p)).
+func WithPrefix(p string) Option { return WithKeys(keyspace.New(p)) }
 
 // New returns a store over rdb.
 func New(rdb redis.UniversalClient, opts ...Option) *Store {
-	s := &Store{rdb: rdb, prefix: "cf", now: time.Now}
+	s := &Store{rdb: rdb, keys: keyspace.Default, now: time.Now}
 	for _, o := range opts {
 		o(s)
 	}
@@ -119,21 +124,16 @@ func New(rdb redis.UniversalClient, opts ...Option) *Store {
 }
 
 func (s *Store) recordKey(campaign, mchID, outRequestNo string) string {
-	return fmt.Sprintf("%s:{%s}:send:%s:%s", s.prefix, campaign, mchID, outRequestNo)
+	return s.keys.Record(campaign, mchID, outRequestNo)
 }
-func (s *Store) countsKey(campaign string) string {
-	return fmt.Sprintf("%s:{%s}:counts", s.prefix, campaign)
-}
-func (s *Store) membersKey(campaign string) string {
-	return fmt.Sprintf("%s:{%s}:members", s.prefix, campaign)
-}
-func (s *Store) rateKey(campaign string, sec int64) string {
-	return fmt.Sprintf("%s:{%s}:rate:%d", s.prefix, campaign, sec)
-}
-func (s *Store) campaignsKey() string { return s.prefix + ":campaigns" }
-func (s *Store) userLockKey(mchID, openID string) string {
-	return fmt.Sprintf("%s:user:{%s:%s}", s.prefix, mchID, openID)
-}
+func (s *Store) countsKey(campaign string) string          { return s.keys.Counts(campaign) }
+func (s *Store) membersKey(campaign string) string         { return s.keys.Members(campaign) }
+func (s *Store) rateKey(campaign string, sec int64) string { return s.keys.Rate(campaign, sec) }
+func (s *Store) campaignsKey() string                      { return s.keys.Campaigns() }
+func (s *Store) userLockKey(mchID, openID string) string   { return s.keys.UserLock(mchID, openID) }
+
+// Keys is the store's key layout.
+func (s *Store) Keys() keyspace.Keys { return s.keys }
 
 var (
 	//go:embed lib.lua
@@ -156,13 +156,18 @@ var (
 // campaign and counts it, unless it exists. It returns whether it was
 // created and, if not, the state it is in: a producer must not enqueue a
 // send whose record is terminal, since asynq no longer remembers its task id.
+// A new send in a sealed campaign whose keys are still kept reopens it; in
+// one whose retention has passed it is refused with an *ExpiredError.
 func (s *Store) Register(ctx context.Context, send Send) (created bool, state State, err error) {
 	keys := []string{s.recordKey(send.Campaign, send.MchID, send.OutRequestNo), s.countsKey(send.Campaign),
-		s.membersKey(send.Campaign)}
+		s.membersKey(send.Campaign), s.metaKey(send.Campaign), s.keys.Tomb(send.Campaign)}
 	res, err := registerScript.Run(ctx, s.rdb, keys, send.Campaign, send.MchID, send.OutRequestNo,
 		send.OpenID, send.StockID, s.now().UnixMilli(), send.Task, send.Queue).Text()
 	if err != nil {
 		return false, "", fmt.Errorf("idempotency: registering %s: %w", send.OutRequestNo, err)
+	}
+	if res == "closed" {
+		return false, "", s.closedError(ctx, send.Campaign)
 	}
 	if res == "new" {
 		return true, Pending, nil
@@ -187,7 +192,9 @@ var ErrLeaseLost = errors.New("idempotency: lease lost to another delivery")
 
 // TryClaim takes the send for owner for lease, together with a lock on its
 // user (WeChat answers parallel sends to one openid with spurious
-// rule-limit errors). A terminal send is returned as it is, unclaimed.
+// rule-limit errors). A terminal send is returned as it is, unclaimed. A
+// send without a record in a campaign whose retention has passed is
+// refused with an *ExpiredError.
 func (s *Store) TryClaim(ctx context.Context, send Send, owner string, lease time.Duration) (Claim, error) {
 	lockKey := s.userLockKey(send.MchID, send.OpenID)
 	lockVal := owner + "|" + send.OutRequestNo
@@ -224,7 +231,7 @@ func (s *Store) TryClaim(ctx context.Context, send Send, owner string, lease tim
 	now := s.now()
 	res, err := claimScript.Run(ctx, s.rdb,
 		[]string{s.recordKey(send.Campaign, send.MchID, send.OutRequestNo), s.countsKey(send.Campaign),
-			s.membersKey(send.Campaign)},
+			s.membersKey(send.Campaign), s.metaKey(send.Campaign), s.keys.Tomb(send.Campaign)},
 		owner, now.UnixMilli(), lease.Milliseconds(), send.Campaign, send.MchID, send.OutRequestNo,
 		send.OpenID, send.StockID).Slice()
 	if err != nil {
@@ -234,6 +241,9 @@ func (s *Store) TryClaim(ctx context.Context, send Send, owner string, lease tim
 	verdict, _ := res[0].(string)
 	if verdict != "claimed" {
 		s.unlock(ctx, lockKey, lockVal)
+	}
+	if verdict == "closed" {
+		return Claim{}, s.closedError(ctx, send.Campaign)
 	}
 	fields := map[string]string{}
 	if kv, ok := res[1].([]any); ok {

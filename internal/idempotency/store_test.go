@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/couponflow/dispatcher/internal/keyspace"
 	"github.com/couponflow/dispatcher/internal/redistest"
 )
 
@@ -248,6 +250,34 @@ func TestSaveCampaignKeepsTheFirstDeadline(t *testing.T) {
 	names, _ := s.Campaigns(ctx)
 	if len(names) != 1 || names[0] != "c1" {
 		t.Fatalf("campaigns %v", names)
+	}
+}
+
+// Every key the store writes is built by the layout under its prefix, and
+// a campaign's keys carry the campaign's hash tag.
+func TestKeysUnderThePrefix(t *testing.T) {
+	rdb := redistest.Start(t).Client()
+	keys := keyspace.New("acme")
+	s, ctx := New(rdb, WithKeys(keys)), context.Background()
+	if _, err := s.SaveCampaign(ctx, Campaign{Name: "c1", MchID: "1900000001", Deadline: time.Now().Add(time.Hour)}); err != nil {
+		t.Fatal(err)
+	}
+	s.Register(ctx, send(1))
+	if c, err := s.TryClaim(ctx, send(1), "w", time.Minute); err != nil || !c.Acquired {
+		t.Fatalf("claim: %+v %v", c, err)
+	}
+	if err := s.Finish(ctx, send(1), "w", Result{State: Succeeded, CouponID: "cp"}); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]bool{keys.Meta("c1"): true, keys.Campaigns(): true, keys.Counts("c1"): true,
+		keys.Members("c1"): true, keys.Record("c1", "1900000001", "r1"): true, keys.Rate("c1", time.Now().Unix()): true}
+	for _, k := range rdb.Keys(ctx, "*").Val() {
+		if !want[k] && !strings.HasPrefix(k, "acme:{c1}:rate:") {
+			t.Errorf("unexpected key %q", k)
+		}
+		if !keys.Owns(k) {
+			t.Errorf("key %q outside the prefix", k)
+		}
 	}
 }
 

@@ -191,7 +191,7 @@ func TestFleetCollectorBreakersAndRate(t *testing.T) {
 		t.Errorf("couponflow_breaker_open = %v with no breaker open", got)
 	}
 
-	if _, err := worker.Throttled(ctx, mch, ratelimit.SendCoupon); err != nil {
+	if _, _, err := worker.Throttled(ctx, mch, ratelimit.SendCoupon); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := breakers.Exhausted(ctx, mch, "S1", false); err != nil {

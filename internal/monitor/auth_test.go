@@ -212,3 +212,46 @@ func TestReadyzFollowsRedis(t *testing.T) {
 		t.Errorf("/readyz after Redis came back: %d", resp.StatusCode)
 	}
 }
+
+// Without credentials the monitor listens on loopback only, but a page of
+// another site can point its own name at 127.0.0.1 (DNS rebinding): only a
+// loopback host name is answered.
+func TestWithoutCredentialsOnlyLoopbackHostNames(t *testing.T) {
+	r := newRig(t)
+	r.campaign("spring", 1)
+	for _, host := range []string{"localhost", "localhost:8080", "127.0.0.1:8080", "[::1]:8080", "LOCALHOST."} {
+		if resp, _ := r.do("GET", "/api/campaigns/spring/report.csv", noAuth, "Host", host); resp.StatusCode != 200 {
+			t.Errorf("Host %s: %d", host, resp.StatusCode)
+		}
+	}
+	for _, host := range []string{"evil.example", "evil.example:8080", "127.0.0.1.evil.example", "10.0.0.1:8080"} {
+		for _, path := range []string{"/api/campaigns/spring/report.csv", "/monitoring/api/queues", "/"} {
+			if resp, body := r.do("GET", path, noAuth, "Host", host); resp.StatusCode != http.StatusMisdirectedRequest || strings.Contains(body, "out_request_no") {
+				t.Errorf("Host %s, %s: %d", host, path, resp.StatusCode)
+			}
+		}
+	}
+	// Health stays reachable for probes that use any name.
+	if resp, _ := r.do("GET", "/healthz", noAuth, "Host", "evil.example"); resp.StatusCode != 200 {
+		t.Errorf("/healthz: %d", resp.StatusCode)
+	}
+	// With credentials the name does not matter: the credentials do.
+	a := newRig(t, monitor.WithBasicAuth(testUser, testPassword))
+	if resp, _ := a.do("GET", "/api/campaigns", operator, "Host", "monitor.internal.example"); resp.StatusCode != 200 {
+		t.Errorf("with credentials: %d", resp.StatusCode)
+	}
+}
+
+// asynqmon's pages carry the headers ours do: its buttons cannot be
+// framed by another site.
+func TestAsynqmonPagesCannotBeFramed(t *testing.T) {
+	r := newRig(t, monitor.WithBasicAuth(testUser, testPassword))
+	for _, path := range []string{"/monitoring/", "/monitoring/api/queues"} {
+		resp, _ := r.get(path, operator)
+		h := resp.Header
+		if h.Get("X-Frame-Options") != "DENY" || !strings.Contains(h.Get("Content-Security-Policy"), "frame-ancestors 'none'") ||
+			h.Get("X-Content-Type-Options") != "nosniff" || h.Get("Cache-Control") != "no-store" {
+			t.Errorf("%s: %d, headers %v", path, resp.StatusCode, h)
+		}
+	}
+}

@@ -29,6 +29,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"strconv"
 	"strings"
 	"time"
 
@@ -224,7 +225,7 @@ func (s *Server) routes() http.Handler {
 		ErrorHandling: promhttp.ContinueOnError,
 		Timeout:       10 * time.Second,
 	}))
-	private.Handle(RootPath+"/", s.mon)
+	private.Handle(RootPath+"/", guardHeaders(s.mon))
 
 	mux := http.NewServeMux()
 	healthz, readyz := cfmetrics.Health(s.rdb)
@@ -237,11 +238,35 @@ func (s *Server) routes() http.Handler {
 	return http.NewCrossOriginProtection().Handler(mux)
 }
 
+// guardHeaders gives asynqmon's pages what ours carry: its delete and run
+// buttons must not be framed by another site, its answers not cached or
+// sniffed.
+func guardHeaders(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h := w.Header()
+		h.Set("X-Frame-Options", "DENY")
+		h.Set("Content-Security-Policy", "frame-ancestors 'none'")
+		h.Set("X-Content-Type-Options", "nosniff")
+		h.Set("Cache-Control", "no-store")
+		next.ServeHTTP(w, r)
+	})
+}
+
 // authenticate lets a request through with valid credentials, or when the
-// server has none (then it listens only on loopback).
+// server has none (then it listens only on loopback). Without credentials
+// only a loopback host name is accepted: a page of another site whose name
+// it points at 127.0.0.1 (DNS rebinding) would otherwise read the reports
+// and change the queues through the visitor's browser.
 func (s *Server) authenticate(next http.Handler) http.Handler {
 	if !s.Authenticated() {
-		return next
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if !loopbackHost(r.Host) {
+				w.Header().Set("Cache-Control", "no-store")
+				http.Error(w, "421 misdirected request: without credentials the monitor answers only to a loopback host name (localhost, 127.0.0.1, [::1]); got "+strconv.Quote(r.Host), http.StatusMisdirectedRequest)
+				return
+			}
+			next.ServeHTTP(w, r)
+		})
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if s.authorized(r) {
@@ -355,4 +380,18 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 		err = serr
 	}
 	return err
+}
+
+// loopbackHost reports whether a Host header names this machine's loopback.
+func loopbackHost(hostport string) bool {
+	host := hostport
+	if h, _, err := net.SplitHostPort(hostport); err == nil {
+		host = h
+	}
+	host = strings.TrimSuffix(strings.Trim(host, "[]"), ".")
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }

@@ -76,6 +76,10 @@ func (r *rig) do(method, path string, a auth, hdr ...string) (*http.Response, st
 	}
 	a(req)
 	for i := 0; i+1 < len(hdr); i += 2 {
+		if hdr[i] == "Host" {
+			req.Host = hdr[i+1] // net/http sends req.Host, never Header["Host"]
+			continue
+		}
 		req.Header.Set(hdr[i], hdr[i+1])
 	}
 	client := &http.Client{Timeout: 10 * time.Second, CheckRedirect: func(*http.Request, []*http.Request) error {

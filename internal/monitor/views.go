@@ -41,7 +41,13 @@ type Campaign struct {
 	Expected int64  `json:"expected"`
 	Missing  int64  `json:"missing"`
 	Warning  string `json:"warning,omitempty"`
-	Links    Links  `json:"links"`
+	// Retention is how long the records are kept once the campaign has
+	// settled; ExpiresAt, once it has, when they go (then only its
+	// tombstone is left); Report where its report was archived.
+	Retention string     `json:"retention"`
+	ExpiresAt *time.Time `json:"expires_at,omitempty"`
+	Report    string     `json:"archived_report,omitempty"`
+	Links     Links      `json:"links"`
 
 	// For the pages: the states in status order, the codes sorted.
 	States []Count `json:"-"`
@@ -133,6 +139,11 @@ func (s *Server) view(meta idempotency.Campaign, st idempotency.Status) Campaign
 		Unknown: st.ByState[idempotency.Unknown], ByState: map[string]int64{}, FailedByCode: map[string]int64{},
 		Rate: st.Rate, Rate10s: st.Rate10s, Done: st.Done(),
 		Expected: st.Expected, Missing: st.Missing(),
+		Retention: meta.Retention.String(), Report: meta.Report,
+	}
+	if !meta.ExpiresAt.IsZero() {
+		at := meta.ExpiresAt.UTC()
+		c.ExpiresAt = &at
 	}
 	if c.Missing > 0 {
 		c.Warning = st.MissingAdvice()

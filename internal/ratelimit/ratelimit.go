@@ -19,6 +19,8 @@ import (
 
 	"github.com/go-redis/redis_rate/v10"
 	"github.com/redis/go-redis/v9"
+
+	"github.com/couponflow/dispatcher/internal/keyspace"
 )
 
 // Endpoint names a WeChat Pay API with a limit of its own.
@@ -94,7 +96,7 @@ type Limiter struct {
 	rdb    redis.UniversalClient
 	gcra   *redis_rate.Limiter
 	limits map[Endpoint]Limit
-	prefix string
+	keys   keyspace.Keys
 
 	decrease  float64       // factor applied on a 429
 	recovery  time.Duration // time to grow from 0 back to the configured rate
@@ -144,10 +146,13 @@ func WithLimits(m map[Endpoint]Limit) Option { return func(l *Limiter) { l.limit
 // it would take to grow from zero to the configured limit (default 30s).
 func WithRecovery(d time.Duration) Option { return func(l *Limiter) { l.recovery = d } }
 
+// WithKeys sets the key layout (default keyspace.Default).
+func WithKeys(k keyspace.Keys) Option { return func(l *Limiter) { l.keys = k } }
+
 // New returns a limiter sharing its state through rdb.
 func New(rdb redis.UniversalClient, opts ...Option) *Limiter {
 	l := &Limiter{
-		rdb: rdb, gcra: redis_rate.NewLimiter(rdb), limits: Defaults, prefix: "cf:rl:",
+		rdb: rdb, gcra: redis_rate.NewLimiter(unprefixed{rdb}), limits: Defaults, keys: keyspace.Default,
 		decrease: 0.5, recovery: 30 * time.Second, cooldown: time.Second, cacheFor: 200 * time.Millisecond,
 		floorFrac: 0.01, cache: map[string]cached{}, turns: map[string]chan struct{}{}, now: time.Now,
 	}
@@ -162,8 +167,35 @@ func (l *Limiter) Limit(ep Endpoint) Limit { return l.limits[ep] }
 
 // The key carries a hash tag, so that in Redis Cluster both of a limit's
 // keys live on one slot.
-func (l *Limiter) key(mchID string, ep Endpoint) string {
-	return l.prefix + "{" + mchID + ":" + string(ep) + "}"
+func (l *Limiter) key(mchID string, ep Endpoint) string { return l.keys.Limiter(mchID, string(ep)) }
+
+// unprefixed hands redis_rate's scripts our key as it is: redis_rate v10
+// puts its own "rate:" in front of every key (a constant, with no option),
+// which would land the GCRA state outside our prefix and layout.
+type unprefixed struct{ redis.UniversalClient }
+
+func stripRate(keys []string) []string {
+	out := make([]string, len(keys))
+	for i, k := range keys {
+		out[i] = strings.TrimPrefix(k, "rate:")
+	}
+	return out
+}
+
+func (u unprefixed) Eval(ctx context.Context, script string, keys []string, args ...any) *redis.Cmd {
+	return u.UniversalClient.Eval(ctx, script, stripRate(keys), args...)
+}
+func (u unprefixed) EvalSha(ctx context.Context, sha1 string, keys []string, args ...any) *redis.Cmd {
+	return u.UniversalClient.EvalSha(ctx, sha1, stripRate(keys), args...)
+}
+func (u unprefixed) EvalRO(ctx context.Context, script string, keys []string, args ...any) *redis.Cmd {
+	return u.UniversalClient.EvalRO(ctx, script, stripRate(keys), args...)
+}
+func (u unprefixed) EvalShaRO(ctx context.Context, sha1 string, keys []string, args ...any) *redis.Cmd {
+	return u.UniversalClient.EvalShaRO(ctx, sha1, stripRate(keys), args...)
+}
+func (u unprefixed) Del(ctx context.Context, keys ...string) *redis.IntCmd {
+	return u.UniversalClient.Del(ctx, stripRate(keys)...)
 }
 
 // TooLong is returned by Wait when the next slot is further away than the
@@ -249,34 +281,39 @@ func (l *Limiter) Rate(ctx context.Context, mchID string, ep Endpoint) (float64,
 	if ok && l.now().Sub(c.at) < l.cacheFor {
 		return c.rate, nil
 	}
-	return l.aimd(ctx, mchID, ep, "get")
+	rate, _, err := l.aimd(ctx, mchID, ep, "get")
+	return rate, err
 }
 
 // Throttled tells the limiter that WeChat answered 429 although a slot was
 // taken: the real limit is lower than configured, or another system shares
-// the merchant. The shared rate drops for every worker; it returns the new rate.
-func (l *Limiter) Throttled(ctx context.Context, mchID string, ep Endpoint) (float64, error) {
+// the merchant. The shared rate drops for every worker, at most once a
+// cooldown however many 429s the fleet sees; it returns the rate now and
+// whether this call lowered it.
+func (l *Limiter) Throttled(ctx context.Context, mchID string, ep Endpoint) (rate float64, lowered bool, err error) {
 	return l.aimd(ctx, mchID, ep, "decrease")
 }
 
-func (l *Limiter) aimd(ctx context.Context, mchID string, ep Endpoint, op string) (float64, error) {
+func (l *Limiter) aimd(ctx context.Context, mchID string, ep Endpoint, op string) (float64, bool, error) {
 	lim, ok := l.limits[ep]
 	if !ok {
-		return 0, fmt.Errorf("ratelimit: no limit for endpoint %q", ep)
+		return 0, false, fmt.Errorf("ratelimit: no limit for endpoint %q", ep)
 	}
 	max := lim.PerSecond()
 	now := l.now()
-	v, err := aimdScript.Run(ctx, l.rdb, []string{l.key(mchID, ep) + ":aimd"},
-		now.UnixMilli(), max, max/l.recovery.Seconds(), op, l.decrease, max*l.floorFrac, l.cooldown.Milliseconds()).Text()
+	v, err := aimdScript.Run(ctx, l.rdb, []string{l.keys.LimiterRate(mchID, string(ep))},
+		now.UnixMilli(), max, max/l.recovery.Seconds(), op, l.decrease, max*l.floorFrac, l.cooldown.Milliseconds()).Slice()
 	if err != nil {
-		return 0, fmt.Errorf("ratelimit: %w", err)
+		return 0, false, fmt.Errorf("ratelimit: %w", err)
 	}
-	rate, err := strconv.ParseFloat(v, 64)
+	s, _ := v[0].(string)
+	lowered, _ := v[1].(int64)
+	rate, err := strconv.ParseFloat(s, 64)
 	if err != nil {
-		return 0, errors.New("ratelimit: bad rate from Redis: " + v)
+		return 0, false, errors.New("ratelimit: bad rate from Redis: " + s)
 	}
 	l.mu.Lock()
 	l.cache[l.key(mchID, ep)] = cached{rate: rate, at: now}
 	l.mu.Unlock()
-	return rate, nil
+	return rate, lowered == 1, nil
 }

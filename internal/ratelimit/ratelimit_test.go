@@ -3,11 +3,14 @@ package ratelimit
 import (
 	"context"
 	"errors"
+	"slices"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/couponflow/dispatcher/internal/keyspace"
 	"github.com/couponflow/dispatcher/internal/redistest"
 )
 
@@ -90,17 +93,17 @@ func TestThrottledIsSharedAndRecovers(t *testing.T) {
 	if r, _ := b.Rate(ctx, "m1", SendCoupon); r != 100 {
 		t.Fatalf("initial rate %v", r)
 	}
-	if r, _ := a.Throttled(ctx, "m1", SendCoupon); r != 50 {
+	if r, lowered, _ := a.Throttled(ctx, "m1", SendCoupon); r != 50 || !lowered {
 		t.Fatalf("after a 429: %v", r)
 	}
-	if r, _ := b.Throttled(ctx, "m1", SendCoupon); r != 50 {
+	if r, lowered, _ := b.Throttled(ctx, "m1", SendCoupon); r != 50 || lowered {
 		t.Fatalf("a second 429 in the same burst halved again: %v", r)
 	}
 	clock = clock.Add(2 * time.Second) // past b's cache and the cooldown
 	if r, _ := b.Rate(ctx, "m1", SendCoupon); r != 70 {
 		t.Fatalf("after 2s of recovery at 10/s: %v, want 70", r)
 	}
-	if r, _ := a.Throttled(ctx, "m1", SendCoupon); r != 35 {
+	if r, lowered, _ := a.Throttled(ctx, "m1", SendCoupon); r != 35 || !lowered {
 		t.Fatalf("second decrease: %v", r)
 	}
 	clock = clock.Add(time.Minute)
@@ -113,5 +116,26 @@ func TestThrottledIsSharedAndRecovers(t *testing.T) {
 	}
 	if r, _ := a.Rate(ctx, "m1", SendCoupon); r < 1 {
 		t.Fatalf("the rate fell to %v; it must keep a floor", r)
+	}
+}
+
+// Every key the limiter writes, redis_rate's GCRA state included, is under
+// the layout's prefix, on the limit's hash tag.
+func TestKeysUnderThePrefix(t *testing.T) {
+	rdb := redistest.Start(t).Client()
+	ctx := context.Background()
+	keys := keyspace.New("acme")
+	l := New(rdb, WithKeys(keys))
+	if _, err := l.Wait(ctx, "m", SendCoupon, time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := l.Throttled(ctx, "m", SendCoupon); err != nil {
+		t.Fatal(err)
+	}
+	got := rdb.Keys(ctx, "*").Val()
+	sort.Strings(got)
+	want := []string{keys.Limiter("m", string(SendCoupon)), keys.LimiterRate("m", string(SendCoupon))}
+	if !slices.Equal(got, want) {
+		t.Fatalf("keys %q, want %q", got, want)
 	}
 }

@@ -9,11 +9,20 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/couponflow/dispatcher/internal/keyspace"
 )
 
 // AckKey is the key (one per master in a cluster, with a hash tag that
-// places it there) that an Acknowledger's marker write increments.
-const AckKey = "cf:replica-ack"
+// places it there) that an Acknowledger's marker write increments, under
+// the default key layout (AckKeys sets another).
+var AckKey = keyspace.Default.ReplicaAck()
+
+// AckOption configures an Acknowledger.
+type AckOption func(*Acknowledger)
+
+// AckKeys sets the key layout of the marker (default keyspace.Default).
+func AckKeys(k keyspace.Keys) AckOption { return func(a *Acknowledger) { a.keys = k } }
 
 // ErrNotAcknowledged is wrapped by Acknowledge's error when a replica did
 // not acknowledge in time.
@@ -39,6 +48,7 @@ var ErrNotAcknowledged = errors.New("not acknowledged by a replica")
 // and Acknowledge fails, rather than calling unreplicated writes kept.
 type Acknowledger struct {
 	rdb     redis.UniversalClient
+	keys    keyspace.Keys
 	timeout time.Duration
 	// targets are the masters that have replicas, with the key to write
 	// there; empty: nothing to wait for.
@@ -57,8 +67,11 @@ type ackTarget struct {
 // NewAcknowledger inspects the deployment behind rdb: each master with at
 // least one connected replica will be waited for, up to timeout, on every
 // Acknowledge. A timeout of 0 or less disables acknowledgement altogether.
-func NewAcknowledger(ctx context.Context, rdb redis.UniversalClient, timeout time.Duration) (*Acknowledger, error) {
-	a := &Acknowledger{rdb: rdb, timeout: timeout, min: -1}
+func NewAcknowledger(ctx context.Context, rdb redis.UniversalClient, timeout time.Duration, opts ...AckOption) (*Acknowledger, error) {
+	a := &Acknowledger{rdb: rdb, keys: keyspace.Default, timeout: timeout, min: -1}
+	for _, o := range opts {
+		o(a)
+	}
 	if timeout <= 0 {
 		return a, nil
 	}
@@ -73,7 +86,7 @@ func NewAcknowledger(ctx context.Context, rdb redis.UniversalClient, timeout tim
 			if !ok {
 				return nil, fmt.Errorf("acknowledgement by replicas needs a *redis.Client, not %T", rdb)
 			}
-			a.targets = []ackTarget{{addr: "the master", key: AckKey, c: c}}
+			a.targets = []ackTarget{{addr: "the master", key: a.keys.ReplicaAck(), c: c}}
 		}
 		return a, nil
 	}
@@ -99,7 +112,7 @@ func NewAcknowledger(ctx context.Context, rdb redis.UniversalClient, timeout tim
 	for _, addr := range addrs {
 		found := false
 		for i := 0; i < 100000 && !found; i++ {
-			key := AckKey + ":{" + strconv.Itoa(i) + "}"
+			key := a.keys.ReplicaAckTagged(i)
 			m, err := cc.MasterForKey(ctx, key)
 			if err != nil {
 				return nil, err

@@ -10,6 +10,7 @@ import (
 	"github.com/hibiken/asynq"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/couponflow/dispatcher/internal/keyspace"
 	"github.com/couponflow/dispatcher/internal/redistest"
 )
 
@@ -51,9 +52,12 @@ return redis.call('MGET', KEYS[1], KEYS[2])`)
 	for i := range 30 {
 		campaign := fmt.Sprintf("campaign-%d", i)
 		keys := []string{
-			fmt.Sprintf("cf:{%s}:send:1900000001:1900000001-%032x", campaign, i),
-			fmt.Sprintf("cf:{%s}:counts", campaign),
-			fmt.Sprintf("cf:{%s}:members", campaign),
+			keyspace.Default.Record(campaign, "1900000001", fmt.Sprintf("1900000001-%032x", i)),
+			keyspace.Default.Counts(campaign),
+			keyspace.Default.Members(campaign),
+			keyspace.Default.Meta(campaign),
+			keyspace.Default.Tomb(campaign),
+			keyspace.Default.Rate(campaign, 1700000000),
 		}
 		slot := cc.ClusterKeySlot(ctx, keys[0]).Val()
 		for _, k := range keys[1:] {

@@ -44,7 +44,6 @@ type Sweeper struct {
 	log        *slog.Logger
 	every      time.Duration
 	stallAfter time.Duration
-	prefix     string
 	now        func() time.Time
 }
 
@@ -72,15 +71,16 @@ func WithQueues(q ...string) Option { return func(s *Sweeper) { s.queues = q } }
 func New(rdb redis.UniversalClient, store *idempotency.Store, opts ...Option) *Sweeper {
 	s := &Sweeper{rdb: rdb, store: store, inspector: asynq.NewInspectorFromRedisClient(rdb),
 		client: asynq.NewClientFromRedisClient(rdb), queues: []string{tasks.DefaultQueue}, log: slog.Default(),
-		every: 10 * time.Second, stallAfter: 15 * time.Minute, prefix: "cf", now: time.Now}
+		every: 10 * time.Second, stallAfter: 15 * time.Minute, now: time.Now}
 	for _, o := range opts {
 		o(s)
 	}
 	return s
 }
 
-func (s *Sweeper) lockKey() string  { return s.prefix + ":sweep:lock" }
-func (s *Sweeper) sweptKey() string { return s.prefix + ":sweep:swept" }
+// Its keys are the store's layout's (internal/keyspace).
+func (s *Sweeper) lockKey() string  { return s.store.Keys().Lock("sweep") }
+func (s *Sweeper) sweptKey() string { return s.store.Keys().Swept() }
 
 // Run sweeps every interval until ctx ends.
 func (s *Sweeper) Run(ctx context.Context) {

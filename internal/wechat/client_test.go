@@ -165,7 +165,7 @@ func TestOutcomeClasses(t *testing.T) {
 	t.Run("permanent", func(t *testing.T) {
 		wantClass(t, send("99999999"), wechat.Permanent, 404, "RESOURCE_NOT_EXISTS")
 		paused := newStock(t, sandbox.StockSpec{State: "paused"})
-		wantClass(t, send(paused), wechat.Permanent, 400, "INVALID_REQUEST")
+		wantClass(t, send(paused), wechat.StockUnavailable, 400, "INVALID_REQUEST")
 		once := newStock(t, sandbox.StockSpec{MaxPerUser: 1})
 		openid := unique("o")
 		for i, want := range []string{"", "REQUEST_BLOCKED"} {

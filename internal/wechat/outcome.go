@@ -30,6 +30,11 @@ const (
 	// Permanent: the request is wrong or not allowed; retrying the same
 	// request cannot succeed.
 	Permanent
+	// StockUnavailable: the stock cannot issue now (400 INVALID_REQUEST
+	// 活动已结束或未激活: paused, not yet active, or ended); nothing
+	// happened. An operator's mistake more often than not, so it is held
+	// like an exhausted budget, until the campaign's deadline.
+	StockUnavailable
 )
 
 func (c Class) String() string {
@@ -44,6 +49,8 @@ func (c Class) String() string {
 		return "ambiguous"
 	case Permanent:
 		return "permanent"
+	case StockUnavailable:
+		return "stock_unavailable"
 	}
 	return fmt.Sprintf("Class(%d)", int(c))
 }
@@ -148,6 +155,8 @@ func classifyAPIError(a *core.APIError) *Error {
 		e.Class = RateLimited
 	case a.Code == "NOT_ENOUGH":
 		e.Class = BudgetExhausted
+	case a.Code == "INVALID_REQUEST" && strings.Contains(a.Message, "活动已结束或未激活"):
+		e.Class = StockUnavailable
 	case a.StatusCode >= 500:
 		e.Class = Ambiguous
 	default:

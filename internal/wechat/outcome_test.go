@@ -24,7 +24,7 @@ func TestClassifyAPIErrors(t *testing.T) {
 		{500, "SYSTEM_ERROR", "系统错误", Ambiguous},
 		{502, "", "", Ambiguous},
 		{400, "PARAM_ERROR", "批次号必填", Permanent},
-		{400, "INVALID_REQUEST", "活动已结束或未激活", Permanent},
+		{400, "INVALID_REQUEST", "活动已结束或未激活", StockUnavailable},
 		{400, "MCH_NOT_EXISTS", "", Permanent},
 		{400, "APPID_MCHID_NOT_MATCH", "", Permanent},
 		{403, "USER_ACCOUNT_ABNORMAL", "", Permanent},
