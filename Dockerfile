@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # One image for every couponflow program: worker, enqueuer, wxsandbox and
 # monitor (every directory under cmd/), each a static binary in
 # /usr/local/bin. docker-compose.yml picks the program per service. See

@@ -985,3 +985,22 @@ func goVersionAtLeast(have, need string) bool {
 	}
 	return true
 }
+
+// Nothing is published beyond this host unless the operator says so: the
+// sandbox's admin API and Prometheus have no authentication at all, and
+// the monitor's basic auth is no reason to face every network by default.
+func TestPortsBindLoopbackByDefault(t *testing.T) {
+	c := loadCompose(t)
+	for name, s := range c.Services {
+		for _, p := range s.Ports {
+			pm, err := parsePort(p)
+			if err != nil {
+				t.Errorf("service %q: %v", name, err)
+				continue
+			}
+			if pm.hostIP != "127.0.0.1" {
+				t.Errorf("service %q publishes %q on %q by default; want 127.0.0.1 (an override variable may widen it)", name, pm.raw, pm.hostIP)
+			}
+		}
+	}
+}

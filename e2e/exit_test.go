@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // -h exits 0 without an error line; a usage error exits 2 and says so
@@ -49,4 +50,18 @@ func TestExitStatuses(t *testing.T) {
 			t.Errorf("%s %v: said twice, or said help was requested:\n%s", c.bin, c.args, tail(out, 10))
 		}
 	}
+}
+
+// One variable names the queue for every program.
+func TestQueueVariableNamesTheQueueForAll(t *testing.T) {
+	t.Parallel()
+	r := newRig(t)
+	r.env = append(r.env, "QUEUE=vip")
+	path, openids := r.writeUsers("vip", 20)
+	if out, code := r.enqueuer("campaign", "--file", path, "--stock-id", r.stockID(), "--campaign", "vip"); code != 0 || !strings.Contains(out, "queue vip") {
+		t.Fatalf("exit %d:\n%s", code, out)
+	}
+	r.worker("a", "--http-addr=")
+	r.waitFor("vip", 30*time.Second, "every send done", done)
+	r.checkOneCouponEach(r.stockID(), openids)
 }

@@ -22,6 +22,10 @@ import (
 	"github.com/couponflow/dispatcher/internal/wechat"
 )
 
+// EnvQueue names the queue for every program: the enqueuer's --queue, the
+// monitor's --queue, and the worker's default --queues.
+const EnvQueue = "QUEUE"
+
 // common are the flags every command shares.
 type common struct {
 	fs        *flag.FlagSet
@@ -50,8 +54,12 @@ func newFlags(name, synopsis string, stderr io.Writer) *common {
 }
 
 func (c *common) parse(args []string) error {
-	if err := envflag.Parse(c.fs, map[string]string{"redis-addr": redisconn.EnvAddr, "redis-url": redisconn.EnvURL, "queue-shards": "QUEUE_SHARDS",
-		"key-prefix": keyspace.EnvPrefix}, args); err != nil {
+	env := map[string]string{"redis-addr": redisconn.EnvAddr, "redis-url": redisconn.EnvURL, "queue-shards": "QUEUE_SHARDS",
+		"key-prefix": keyspace.EnvPrefix}
+	if c.fs.Lookup("queue") != nil {
+		env["queue"] = EnvQueue
+	}
+	if err := envflag.Parse(c.fs, env, args); err != nil {
 		return err // printed by the flag package, or -h
 	}
 	if err := keyspace.Validate(c.keyPrefix); err != nil {

@@ -66,7 +66,7 @@ func run(ctx context.Context, argv []string, stderr io.Writer, ready func(net.Ad
 	}
 	err := envflag.Parse(fs, map[string]string{
 		"addr": "MONITOR_ADDR", "redis-addr": redisconn.EnvAddr, "redis-url": redisconn.EnvURL,
-		"mchid": "WECHATPAY_MCHID", "readonly": "MONITOR_READONLY", "queue": "MONITOR_QUEUE",
+		"mchid": "WECHATPAY_MCHID", "readonly": "MONITOR_READONLY", "queue": "QUEUE",
 		"refresh": "MONITOR_REFRESH", "rate-limits": "WORKER_RATE_LIMITS",
 		"log-format": "LOG_FORMAT", "log-level": "LOG_LEVEL", "key-prefix": keyspace.EnvPrefix,
 	}, argv)

@@ -34,7 +34,7 @@ const (
 func env(t *testing.T, kv ...string) {
 	t.Helper()
 	for _, v := range []string{"MONITOR_ADDR", "MONITOR_USER", "MONITOR_PASSWORD", "MONITOR_TOKEN", "MONITOR_READONLY",
-		"MONITOR_QUEUE", "MONITOR_REFRESH", "REDIS_ADDR", "REDIS_URL", "WECHATPAY_MCHID", "WORKER_RATE_LIMITS",
+		"QUEUE", "MONITOR_REFRESH", "REDIS_ADDR", "REDIS_URL", "WECHATPAY_MCHID", "WORKER_RATE_LIMITS",
 		"LOG_FORMAT", "LOG_LEVEL"} {
 		t.Setenv(v, "")
 	}

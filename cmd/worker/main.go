@@ -52,7 +52,11 @@ func run(argv []string) error {
 	redisAddr := fs.String("redis-addr", redisconn.DefaultAddr, "Redis host:port")
 	redisURL := fs.String("redis-url", "", "Redis URL, for TLS, Sentinel or Cluster (see README); wins over --redis-addr")
 	concurrency := fs.Int("concurrency", 20, "sends in flight at once")
-	queues := fs.String("queues", tasks.DefaultQueue+"=1", "queues and their weights, name=weight,…")
+	defaultQueues := tasks.DefaultQueue + "=1"
+	if q := os.Getenv("QUEUE"); q != "" {
+		defaultQueues = q + "=1" // the queue the enqueuer and the monitor are told of
+	}
+	queues := fs.String("queues", defaultQueues, "queues and their weights, name=weight,… (default: QUEUE=1 when QUEUE is set)")
 	shards := fs.Int("queue-shards", 1, "each queue is spread over this many, <name>-0 … (as the enqueuer's --queue-shards)")
 	callTimeout := fs.Duration("call-timeout", 15*time.Second, "deadline of one WeChat call")
 	probe := fs.Duration("breaker-probe", 30*time.Second, "after a stock's first NOT_ENOUGH, its sends are held and one probe call is made after this long; the interval doubles up to --breaker-probe-max")
