@@ -120,7 +120,7 @@ func (c *common) producer(rdb redis.UniversalClient, queue string) *enqueue.Prod
 
 // retryFlag adds --max-retry to a command that queues sends.
 func (c *common) retryFlag() {
-	c.fs.IntVar(&c.maxRetry, "max-retry", tasks.MaxRetry, "resends after ambiguous outcomes (5xx, timeouts) before a send ends unknown, to be settled by reconcile; rate limits and budget waits do not count")
+	c.fs.IntVar(&c.maxRetry, "max-retry", tasks.MaxRetry, "ambiguous outcomes (5xx, timeouts) a send may meet: at the Nth it ends unknown, to be settled by reconcile, so 1 means no resend at all; rate limits and budget waits do not count")
 }
 
 // parseDeadline takes a duration from now or an RFC 3339 time.

@@ -103,7 +103,7 @@ func wake(ctx context.Context, rdb redis.UniversalClient, queue, mchID, stockID 
 			if err != nil {
 				return moved, err
 			}
-			t, err := tasks.Requeue(append([]byte(info.Type+"\n"), info.Payload...), woken)
+			t, err := tasks.Requeue(append([]byte(info.Type+"\n"), info.Payload...), woken, asynq.MaxRetry(info.MaxRetry))
 			if err != nil {
 				return moved, err
 			}

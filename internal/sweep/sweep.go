@@ -24,6 +24,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/hibiken/asynq"
@@ -45,6 +46,8 @@ type Sweeper struct {
 	every      time.Duration
 	stallAfter time.Duration
 	now        func() time.Time
+	// suspects: active tasks no live server listed, when first seen so.
+	suspects map[string]time.Time
 }
 
 // Option configures a Sweeper.
@@ -235,12 +238,18 @@ func (s *Sweeper) lost(ctx context.Context, rec idempotency.Record) (bool, error
 
 // requeue queues the kept task in the woken queue, so that the send does
 // not wait behind the backlog it was lost from.
-func (s *Sweeper) requeue(ctx context.Context, rec idempotency.Record) error {
+func (s *Sweeper) requeue(ctx context.Context, rec idempotency.Record, opts ...asynq.Option) error {
 	q := rec.Queue
 	if q == "" {
 		q = s.queues[0]
 	}
-	t, err := tasks.Requeue(rec.Task, tasks.WokenQueue(q))
+	target := tasks.WokenQueue(q)
+	if base, ok := strings.CutSuffix(q, tasks.WokenQueue("")); ok {
+		// Its id is still taken in the woken queue by the dead worker's
+		// task: the copy goes to the queue it came from.
+		target = base
+	}
+	t, err := tasks.Requeue(rec.Task, target, opts...)
 	if err != nil {
 		return fmt.Errorf("sweep: the kept task of %s: %w", rec.OutRequestNo, err)
 	}
@@ -254,9 +263,14 @@ func (s *Sweeper) requeue(ctx context.Context, rec idempotency.Record) error {
 	return nil
 }
 
+// heartbeat is how long a live asynq server may take to list a task it
+// has taken: it writes its state every 5 s, with a TTL of 10 s.
+const heartbeat = 10 * time.Second
+
 // abandoned copies into the woken queue the sends that asynq holds as
 // active for a worker that is gone: no live server lists the task, and
-// the send's claim has run out.
+// the send's claim has run out, or it was never claimed (or was recorded
+// and not finished) and the task has gone unlisted for a heartbeat.
 func (s *Sweeper) abandoned(ctx context.Context) (int, error) {
 	servers, err := s.inspector.Servers()
 	if err != nil {
@@ -269,7 +283,14 @@ func (s *Sweeper) abandoned(ctx context.Context) (int, error) {
 		}
 	}
 	n := 0
+	now := s.now()
+	suspects := map[string]time.Time{}
+	defer func() { s.suspects = suspects }()
+	var queues []string
 	for _, q := range s.queues {
+		queues = append(queues, q, tasks.WokenQueue(q))
+	}
+	for _, q := range queues {
 		active, err := s.inspector.ListActiveTasks(q, asynq.PageSize(1000))
 		if errors.Is(err, asynq.ErrQueueNotFound) {
 			continue
@@ -291,13 +312,27 @@ func (s *Sweeper) abandoned(ctx context.Context) (int, error) {
 			if err != nil {
 				return n, err
 			}
-			// A live delivery renews its claim; one that just took the
-			// task may not be listed yet, but its claim is fresh.
-			if rec.State != idempotency.InFlight || rec.LeaseUntil.After(s.now()) {
+			key := q + "\x00" + info.ID
+			first, seen := s.suspects[key]
+			if !seen {
+				first = now
+			}
+			switch {
+			case rec.State.Stopped():
+				continue // nothing left to do; asynq's recoverer tidies the task
+			case rec.State == idempotency.InFlight:
+				// A live delivery renews its claim.
+				if rec.LeaseUntil.After(now) {
+					continue
+				}
+			case now.Sub(first) < heartbeat:
+				// Taken but not claimed: a live server that has just taken
+				// it lists it within a heartbeat.
+				suspects[key] = first
 				continue
 			}
 			rec.Task, rec.Queue = kept, q
-			if err := s.requeue(ctx, rec); err != nil {
+			if err := s.requeue(ctx, rec, asynq.MaxRetry(info.MaxRetry)); err != nil {
 				return n, err
 			}
 			n++

@@ -269,8 +269,9 @@ func Kept(b []byte) (*asynq.Task, error) {
 }
 
 // Requeue is a kept task made ready to queue again in queue, with the id
-// and bounds NewTask gives.
-func Requeue(kept []byte, queue string) (*asynq.Task, error) {
+// and bounds NewTask gives; opts (the original task's MaxRetry, where it is
+// known) come after and win.
+func Requeue(kept []byte, queue string, opts ...asynq.Option) (*asynq.Task, error) {
 	t, err := Kept(kept)
 	if err != nil {
 		return nil, err
@@ -279,5 +280,5 @@ func Requeue(kept []byte, queue string) (*asynq.Task, error) {
 	if err != nil {
 		return nil, err
 	}
-	return NewTask(args, asynq.Queue(queue))
+	return NewTask(args, append([]asynq.Option{asynq.Queue(queue)}, opts...)...)
 }
