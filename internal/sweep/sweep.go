@@ -179,7 +179,8 @@ func (s *Sweeper) Campaign(ctx context.Context, name string) (Result, error) {
 				"campaign", name, "out_request_no", rec.OutRequestNo, "state", rec.State)
 			return nil
 		}
-		if err := s.requeue(ctx, rec); err != nil {
+		queued, err := s.requeue(ctx, rec)
+		if err != nil || !queued {
 			return err
 		}
 		res.Requeued++
@@ -238,7 +239,9 @@ func (s *Sweeper) lost(ctx context.Context, rec idempotency.Record) (bool, error
 
 // requeue queues the kept task in the woken queue, so that the send does
 // not wait behind the backlog it was lost from.
-func (s *Sweeper) requeue(ctx context.Context, rec idempotency.Record, opts ...asynq.Option) error {
+// It reports false when a copy is there already (queued by an earlier
+// sweep, and not yet done).
+func (s *Sweeper) requeue(ctx context.Context, rec idempotency.Record, opts ...asynq.Option) (bool, error) {
 	q := rec.Queue
 	if q == "" {
 		q = s.queues[0]
@@ -251,16 +254,16 @@ func (s *Sweeper) requeue(ctx context.Context, rec idempotency.Record, opts ...a
 	}
 	t, err := tasks.Requeue(rec.Task, target, opts...)
 	if err != nil {
-		return fmt.Errorf("sweep: the kept task of %s: %w", rec.OutRequestNo, err)
+		return false, fmt.Errorf("sweep: the kept task of %s: %w", rec.OutRequestNo, err)
 	}
 	_, err = s.client.EnqueueContext(ctx, t)
 	if errors.Is(err, asynq.ErrTaskIDConflict) {
-		return nil // queued meanwhile
+		return false, nil
 	}
 	if err != nil {
-		return fmt.Errorf("sweep: queueing %s again: %w", rec.OutRequestNo, err)
+		return false, fmt.Errorf("sweep: queueing %s again: %w", rec.OutRequestNo, err)
 	}
-	return nil
+	return true, nil
 }
 
 // heartbeat is how long a live asynq server may take to list a task it
@@ -332,8 +335,12 @@ func (s *Sweeper) abandoned(ctx context.Context) (int, error) {
 				continue
 			}
 			rec.Task, rec.Queue = kept, q
-			if err := s.requeue(ctx, rec, asynq.MaxRetry(info.MaxRetry)); err != nil {
+			queued, err := s.requeue(ctx, rec, asynq.MaxRetry(info.MaxRetry))
+			if err != nil {
 				return n, err
+			}
+			if !queued {
+				continue
 			}
 			n++
 			s.log.Info("queued again a send a dead worker held", "campaign", b.Campaign, "out_request_no", b.OutRequestNo,
