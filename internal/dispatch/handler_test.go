@@ -118,6 +118,18 @@ func (w *world) stock(spec sandbox.StockSpec) string {
 	return st.ID
 }
 
+// waitAnswers waits until the sandbox has given n answers of a kind.
+func (w *world) waitAnswers(kind string, n int64) {
+	w.t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for w.sb.Ledger().Requests[kind] < n {
+		if time.Now().After(deadline) {
+			w.t.Fatalf("%d %s answers awaited; only %v after 20s", n, kind, w.sb.Ledger().Requests)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 func far() time.Time { return time.Now().Add(time.Hour) }
 
 // asynq checks "retries exhausted" before IsFailure, so waits must never
@@ -129,13 +141,7 @@ func TestRateLimitsNeverUseUpRetries(t *testing.T) {
 	stock := w.stock(sandbox.StockSpec{Budget: 10})
 	w.waitState(w.send(stock, "o0", "r-rate-0", far()), idempotency.Succeeded, 10*time.Second) // spends the token
 	a := w.send(stock, "o1", "r-rate-1", far(), asynq.MaxRetry(1))
-	deadline := time.Now().Add(20 * time.Second)
-	for w.sb.Ledger().Requests["429 FREQUENCY_LIMIT_EXCEED"] < 4 {
-		if time.Now().After(deadline) {
-			t.Fatalf("only %v after 20s", w.sb.Ledger().Requests)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	w.waitAnswers("429 FREQUENCY_LIMIT_EXCEED", 4)
 	if st := w.record(a).State; st != idempotency.WaitingRate && st != idempotency.InFlight {
 		t.Fatalf("while rate limited the send is %s", st)
 	}
@@ -214,13 +220,7 @@ func TestAWaitAfterAnAmbiguousOutcomeKeepsItsTask(t *testing.T) {
 	// later one is rate limited.
 	w.sb.SetFaults(sandbox.Faults{ErrorRate: 1, RateLimit: 0.001})
 	a := w.send(stock, "o1", "r-wait-1", far(), asynq.MaxRetry(2))
-	deadline := time.Now().Add(20 * time.Second)
-	for w.sb.Ledger().Requests["429 FREQUENCY_LIMIT_EXCEED"] < 3 {
-		if time.Now().After(deadline) {
-			t.Fatalf("only %v after 20s", w.sb.Ledger().Requests)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	w.waitAnswers("429 FREQUENCY_LIMIT_EXCEED", 3)
 	info, err := asynq.NewInspectorFromRedisClient(w.rdb).GetTaskInfo(tasks.DefaultQueue, a.Key().TaskID())
 	if err != nil || info.State == asynq.TaskStateArchived {
 		t.Fatalf("a waiting send's task: %+v %v", info, err)
