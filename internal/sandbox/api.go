@@ -431,6 +431,11 @@ func (s *Server) listCoupons(r *http.Request, _ []byte) reply {
 	if f.creator == "" && f.sender == "" && f.availableMchID == "" {
 		return errParam("one of creator_mchid, sender_mchid or available_mchid is required (三选一)").reply()
 	}
+	if f.creator != "" {
+		// 如果同时存在，优先使用stock_creator_mchid: available_mchid, and
+		// what it switches off (stock_id, status, paging), no longer apply.
+		f.availableMchID = ""
+	}
 	if f.status != "" && f.status != StatusSended && f.status != StatusUsed {
 		return errParam("status must be SENDED or USED, got %q", f.status).reply()
 	}

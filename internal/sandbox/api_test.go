@@ -564,12 +564,17 @@ func TestListing(t *testing.T) {
 	t.Run("by stock and status", func(t *testing.T) {
 		same(t, get(t, url.Values{"sender_mchid": {id.MchID}, "stock_id": {b.ID}}).ids(), inB)
 		same(t, get(t, url.Values{"creator_mchid": {id.MchID}, "status": {"SENDED"}}).ids(), inA[0], inA[2])
+		// With creator_mchid, USED returns usable and used (USED:返回可用+已实扣).
 		l := get(t, url.Values{"creator_mchid": {id.MchID}, "status": {"USED"}})
-		same(t, l.ids(), inA[1])
-		ci := l.Data[0].ConsumeInformation
-		if l.Data[0].Status != "USED" || ci == nil || ci.ConsumeMchID != "1900000777" || ci.TransactionID != "4200000001" ||
+		same(t, l.ids(), inA...)
+		used := l.Data[1]
+		ci := used.ConsumeInformation
+		if used.Status != "USED" || ci == nil || ci.ConsumeMchID != "1900000777" || ci.TransactionID != "4200000001" ||
 			!strings.HasSuffix(ci.ConsumeTime, "+08:00") || ci.GoodsDetail == nil {
-			t.Errorf("used coupon %+v, consume_information %+v", l.Data[0], ci)
+			t.Errorf("used coupon %+v, consume_information %+v", used, ci)
+		}
+		if l.Data[0].Status != "SENDED" || l.Data[0].ConsumeInformation != nil {
+			t.Errorf("usable coupon %+v", l.Data[0])
 		}
 	})
 	t.Run("paging", func(t *testing.T) {
@@ -592,6 +597,10 @@ func TestListing(t *testing.T) {
 		l := get(t, url.Values{"available_mchid": {id.MchID}, "limit": {"1"}, "offset": {"5"}, "status": {"USED"}})
 		same(t, l.ids(), inA[0], inA[2])
 		same(t, get(t, url.Values{"available_mchid": {"1900000999"}, "limit": {"500"}}).ids(), inB)
+	})
+	t.Run("creator_mchid wins over available_mchid", func(t *testing.T) {
+		// 如果同时存在，优先使用stock_creator_mchid.
+		same(t, get(t, url.Values{"creator_mchid": {"1900000999"}, "available_mchid": {id.MchID}}).ids(), inB)
 	})
 	t.Run("business_type MULTIUSE", func(t *testing.T) {
 		l := get(t, url.Values{"sender_mchid": {id.MchID}, "business_type": {"MULTIUSE"}})

@@ -520,6 +520,15 @@ type listed struct {
 	used  *usage
 }
 
+// statusMatches applies the status filter. With creator_mchid, USED
+// returns the usable coupons as well as the used ones (USED:返回可用+已实扣).
+func (f listFilter) statusMatches(status string) bool {
+	if f.creator != "" && f.status == StatusUsed {
+		return status == StatusUsed || status == StatusSended
+	}
+	return status == f.status
+}
+
 func (s *Server) find(f listFilter) []listed {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -531,7 +540,7 @@ func (s *Server) find(f listFilter) []listed {
 		case c.Kind != f.kind,
 			f.availableMchID != "" && (status != StatusSended || k.CreatorMchID != f.availableMchID),
 			f.availableMchID == "" && f.stockID != "" && c.StockID != f.stockID,
-			f.availableMchID == "" && f.status != "" && status != f.status,
+			f.availableMchID == "" && f.status != "" && !f.statusMatches(status),
 			f.creator != "" && k.CreatorMchID != f.creator,
 			f.sender != "" && c.SenderMchID != f.sender:
 			continue

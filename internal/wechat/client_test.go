@@ -315,12 +315,15 @@ func TestListUserCoupons(t *testing.T) {
 	if err := sb.MarkUsed(ids[0], "1900000099", "4200000000001"); err != nil {
 		t.Fatal(err)
 	}
+	// With creator_mchid (the client's default), USED returns the usable
+	// coupons too (USED:返回可用+已实扣); the used one carries its use.
 	used, err := c.ListAllUserCoupons(ctx, wechat.ListCouponsRequest{OpenID: openid, Status: "USED"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(used) != 1 || used[0].CouponID != ids[0] || used[0].ConsumeInformation == nil ||
-		used[0].ConsumeInformation.TransactionID != "4200000000001" || used[0].ConsumeInformation.ConsumeMchID != "1900000099" {
+	if len(used) != 5 || used[0].CouponID != ids[0] || used[0].Status != "USED" || used[0].ConsumeInformation == nil ||
+		used[0].ConsumeInformation.TransactionID != "4200000000001" || used[0].ConsumeInformation.ConsumeMchID != "1900000099" ||
+		used[1].ConsumeInformation != nil {
 		t.Fatalf("used coupons %+v", used)
 	}
 	_, err = c.ListUserCoupons(ctx, wechat.ListCouponsRequest{OpenID: openid, Limit: 101})
