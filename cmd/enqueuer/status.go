@@ -185,8 +185,8 @@ func printStatus(w io.Writer, meta idempotency.Campaign, st idempotency.Status, 
 	fmt.Fprintf(w, "  shared rate now: %s %.1f/s, %s %.2f/s (the configured limit, or less for a while after WeChat answered 429)\n",
 		ratelimit.SendCoupon, f.Rates[ratelimit.SendCoupon], ratelimit.SendMultiuse, f.Rates[ratelimit.SendMultiuse])
 	for _, b := range f.Breakers {
-		fmt.Fprintf(w, "  stock %s: budget breaker OPEN since %s, next probe %s (every %s)\n",
-			b.StockID, b.OpenedAt.Format(time.RFC3339), b.NextProbe.Format(time.RFC3339), b.Interval)
+		fmt.Fprintf(w, "  stock %s: breaker OPEN since %s (%s), next probe %s (every %s)\n",
+			b.StockID, b.OpenedAt.Format(time.RFC3339), breakerReason(b), b.NextProbe.Format(time.RFC3339), b.Interval)
 	}
 	fmt.Fprintf(w, "  %s\n", retentionLine(meta))
 }

@@ -10,6 +10,7 @@ import (
 	"github.com/hibiken/asynq"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/couponflow/dispatcher/internal/breaker"
 	"github.com/couponflow/dispatcher/internal/tasks"
 )
 
@@ -59,8 +60,8 @@ func cmdStock(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		fmt.Fprintf(stdout, "stock %s: breaker closed; sends flow\n", *stock)
 		return nil
 	}
-	fmt.Fprintf(stdout, "stock %s: breaker OPEN since %s (budget exhausted); %d probes so far, next in %s (at %s), interval %s\n",
-		*stock, st.OpenedAt.Format(time.RFC3339), st.Probes, time.Until(st.NextProbe).Round(time.Second),
+	fmt.Fprintf(stdout, "stock %s: breaker OPEN since %s (%s); %d probes so far, next in %s (at %s), interval %s\n",
+		*stock, st.OpenedAt.Format(time.RFC3339), breakerReason(st), st.Probes, time.Until(st.NextProbe).Round(time.Second),
 		st.NextProbe.Format(time.RFC3339), st.Interval)
 	return nil
 }
@@ -120,4 +121,12 @@ func wake(ctx context.Context, rdb redis.UniversalClient, queue, mchID, stockID 
 		}
 	}
 	return moved, nil
+}
+
+// breakerReason is what WeChat said when the breaker opened.
+func breakerReason(st breaker.State) string {
+	if st.Reason == "" || st.Reason == "NOT_ENOUGH" {
+		return "budget exhausted"
+	}
+	return st.Reason
 }

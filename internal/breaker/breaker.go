@@ -70,17 +70,20 @@ const (
 type Decision struct {
 	Verdict Verdict
 	Until   time.Time // for Hold
+	// Reason is WeChat's answer that opened the breaker, "CODE: message"
+	// (for Hold): NOT_ENOUGH, or a stock that is paused or not active.
+	Reason string
 }
 
 // Check says whether a send of the stock may call WeChat now.
 func (b *Breakers) Check(ctx context.Context, mchID, stockID string) (Decision, error) {
-	verdict, at, err := b.run(ctx, mchID, stockID, "check")
+	verdict, at, reason, err := b.run(ctx, mchID, stockID, "check", "")
 	if err != nil {
 		return Decision{}, err
 	}
 	switch verdict {
 	case "hold":
-		return Decision{Verdict: Hold, Until: at}, nil
+		return Decision{Verdict: Hold, Until: at, Reason: reason}, nil
 	case "probe":
 		return Decision{Verdict: Probe}, nil
 	}
@@ -90,11 +93,17 @@ func (b *Breakers) Check(ctx context.Context, mchID, stockID string) (Decision, 
 // Exhausted records a NOT_ENOUGH: it opens the breaker, or, after a probe,
 // doubles the interval to the next one. It returns when the next probe is.
 func (b *Breakers) Exhausted(ctx context.Context, mchID, stockID string, probe bool) (time.Time, error) {
+	return b.Trip(ctx, mchID, stockID, probe, "NOT_ENOUGH")
+}
+
+// Trip is Exhausted for any answer that says the stock cannot issue now:
+// reason, "CODE: message", is what held sends are told.
+func (b *Breakers) Trip(ctx context.Context, mchID, stockID string, probe bool, reason string) (time.Time, error) {
 	op := "exhausted"
 	if probe {
 		op = "exhausted_probe"
 	}
-	_, next, err := b.run(ctx, mchID, stockID, op)
+	_, next, _, err := b.run(ctx, mchID, stockID, op, reason)
 	return next, err
 }
 
@@ -102,7 +111,7 @@ func (b *Breakers) Exhausted(ctx context.Context, mchID, stockID string, probe b
 // not sent, or its answer was a rate limit or ambiguous), so that another
 // send can probe at once instead of after the probe's lease.
 func (b *Breakers) Abandon(ctx context.Context, mchID, stockID string) error {
-	_, _, err := b.run(ctx, mchID, stockID, "abandon")
+	_, _, _, err := b.run(ctx, mchID, stockID, "abandon", "")
 	return err
 }
 
@@ -114,7 +123,7 @@ func (b *Breakers) Succeeded(ctx context.Context, mchID, stockID string) error {
 
 // Resume closes the breaker at once, after a top-up.
 func (b *Breakers) Resume(ctx context.Context, mchID, stockID string) error {
-	_, _, err := b.run(ctx, mchID, stockID, "success")
+	_, _, _, err := b.run(ctx, mchID, stockID, "success", "")
 	return err
 }
 
@@ -126,6 +135,7 @@ type State struct {
 	NextProbe time.Time
 	Interval  time.Duration
 	Probes    int
+	Reason    string // WeChat's answer that opened it, "CODE: message"
 }
 
 // Status reads a stock's breaker.
@@ -141,6 +151,7 @@ func (b *Breakers) Status(ctx context.Context, mchID, stockID string) (State, er
 		iv, _ := strconv.ParseInt(m["interval_ms"], 10, 64)
 		st.Interval = time.Duration(iv) * time.Millisecond
 		st.Probes, _ = strconv.Atoi(m["probes"])
+		st.Reason = m["reason"]
 	}
 	return st, nil
 }
@@ -164,15 +175,19 @@ func (b *Breakers) Open(ctx context.Context, mchID string) ([]State, error) {
 	return out, nil
 }
 
-func (b *Breakers) run(ctx context.Context, mchID, stockID, op string) (string, time.Time, error) {
+func (b *Breakers) run(ctx context.Context, mchID, stockID, op, reason string) (string, time.Time, string, error) {
 	res, err := script.Run(ctx, b.rdb, []string{b.key(mchID, stockID), b.setKey(mchID)}, op, b.now().UnixMilli(),
-		b.first.Milliseconds(), b.max.Milliseconds(), b.probeLease.Milliseconds(), stockID).Slice()
+		b.first.Milliseconds(), b.max.Milliseconds(), b.probeLease.Milliseconds(), stockID, reason).Slice()
 	if err != nil {
-		return "", time.Time{}, fmt.Errorf("breaker: %s %s: %w", op, stockID, err)
+		return "", time.Time{}, "", fmt.Errorf("breaker: %s %s: %w", op, stockID, err)
 	}
 	verdict, _ := res[0].(string)
 	at, _ := res[1].(int64)
-	return verdict, time.UnixMilli(at), nil
+	var why string
+	if len(res) > 2 {
+		why, _ = res[2].(string)
+	}
+	return verdict, time.UnixMilli(at), why, nil
 }
 
 func ms(s string) time.Time {

@@ -3,6 +3,7 @@ package dispatch
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/hibiken/asynq"
@@ -95,7 +96,7 @@ func (p policy) admit(a attempt, d breaker.Decision, stockID string) (probe bool
 			// budget; holding it could only end in a false failure.
 			return false, nil
 		}
-		return false, p.holdForBudget(a, d.Until, stockID)
+		return false, p.holdForBudget(a, d, stockID)
 	}
 	return false, nil
 }
@@ -103,10 +104,16 @@ func (p policy) admit(a attempt, d breaker.Decision, stockID string) (probe bool
 // holdForBudget keeps a send of an exhausted stock waiting for the next
 // probe, or fails it at the deadline. Only for a send that cannot have
 // been issued: every call it made was answered.
-func (p policy) holdForBudget(a attempt, until time.Time, stockID string) *heldSend {
-	res := idempotency.Result{NotCalled: true, Code: "NOT_ENOUGH",
-		Message: "held: the stock's budget breaker is open until " + until.UTC().Format(time.RFC3339)}
-	res, ret := p.waitForBudget(a, res, until, errors.New("stock "+stockID+" has no budget"))
+func (p policy) holdForBudget(a attempt, d breaker.Decision, stockID string) *heldSend {
+	// Held sends are told what WeChat told the send that opened the
+	// breaker: an exhausted budget, or a paused or inactive stock.
+	code, why, _ := strings.Cut(d.Reason, ": ")
+	if code == "" {
+		code, why = "NOT_ENOUGH", "the stock's budget is exhausted"
+	}
+	res := idempotency.Result{NotCalled: true, Code: code,
+		Message: fmt.Sprintf("held: the stock's breaker is open until %s (%s)", d.Until.UTC().Format(time.RFC3339), why)}
+	res, ret := p.waitForBudget(a, res, d.Until, fmt.Errorf("stock %s cannot issue: %s", stockID, d.Reason))
 	return &heldSend{res: res, ret: ret}
 }
 

@@ -163,3 +163,19 @@ func issuedOf(r idempotency.Result) string {
 	}
 	return ""
 }
+
+// A held send is told what opened its stock's breaker: a paused stock is
+// not reported as an exhausted budget.
+func TestHoldSaysWhyTheBreakerIsOpen(t *testing.T) {
+	a := attempt{rec: clean, deadline: passed, now: t0}
+	for reason, code := range map[string]string{
+		"INVALID_REQUEST: 活动已结束或未激活: stock 1 is paused": "INVALID_REQUEST",
+		"NOT_ENOUGH: 批次预算不足":                            "NOT_ENOUGH",
+		"":                                              "NOT_ENOUGH",
+	} {
+		_, held := testPol.admit(a, breaker.Decision{Verdict: breaker.Hold, Until: t0.Add(time.Minute), Reason: reason}, "1")
+		if held == nil || held.res.State != idempotency.Failed || held.res.Code != code {
+			t.Errorf("reason %q: held %+v; want failed %s", reason, held, code)
+		}
+	}
+}

@@ -40,7 +40,7 @@ type Store interface {
 // Breakers are the stocks' budget breakers (internal/breaker).
 type Breakers interface {
 	Check(ctx context.Context, mchID, stockID string) (breaker.Decision, error)
-	Exhausted(ctx context.Context, mchID, stockID string, probe bool) (time.Time, error)
+	Trip(ctx context.Context, mchID, stockID string, probe bool, reason string) (time.Time, error)
 	Abandon(ctx context.Context, mchID, stockID string) error
 	Succeeded(ctx context.Context, mchID, stockID string) error
 }
@@ -345,7 +345,7 @@ func (h *Handler) deliver(ctx context.Context, args tasks.Args, kept []byte, las
 
 	o := outcomeOf(couponID, callErr)
 	h.metrics.ObserveCall(string(endpointOf(args)), o.class, codeOf(callErr), latency)
-	nextProbe := h.observe(ctx, log, args, o.class, probe)
+	nextProbe := h.observe(ctx, log, args, o, probe)
 	a.now = h.now()
 	res, ret := h.settle(a, o, nextProbe)
 
@@ -425,8 +425,9 @@ func (h *Handler) gate(ctx context.Context, args tasks.Args, a attempt) (probe b
 
 // observe feeds an outcome back to the limiter and the breaker. After a
 // NOT_ENOUGH it returns when the stock's next probe is due.
-func (h *Handler) observe(ctx context.Context, log *slog.Logger, args tasks.Args, class wechat.Class, probe bool) (nextProbe time.Time) {
+func (h *Handler) observe(ctx context.Context, log *slog.Logger, args tasks.Args, o outcome, probe bool) (nextProbe time.Time) {
 	ctx = context.WithoutCancel(ctx)
+	class := o.class
 	b := args.Base()
 	switch {
 	case class == wechat.RateLimited && h.limiter != nil:
@@ -440,7 +441,7 @@ func (h *Handler) observe(ctx context.Context, log *slog.Logger, args tasks.Args
 				"rate_per_s", rate, "endpoint", endpointOf(args), "rate_limited_since_last_decrease", n)
 		}
 	case (class == wechat.BudgetExhausted || class == wechat.StockUnavailable) && h.breakers != nil:
-		if next, err := h.breakers.Exhausted(ctx, b.MchID, b.StockID, probe); err == nil {
+		if next, err := h.breakers.Trip(ctx, b.MchID, b.StockID, probe, o.code+": "+o.message); err == nil {
 			what := "stock budget exhausted"
 			if class == wechat.StockUnavailable {
 				what = "stock paused, not yet active or ended"
