@@ -10,10 +10,12 @@ build:
 install:
 	$(GO) install ./cmd/...
 
-# The README's test command: what CI runs.
+# The README's test command: what CI runs. -count=1: the e2e tests run
+# programs they build with go build, which go test's cache cannot see, so
+# a cached pass could hide a broken command.
 test:
 	$(GO) vet ./...
-	$(GO) test -race ./...
+	$(GO) test -race -count=1 ./...
 
 fmt:
 	gofmt -w $$(git ls-files '*.go')
