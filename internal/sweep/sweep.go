@@ -317,7 +317,9 @@ func (s *Sweeper) abandoned(ctx context.Context) (int, error) {
 			}
 			key := q + "\x00" + info.ID
 			first, seen := s.suspects[key]
-			if !seen {
+			if !seen || now.Sub(first) > heartbeat+3*s.every {
+				// Unseen, or seen by this sweeper long ago (another held the
+				// lock since): the task may have been listed meanwhile.
 				first = now
 			}
 			switch {
