@@ -43,6 +43,11 @@ func run(args []string) error {
 	fs.Float64Var(&f.CommitFailRate, "commit-fail-rate", 0, "probability that a send is committed but answered with 500 or a dropped connection")
 	fs.StringVar(&f.CommitFailMode, "commit-fail-mode", "", `how a commit fails: "500", "drop", or "" for either`)
 	fs.Float64Var(&f.BadSignatureRate, "bad-signature-rate", 0, "probability that a 2xx carries a wrong Wechatpay-Signature")
+	fs.StringVar(&f.RateLimitAnswer, "rate-limit-answer", "", `how the excess over --rate-limit is refused: "429" (FREQUENCY_LIMIT_EXCEED, default), "invalid_request" (400 调用频率过高) or "frequency_limited" (403 FREQUENCY_LIMITED)`)
+	fs.Float64Var(&f.AcceptedRate, "accepted-rate", 0, "probability that a send is issued and answered 202 with no body (the same request again gets the coupon)")
+	fs.BoolVar(&f.UserConflict, "user-conflict", false, "refuse a send to an openid while another send to it is in flight with a false 403 REQUEST_BLOCKED")
+	fs.Int64Var(&f.MonthlyCapPerUser, "monthly-cap-per-user", 0, "coupons one openid may receive per month, China time, before 400 INVALID_REQUEST 暂时无法领取 (0 = no cap)")
+	fs.BoolVar(&f.SignError, "sign-error", false, "refuse every API request with 401 SIGN_ERROR, as for a merchant whose clock or key is wrong")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	if err := envflag.Parse(fs, nil, args); err != nil {
 		return err
@@ -115,6 +120,7 @@ func validate(fs *flag.FlagSet, dataDir string, keyBits int, f sandbox.Faults) e
 	}{
 		{"--error-rate", f.ErrorRate}, {"--latency-rate", f.LatencyRate},
 		{"--commit-fail-rate", f.CommitFailRate}, {"--bad-signature-rate", f.BadSignatureRate},
+		{"--accepted-rate", f.AcceptedRate},
 	} {
 		if !(p.v >= 0 && p.v <= 1) {
 			return fmt.Errorf("%s must be a probability between 0 and 1, got %v", p.flag, p.v)
@@ -127,6 +133,10 @@ func validate(fs *flag.FlagSet, dataDir string, keyBits int, f sandbox.Faults) e
 		return fmt.Errorf("--latency must be >= 0, got %v", f.Latency)
 	case m != "" && m != sandbox.CommitFail500 && m != sandbox.CommitFailDrop:
 		return fmt.Errorf(`--commit-fail-mode must be "500", "drop" or empty, got %q`, m)
+	case f.RateLimitAnswer != "" && f.RateLimitAnswer != sandbox.RateLimit429 && f.RateLimitAnswer != sandbox.RateLimitInvalidRequest && f.RateLimitAnswer != sandbox.RateLimitFrequencyLimited:
+		return fmt.Errorf(`--rate-limit-answer must be "429", "invalid_request" or "frequency_limited", got %q`, f.RateLimitAnswer)
+	case f.MonthlyCapPerUser < 0:
+		return fmt.Errorf("--monthly-cap-per-user must be >= 0 (0 = no cap), got %d", f.MonthlyCapPerUser)
 	}
 	return f.Validate()
 }

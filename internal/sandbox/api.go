@@ -99,7 +99,9 @@ func (s *Server) api(h apiHandler) http.HandlerFunc {
 			(*hook)(RecordedRequest{Method: r.Method, Path: r.RequestURI, Header: r.Header.Clone(), Body: bytes.Clone(body)})
 		}
 		f := s.Faults()
-		rep := s.process(r, body, rerr, h, f)
+		conflict, release := s.enterUser(r, f)
+		defer release()
+		rep := s.process(r, body, rerr, h, f, conflict)
 
 		if f.Latency > 0 && s.roll(f.latencyRate()) {
 			s.countFault("latency")
@@ -110,7 +112,13 @@ func (s *Server) api(h apiHandler) http.HandlerFunc {
 				t.Stop()
 			}
 		}
-		if rep.issued && s.roll(f.CommitFailRate) {
+		if rep.issued && s.roll(f.AcceptedRate) {
+			// Issued, and answered as if WeChat had not finished: only the
+			// same request again tells the caller its coupon.
+			s.countFault("accepted_202")
+			rep = reply{status: http.StatusAccepted, code: "ACCEPTED"}
+		}
+		if rep.issued && rep.status == http.StatusOK && s.roll(f.CommitFailRate) {
 			mode := f.CommitFailMode
 			if mode != CommitFail500 && mode != CommitFailDrop {
 				mode = CommitFail500
@@ -142,21 +150,49 @@ func (s *Server) api(h apiHandler) http.HandlerFunc {
 	}
 }
 
-func (s *Server) process(r *http.Request, body []byte, rerr error, h apiHandler, f Faults) reply {
+func (s *Server) process(r *http.Request, body []byte, rerr error, h apiHandler, f Faults, conflict bool) reply {
 	if rerr != nil {
 		return errParam("request body unreadable or larger than 1 MiB: %v", rerr).reply()
+	}
+	if f.SignError {
+		s.countFault("sign_error")
+		return errSign("签名错误，请检查后再试: the sandbox's sign_error profile refuses every request, as WeChat does when the merchant's clock is off or its private key or serial is wrong").reply()
 	}
 	if e := s.authenticate(r, body); e != nil {
 		return e.reply()
 	}
 	if !s.allow() {
-		return (&apiError{429, "FREQUENCY_LIMIT_EXCEED", fmt.Sprintf("接口限频: over the sandbox rate limit of %g requests/s", f.RateLimit)}).reply()
+		return f.rateLimited().reply()
 	}
 	if s.roll(f.ErrorRate) {
 		s.countFault("system_error")
 		return errSystem().reply()
 	}
+	if conflict {
+		s.countFault("user_conflict")
+		return (&apiError{403, "REQUEST_BLOCKED", "用户被限领拦截: another send to this openid is in flight (the sandbox's user_conflict profile)"}).reply()
+	}
 	return h(r, body)
+}
+
+// enterUser marks a send to an openid as in flight while the user_conflict
+// profile is on, and says whether another send to it already was.
+func (s *Server) enterUser(r *http.Request, f Faults) (conflict bool, release func()) {
+	openid := r.PathValue("openid")
+	if !f.UserConflict || r.Method != http.MethodPost || openid == "" {
+		return false, func() {}
+	}
+	s.inflightMu.Lock()
+	defer s.inflightMu.Unlock()
+	conflict = s.inflight[openid] > 0
+	s.inflight[openid]++
+	return conflict, func() {
+		s.inflightMu.Lock()
+		defer s.inflightMu.Unlock()
+		if s.inflight[openid]--; s.inflight[openid] == 0 {
+			delete(s.inflight, openid)
+		}
+	}
 }
 
 func notFound(r *http.Request, _ []byte) reply {

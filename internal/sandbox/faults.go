@@ -30,7 +30,37 @@ type Faults struct {
 	CommitFailMode string  `json:"commit_fail_mode"`
 	// BadSignatureRate answers a 2xx whose Wechatpay-Signature is wrong.
 	BadSignatureRate float64 `json:"bad_signature_rate"`
+
+	// The profiles below are failures merchants report of the real API.
+
+	// RateLimitAnswer is how the excess over RateLimit is refused:
+	// "429" (429 FREQUENCY_LIMIT_EXCEED, the default), "invalid_request"
+	// (400 INVALID_REQUEST 调用频率过高) or "frequency_limited" (403
+	// FREQUENCY_LIMITED). Merchants see all three.
+	RateLimitAnswer string `json:"rate_limit_answer"`
+	// AcceptedRate issues a send, then answers 202 with no body: WeChat's
+	// way of asking for the same request again.
+	AcceptedRate float64 `json:"accepted_rate"`
+	// UserConflict refuses a send to an openid while another send to the
+	// same openid is in flight with a false 403 REQUEST_BLOCKED
+	// 用户被限领拦截; sent one at a time, both would succeed.
+	UserConflict bool `json:"user_conflict"`
+	// MonthlyCapPerUser refuses an openid's sends once it holds this many
+	// coupons issued in the current month, China time, of any stock, with
+	// 400 INVALID_REQUEST 暂时无法领取 (0 = no cap): WeChat's own limit on
+	// one user, final for that user this month.
+	MonthlyCapPerUser int64 `json:"monthly_cap_per_user"`
+	// SignError refuses every API request with 401 SIGN_ERROR, as WeChat
+	// does when the merchant's clock is off or its key or serial is wrong.
+	SignError bool `json:"sign_error"`
 }
+
+// How the excess over RateLimit is refused (Faults.RateLimitAnswer).
+const (
+	RateLimit429              = "429"
+	RateLimitInvalidRequest   = "invalid_request"
+	RateLimitFrequencyLimited = "frequency_limited"
+)
 
 // Commit-fail modes.
 const (
@@ -95,6 +125,7 @@ func (f Faults) Validate() error {
 		{"latency_rate", f.LatencyRate},
 		{"commit_fail_rate", f.CommitFailRate},
 		{"bad_signature_rate", f.BadSignatureRate},
+		{"accepted_rate", f.AcceptedRate},
 	} {
 		if !(p.v >= 0 && p.v <= 1) {
 			return fmt.Errorf("%s must be a probability in [0, 1], got %v", p.name, p.v)
@@ -111,7 +142,26 @@ func (f Faults) Validate() error {
 	default:
 		return fmt.Errorf("commit_fail_mode must be %q, %q or empty, got %q", CommitFail500, CommitFailDrop, f.CommitFailMode)
 	}
+	switch f.RateLimitAnswer {
+	case "", RateLimit429, RateLimitInvalidRequest, RateLimitFrequencyLimited:
+	default:
+		return fmt.Errorf("rate_limit_answer must be %q, %q or %q, got %q", RateLimit429, RateLimitInvalidRequest, RateLimitFrequencyLimited, f.RateLimitAnswer)
+	}
+	if f.MonthlyCapPerUser < 0 {
+		return fmt.Errorf("monthly_cap_per_user must be >= 0 (0 = no cap), got %d", f.MonthlyCapPerUser)
+	}
 	return nil
+}
+
+// rateLimited is the answer to a request over RateLimit.
+func (f Faults) rateLimited() *apiError {
+	switch f.RateLimitAnswer {
+	case RateLimitInvalidRequest:
+		return errInvalid("调用频率过高，请稍后再试: over the sandbox rate limit of %g requests/s", f.RateLimit)
+	case RateLimitFrequencyLimited:
+		return &apiError{403, "FREQUENCY_LIMITED", fmt.Sprintf("频率限制: over the sandbox rate limit of %g requests/s", f.RateLimit)}
+	}
+	return &apiError{429, "FREQUENCY_LIMIT_EXCEED", fmt.Sprintf("接口限频: over the sandbox rate limit of %g requests/s", f.RateLimit)}
 }
 
 func (f Faults) latencyRate() float64 {

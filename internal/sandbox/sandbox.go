@@ -46,6 +46,9 @@ type Config struct {
 	// number, offset×limit coupons skipped). WeChat's docs allow both
 	// readings (see docs/sandbox.md); clients must work under either.
 	ListPaging string
+	// Now is the sandbox's clock for daily budgets and monthly caps
+	// (default time.Now), so that a test can cross midnight, China time.
+	Now func() time.Time
 }
 
 // The two readings of the list API's offset.
@@ -72,6 +75,11 @@ type Server struct {
 	rng     *rand.Rand
 	bootID  string
 	reqSeq  atomic.Uint64
+
+	now func() time.Time
+
+	inflightMu sync.Mutex
+	inflight   map[string]int // sends in flight by openid (Faults.UserConflict)
 
 	mu     sync.Mutex // guards st
 	st     *store
@@ -116,6 +124,12 @@ func New(cfg Config) (*Server, error) {
 		bootID: strings.ToUpper(hex.EncodeToString(randBytes(8))),
 		ready:  make(chan struct{}),
 		paging: cfg.ListPaging,
+		now:    cfg.Now,
+
+		inflight: map[string]int{},
+	}
+	if s.now == nil {
+		s.now = time.Now
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)

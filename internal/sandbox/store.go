@@ -47,6 +47,10 @@ type StockSpec struct {
 	CouponMinimum int64  `json:"coupon_minimum"`
 	CreatorMchID  string `json:"creator_mchid,omitempty"` // default: the sandbox's mchid
 	State         string `json:"state,omitempty"`         // StateActive (default), StatePaused, StateStopped
+	// MaxAmountByDay caps the fen issued per day, China time (WeChat's
+	// max_amount_by_day; 0 = none): beyond it sends get NOT_ENOUGH until
+	// 00:00 CST.
+	MaxAmountByDay int64 `json:"max_amount_by_day,omitempty"`
 }
 
 // Stock is a stock and how much of it has been issued.
@@ -54,6 +58,10 @@ type Stock struct {
 	StockSpec
 	Issued    int64 `json:"issued"`
 	Remaining int64 `json:"remaining"`
+	// Day (China time, 2006-01-02) and AmountToday: fen issued that day,
+	// for MaxAmountByDay.
+	Day         string `json:"day,omitempty"`
+	AmountToday int64  `json:"amount_today,omitempty"`
 }
 
 // coupon is one issued coupon or consumer fund. ReqValue and ReqMinimum are
@@ -297,6 +305,8 @@ func (s *Server) createStockLocked(spec StockSpec) (Stock, error) {
 		return Stock{}, fmt.Errorf("coupon_value must be > 0, got %d", spec.CouponValue)
 	case spec.Kind == KindFavor && spec.CouponMinimum < spec.CouponValue:
 		return Stock{}, fmt.Errorf("coupon_minimum must be >= coupon_value (%d), got %d", spec.CouponValue, spec.CouponMinimum)
+	case spec.MaxAmountByDay < 0:
+		return Stock{}, fmt.Errorf("max_amount_by_day must be >= 0 (0 = no daily cap), got %d", spec.MaxAmountByDay)
 	case !validState(spec.State):
 		return Stock{}, fmt.Errorf("state must be %q, %q or %q, got %q", StateActive, StatePaused, StateStopped, spec.State)
 	case len(spec.CreatorMchID) > 20:
@@ -495,17 +505,42 @@ func (s *Server) issue(q *coupon) (*coupon, *apiError) {
 	case k.MaxPerUser > 0 && st.perUser[k.ID+"\x00"+q.OpenID] >= k.MaxPerUser:
 		return nil, &apiError{403, "REQUEST_BLOCKED", fmt.Sprintf("用户被限领拦截: the user already holds %d coupon(s) of stock %s", k.MaxPerUser, k.ID)}
 	}
+	now := s.now()
 	c := *q
-	c.ID = strconv.FormatInt(st.nextCoupon, 10)
-	st.nextCoupon++
-	c.Created = time.Now()
 	if c.Kind == KindFavor && c.ReqValue == 0 {
 		c.Amount, c.Minimum = k.CouponValue, k.CouponMinimum
 	}
+	if day := now.In(cst).Format(time.DateOnly); k.Day != day {
+		k.Day, k.AmountToday = day, 0
+	}
+	if k.MaxAmountByDay > 0 && k.AmountToday+c.Amount > k.MaxAmountByDay {
+		return nil, &apiError{403, "NOT_ENOUGH", fmt.Sprintf("批次当天预算不足: stock %s has issued %d of its max_amount_by_day of %d fen today; it clears at 00:00 China time",
+			k.ID, k.AmountToday, k.MaxAmountByDay)}
+	}
+	if limit := s.Faults().MonthlyCapPerUser; limit > 0 && st.issuedThisMonth(q.OpenID, now) >= limit {
+		return nil, errInvalid("暂时无法领取: the user has received %d coupons this month, China time (the sandbox's monthly_cap_per_user profile)", limit)
+	}
+	c.ID = strconv.FormatInt(st.nextCoupon, 10)
+	st.nextCoupon++
+	c.Created = now
+	k.AmountToday += c.Amount
 	k.Issued++
 	st.addCoupon(&c)
 	st.dirty = true
 	return &c, nil
+}
+
+// issuedThisMonth counts the coupons openid received in now's month,
+// China time.
+func (st *store) issuedThisMonth(openid string, now time.Time) int64 {
+	y, m, _ := now.In(cst).Date()
+	var n int64
+	for _, c := range st.byOpenID[openid] {
+		if cy, cm, _ := c.Created.In(cst).Date(); cy == y && cm == m {
+			n++
+		}
+	}
+	return n
 }
 
 // listFilter selects coupons for the list API.
