@@ -346,7 +346,7 @@ func cmdCoupons(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	err = backoff.Retry(func() error {
 		var err error
 		coupons, err = wx.ListAllUserCoupons(ctx, req)
-		if wechat.ClassOf(err) == wechat.Permanent {
+		if c := wechat.ClassOf(err); c == wechat.Permanent || c == wechat.SignRefused {
 			return backoff.Permanent(err)
 		}
 		return err

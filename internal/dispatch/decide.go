@@ -74,8 +74,7 @@ func (o outcome) answers() bool {
 	case wechat.Success, wechat.BudgetExhausted, wechat.StockUnavailable:
 		return true
 	case wechat.Permanent:
-		switch o.code {
-		case "SIGN_ERROR", wechat.CodeBadRequest:
+		if o.code == wechat.CodeBadRequest {
 			return false
 		}
 		return len(o.code) < 5 || o.code[:5] != "HTTP_"

@@ -229,8 +229,72 @@ func TestOutcomeClasses(t *testing.T) {
 			t.Fatal(err)
 		}
 		_, err = wrong.SendCoupon(ctx, wechat.SendCouponRequest{OpenID: unique("o"), StockID: newStock(t, sandbox.StockSpec{}), OutRequestNo: unique("r")})
-		wantClass(t, err, wechat.Permanent, 401, "SIGN_ERROR")
+		wantClass(t, err, wechat.SignRefused, 401, "SIGN_ERROR")
 	})
+	t.Run("sign error profile", func(t *testing.T) {
+		stock := newStock(t, sandbox.StockSpec{})
+		withFaults(t, sandbox.Faults{SignError: true})
+		wantClass(t, send(stock), wechat.SignRefused, 401, "SIGN_ERROR")
+	})
+	for _, rl := range []struct {
+		answer, code string
+		status       int
+	}{
+		{sandbox.RateLimitInvalidRequest, "INVALID_REQUEST", 400},
+		{sandbox.RateLimitFrequencyLimited, "FREQUENCY_LIMITED", 403},
+	} {
+		t.Run("rate limited as "+rl.answer, func(t *testing.T) {
+			stock := newStock(t, sandbox.StockSpec{})
+			withFaults(t, sandbox.Faults{RateLimit: 0.001, RateLimitAnswer: rl.answer})
+			var last error
+			for range 3 {
+				last = send(stock)
+			}
+			wantClass(t, last, wechat.RateLimited, rl.status, rl.code)
+		})
+	}
+	t.Run("monthly cap", func(t *testing.T) {
+		stock := newStock(t, sandbox.StockSpec{})
+		openid := unique("o")
+		withFaults(t, sandbox.Faults{MonthlyCapPerUser: 1})
+		if _, err := c.SendCoupon(ctx, wechat.SendCouponRequest{OpenID: openid, StockID: stock, OutRequestNo: unique("r")}); err != nil {
+			t.Fatal(err)
+		}
+		_, err := c.SendCoupon(ctx, wechat.SendCouponRequest{OpenID: openid, StockID: stock, OutRequestNo: unique("r")})
+		wantClass(t, err, wechat.Permanent, 400, wechat.CodeMonthlyLimit)
+	})
+	t.Run("daily budget", func(t *testing.T) {
+		stock := newStock(t, sandbox.StockSpec{CouponValue: 100, MaxAmountByDay: 100})
+		if err := send(stock); err != nil {
+			t.Fatal(err)
+		}
+		e := wantClass(t, send(stock), wechat.BudgetExhausted, 403, "NOT_ENOUGH")
+		now := time.Now()
+		if at := wechat.ClearsAt(e.Code, e.Message, now); !at.After(now) || at.Sub(now) > 24*time.Hour {
+			t.Errorf("the daily NOT_ENOUGH %q clears at %s", e.Message, at)
+		}
+	})
+}
+
+// A 202 without a body asks for the same request again: ambiguous, and the
+// resend gets the coupon the 202 stood for. Both send kinds.
+func TestAcceptedIsResent(t *testing.T) {
+	c := newClient(t)
+	ctx := context.Background()
+	req := wechat.SendCouponRequest{OpenID: unique("o"), StockID: newStock(t, sandbox.StockSpec{Budget: 1}), OutRequestNo: unique("r")}
+	withFaults(t, sandbox.Faults{AcceptedRate: 1})
+	_, err := c.SendCoupon(ctx, req)
+	wantClass(t, err, wechat.Ambiguous, 202, wechat.CodeAccepted)
+	mreq := multiuseRequest(t, c)
+	_, err = c.SendMultiuseCoupon(ctx, mreq)
+	wantClass(t, err, wechat.Ambiguous, 202, wechat.CodeAccepted)
+	sb.SetFaults(sandbox.Faults{})
+	if _, err := c.SendCoupon(ctx, req); err != nil || ledgerCount(req.OutRequestNo) != 1 {
+		t.Fatalf("resend: %v, %d coupons", err, ledgerCount(req.OutRequestNo))
+	}
+	if _, err := c.SendMultiuseCoupon(ctx, mreq); err != nil || ledgerCount(mreq.OutRequestNo) != 1 {
+		t.Fatalf("multiuse resend: %v, %d coupons", err, ledgerCount(mreq.OutRequestNo))
+	}
 }
 
 func total(m map[string]int64) (n int64) {
@@ -407,4 +471,14 @@ func TestEncryptIdentityNeverEchoesPlaintext(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "id_card_number") || strings.Contains(err.Error(), "1234") {
 		t.Fatalf("bad id card: %v", err)
 	}
+}
+
+func multiuseRequest(t *testing.T, c *wechat.Client) wechat.SendMultiuseRequest {
+	t.Helper()
+	ident, err := c.Encryptor().EncryptIdentity("李四", "110105194912310029")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stock := newStock(t, sandbox.StockSpec{Kind: "multiuse", CouponValue: 10000})
+	return wechat.SendMultiuseRequest{OpenID: unique("o"), StockID: stock, OutRequestNo: unique("m"), Amount: 5000, Identity: ident}
 }

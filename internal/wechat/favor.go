@@ -68,6 +68,9 @@ func (c *Client) SendCoupon(ctx context.Context, req SendCouponRequest) (*SendCo
 		return nil, classify(err, result)
 	}
 	rid := requestID(result)
+	if result.Response.StatusCode == http.StatusAccepted {
+		return nil, accepted(result)
+	}
 	if resp == nil || resp.CouponId == nil || *resp.CouponId == "" {
 		// Verified by signature yet without a coupon id: we cannot tell
 		// what happened, so the retry under the same out_request_no decides.
@@ -314,6 +317,10 @@ func inconsistent(req ListCouponsRequest, p paging, have, total int, what string
 }
 
 func decodeBody(result *core.APIResult, v any) error {
+	if result.Response.StatusCode == http.StatusAccepted {
+		_ = result.Response.Body.Close()
+		return accepted(result)
+	}
 	rid := requestID(result)
 	body, err := io.ReadAll(result.Response.Body)
 	_ = result.Response.Body.Close()

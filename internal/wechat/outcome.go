@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"strings"
+	"time"
 
 	"github.com/wechatpay-apiv3/wechatpay-go/core"
 )
@@ -35,6 +37,11 @@ const (
 	// happened. An operator's mistake more often than not, so it is held
 	// like an exhausted budget, until the campaign's deadline.
 	StockUnavailable
+	// SignRefused: WeChat refused the request's signature (401
+	// SIGN_ERROR) before looking at it. The merchant's clock, private key
+	// or serial is wrong, so every call of the merchant fails alike until
+	// someone fixes it: the fleet stops calling for the merchant and waits.
+	SignRefused
 )
 
 func (c Class) String() string {
@@ -51,6 +58,8 @@ func (c Class) String() string {
 		return "permanent"
 	case StockUnavailable:
 		return "stock_unavailable"
+	case SignRefused:
+		return "sign_refused"
 	}
 	return fmt.Sprintf("Class(%d)", int(c))
 }
@@ -66,6 +75,13 @@ const (
 	// CodeInconsistentPages: the pages of a listing do not add up to its
 	// total_count (ListAllUserCoupons).
 	CodeInconsistentPages = "INCONSISTENT_PAGES"
+	// CodeAccepted: a 202 without a body. WeChat took the request and asks
+	// for the same request again, whose answer says what came of it.
+	CodeAccepted = "ACCEPTED"
+	// CodeMonthlyLimit: 400 INVALID_REQUEST 暂时无法领取, WeChat's limit on
+	// what one user may receive in a month: final for that user this
+	// month, and reported apart from the request's own mistakes.
+	CodeMonthlyLimit = "USER_MONTHLY_LIMIT"
 )
 
 // Error is the failure of one call, classified. StatusCode is 0 when no
@@ -121,6 +137,10 @@ func classify(err error, result *core.APIResult) error {
 		return classifyAPIError(apiErr)
 	}
 	e := &Error{Class: Ambiguous, Err: err, Message: err.Error()}
+	if result != nil && result.Response != nil && result.Response.StatusCode == http.StatusAccepted {
+		// The SDK verified the 202 and then found no body to decode.
+		return accepted(result)
+	}
 	if result != nil && result.Response != nil {
 		// A 2xx that the SDK refused: the validator found the signature
 		// missing or wrong. WeChat may well have issued the coupon.
@@ -155,6 +175,10 @@ func classifyAPIError(a *core.APIError) *Error {
 		e.Class = RateLimited
 	case a.Code == "NOT_ENOUGH":
 		e.Class = BudgetExhausted
+	case a.Code == "SIGN_ERROR":
+		e.Class = SignRefused
+	case a.Code == "INVALID_REQUEST" && strings.Contains(a.Message, "暂时无法领取"):
+		e.Class, e.Code, e.Message = Permanent, CodeMonthlyLimit, "INVALID_REQUEST "+a.Message
 	case a.Code == "INVALID_REQUEST" && strings.Contains(a.Message, "活动已结束或未激活"):
 		e.Class = StockUnavailable
 	case a.StatusCode >= 500:
@@ -172,6 +196,29 @@ func classifyAPIError(a *core.APIError) *Error {
 	}
 	return e
 }
+
+// accepted is the outcome of a 202: WeChat took the request without
+// saying what came of it. Ambiguous, so that the same request is sent
+// again under the same out_request_no.
+func accepted(result *core.APIResult) *Error {
+	return &Error{Class: Ambiguous, StatusCode: http.StatusAccepted, Code: CodeAccepted, RequestID: requestID(result),
+		Message: "WeChat accepted the request without an answer (202); the same request will be sent again"}
+}
+
+// ClearsAt is when an exhausted budget comes back by itself: the next
+// 00:00 China time for a stock's daily budget (max_amount_by_day), whose
+// NOT_ENOUGH says 当天 (today); zero for the stock's whole budget, which
+// only a top-up restores.
+func ClearsAt(code, message string, now time.Time) time.Time {
+	if code != "NOT_ENOUGH" || !(strings.Contains(message, "当天") || strings.Contains(message, "今日") ||
+		strings.Contains(message, "每日") || strings.Contains(message, "max_amount_by_day")) {
+		return time.Time{}
+	}
+	y, m, d := now.In(chinaTime).Date()
+	return time.Date(y, m, d+1, 0, 0, 0, 0, chinaTime)
+}
+
+var chinaTime = time.FixedZone("CST", 8*3600)
 
 func saysTooFrequent(msg string) bool {
 	m := strings.ToLower(msg)

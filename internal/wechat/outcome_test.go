@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/http"
 	"testing"
+	"time"
 
 	"github.com/wechatpay-apiv3/wechatpay-go/core"
 )
@@ -30,7 +31,9 @@ func TestClassifyAPIErrors(t *testing.T) {
 		{403, "USER_ACCOUNT_ABNORMAL", "", Permanent},
 		{403, "REQUEST_BLOCKED", "用户被限领拦截", Permanent},
 		{404, "RESOURCE_NOT_EXISTS", "", Permanent},
-		{401, "SIGN_ERROR", "", Permanent},
+		{401, "SIGN_ERROR", "签名错误", SignRefused},
+		{400, "INVALID_REQUEST", "调用频率过高", RateLimited},
+		{400, "INVALID_REQUEST", "暂时无法领取", Permanent},
 		{409, "SOMETHING_NEW", "", Permanent},
 	}
 	for _, c := range cases {
@@ -53,6 +56,37 @@ func TestClassifyAPIErrors(t *testing.T) {
 	}
 }
 
+func TestMonthlyLimitHasItsOwnCode(t *testing.T) {
+	var e *Error
+	errors.As(classify(&core.APIError{StatusCode: 400, Code: "INVALID_REQUEST", Message: "暂时无法领取", Header: http.Header{}}, nil), &e)
+	if e.Code != CodeMonthlyLimit || e.Message != "INVALID_REQUEST 暂时无法领取" {
+		t.Errorf("got %s %q", e.Code, e.Message)
+	}
+}
+
+func TestClearsAt(t *testing.T) {
+	cst := time.FixedZone("CST", 8*3600)
+	now := time.Date(2026, 11, 30, 23, 59, 59, 0, cst)
+	midnight := time.Date(2026, 12, 1, 0, 0, 0, 0, cst)
+	for _, c := range []struct {
+		code, msg string
+		now       time.Time
+		want      time.Time
+	}{
+		{"NOT_ENOUGH", "批次当天预算不足", now, midnight},
+		{"NOT_ENOUGH", "stock has reached its max_amount_by_day", now.UTC(), midnight},
+		{"NOT_ENOUGH", "今日发放已达上限", time.Date(2026, 11, 30, 0, 0, 0, 0, cst), midnight},
+		// 16:00 UTC is already the next day in China.
+		{"NOT_ENOUGH", "当天", time.Date(2026, 11, 30, 16, 0, 0, 0, time.UTC), midnight.AddDate(0, 0, 1)},
+		{"NOT_ENOUGH", "批次预算不足", now, time.Time{}},
+		{"INVALID_REQUEST", "当天", now, time.Time{}},
+	} {
+		if got := ClearsAt(c.code, c.msg, c.now); !got.Equal(c.want) {
+			t.Errorf("%s %q at %s: %s, want %s", c.code, c.msg, c.now, got, c.want)
+		}
+	}
+}
+
 func TestClassifyTransportErrors(t *testing.T) {
 	if got := ClassOf(classify(context.DeadlineExceeded, nil)); got != Ambiguous {
 		t.Errorf("timeout: %s", got)
@@ -69,6 +103,10 @@ func TestClassifyTransportErrors(t *testing.T) {
 	errors.As(classify(errors.New("verify fail"), &core.APIResult{Response: &http.Response{StatusCode: 200, Header: http.Header{}}}), &e)
 	if e.Class != Ambiguous || e.Code != CodeBadSignature || e.StatusCode != 200 {
 		t.Errorf("bad signature: %s %s %d", e.Class, e.Code, e.StatusCode)
+	}
+	errors.As(classify(errors.New("unexpected end of JSON input"), &core.APIResult{Response: &http.Response{StatusCode: 202, Header: http.Header{}}}), &e)
+	if e.Class != Ambiguous || e.Code != CodeAccepted || e.StatusCode != 202 {
+		t.Errorf("202: %s %s %d", e.Class, e.Code, e.StatusCode)
 	}
 	if ClassOf(nil) != Success || ClassOf(errors.New("foreign")) != Ambiguous {
 		t.Error("ClassOf of nil or a foreign error")
