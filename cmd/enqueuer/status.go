@@ -185,8 +185,13 @@ func printStatus(w io.Writer, meta idempotency.Campaign, st idempotency.Status, 
 	fmt.Fprintf(w, "  shared rate now: %s %.1f/s, %s %.2f/s (the configured limit, or less for a while after WeChat answered 429)\n",
 		ratelimit.SendCoupon, f.Rates[ratelimit.SendCoupon], ratelimit.SendMultiuse, f.Rates[ratelimit.SendMultiuse])
 	for _, b := range f.Breakers {
-		fmt.Fprintf(w, "  stock %s: breaker OPEN since %s (%s), next probe %s (every %s)\n",
-			b.StockID, b.OpenedAt.Format(time.RFC3339), breakerReason(b), b.NextProbe.Format(time.RFC3339), b.Interval)
+		what, hint := "stock "+b.StockID, ""
+		if b.StockID == breaker.Merchant {
+			what = "merchant " + meta.MchID + " (every stock)"
+			hint = "; WeChat refuses the merchant's signature: check the clock, WECHATPAY_PRIVATE_KEY and WECHATPAY_MCH_SERIAL"
+		}
+		fmt.Fprintf(w, "  %s: breaker OPEN since %s (%s), next probe %s (every %s)%s\n",
+			what, b.OpenedAt.Format(time.RFC3339), breakerReason(b), b.NextProbe.Format(time.RFC3339), b.Interval, hint)
 	}
 	fmt.Fprintf(w, "  %s\n", retentionLine(meta))
 }

@@ -2,7 +2,12 @@
 // The first NOT_ENOUGH opens the stock's breaker in Redis; every worker
 // then holds that stock's sends without calling, while one probe call at
 // growing intervals (30s doubling to 10m by default) finds out whether the
-// budget is back. Other stocks are not affected.
+// budget is back. Other stocks are not affected. A daily budget's
+// NOT_ENOUGH says when it ends (00:00 China time): the probe waits for it.
+//
+// One more breaker per merchant (stock id Merchant) stops every call of
+// the merchant while WeChat refuses its signature (SIGN_ERROR: a clock, a
+// key or a serial is wrong), with the same probes.
 package breaker
 
 import (
@@ -51,9 +56,18 @@ func New(rdb redis.UniversalClient, opts ...Option) *Breakers {
 	return b
 }
 
-// A stock's breaker and its merchant's set of open breakers share the hash
-// tag {mchid}, so the script changes both in one atomic step.
-func (b *Breakers) key(mchID, stockID string) string { return b.keys.Breaker(mchID, stockID) }
+// Merchant, as a stock id, names the merchant's own breaker.
+const Merchant = ""
+
+// A stock's breaker, its merchant's set of open breakers and the
+// merchant's breaker share the hash tag {mchid}, so the script reads and
+// changes them in one atomic step.
+func (b *Breakers) key(mchID, stockID string) string {
+	if stockID == Merchant {
+		return b.keys.MerchantBreaker(mchID)
+	}
+	return b.keys.Breaker(mchID, stockID)
+}
 
 func (b *Breakers) setKey(mchID string) string { return b.keys.OpenBreakers(mchID) }
 
@@ -71,21 +85,25 @@ type Decision struct {
 	Verdict Verdict
 	Until   time.Time // for Hold
 	// Reason is WeChat's answer that opened the breaker, "CODE: message"
-	// (for Hold): NOT_ENOUGH, or a stock that is paused or not active.
+	// (for Hold): NOT_ENOUGH, a stock that is paused or not active, or
+	// SIGN_ERROR.
 	Reason string
+	// Merchant: the merchant's breaker decided (SIGN_ERROR), not the
+	// stock's. A probe's outcome goes to that breaker (stock id Merchant).
+	Merchant bool
 }
 
 // Check says whether a send of the stock may call WeChat now.
 func (b *Breakers) Check(ctx context.Context, mchID, stockID string) (Decision, error) {
-	verdict, at, reason, err := b.run(ctx, mchID, stockID, "check", "")
+	r, err := b.run(ctx, mchID, stockID, "check", "", time.Time{})
 	if err != nil {
 		return Decision{}, err
 	}
-	switch verdict {
+	switch r.verdict {
 	case "hold":
-		return Decision{Verdict: Hold, Until: at, Reason: reason}, nil
+		return Decision{Verdict: Hold, Until: r.at, Reason: r.reason, Merchant: r.merchant}, nil
 	case "probe":
-		return Decision{Verdict: Probe}, nil
+		return Decision{Verdict: Probe, Merchant: r.merchant}, nil
 	}
 	return Decision{Verdict: Closed}, nil
 }
@@ -93,25 +111,28 @@ func (b *Breakers) Check(ctx context.Context, mchID, stockID string) (Decision, 
 // Exhausted records a NOT_ENOUGH: it opens the breaker, or, after a probe,
 // doubles the interval to the next one. It returns when the next probe is.
 func (b *Breakers) Exhausted(ctx context.Context, mchID, stockID string, probe bool) (time.Time, error) {
-	return b.Trip(ctx, mchID, stockID, probe, "NOT_ENOUGH")
+	return b.Trip(ctx, mchID, stockID, probe, "NOT_ENOUGH", time.Time{})
 }
 
-// Trip is Exhausted for any answer that says the stock cannot issue now:
-// reason, "CODE: message", is what held sends are told.
-func (b *Breakers) Trip(ctx context.Context, mchID, stockID string, probe bool, reason string) (time.Time, error) {
+// Trip is Exhausted for any answer that says the stock (or, for stock id
+// Merchant, the merchant) cannot call now: reason, "CODE: message", is
+// what held sends are told. until, if not zero, is when the cause ends by
+// itself (a daily budget): the next probe waits for it instead of
+// probing at growing intervals until then.
+func (b *Breakers) Trip(ctx context.Context, mchID, stockID string, probe bool, reason string, until time.Time) (time.Time, error) {
 	op := "exhausted"
 	if probe {
 		op = "exhausted_probe"
 	}
-	_, next, _, err := b.run(ctx, mchID, stockID, op, reason)
-	return next, err
+	r, err := b.run(ctx, mchID, stockID, op, reason, until)
+	return r.at, err
 }
 
 // Abandon gives up a probe that learned nothing about the budget (it was
 // not sent, or its answer was a rate limit or ambiguous), so that another
 // send can probe at once instead of after the probe's lease.
 func (b *Breakers) Abandon(ctx context.Context, mchID, stockID string) error {
-	_, _, _, err := b.run(ctx, mchID, stockID, "abandon", "")
+	_, err := b.run(ctx, mchID, stockID, "abandon", "", time.Time{})
 	return err
 }
 
@@ -123,13 +144,13 @@ func (b *Breakers) Succeeded(ctx context.Context, mchID, stockID string) error {
 
 // Resume closes the breaker at once, after a top-up.
 func (b *Breakers) Resume(ctx context.Context, mchID, stockID string) error {
-	_, _, _, err := b.run(ctx, mchID, stockID, "success", "")
+	_, err := b.run(ctx, mchID, stockID, "success", "", time.Time{})
 	return err
 }
 
 // State is a breaker as status shows it.
 type State struct {
-	StockID   string
+	StockID   string // Merchant for the merchant's breaker
 	Open      bool
 	OpenedAt  time.Time
 	NextProbe time.Time
@@ -156,14 +177,14 @@ func (b *Breakers) Status(ctx context.Context, mchID, stockID string) (State, er
 	return st, nil
 }
 
-// Open lists the stocks of a merchant whose breakers are open.
+// Open lists a merchant's open breakers: its own first, then its stocks'.
 func (b *Breakers) Open(ctx context.Context, mchID string) ([]State, error) {
 	ids, err := b.rdb.SMembers(ctx, b.setKey(mchID)).Result()
 	if err != nil {
 		return nil, fmt.Errorf("breaker: %w", err)
 	}
 	var out []State
-	for _, id := range ids {
+	for _, id := range append([]string{Merchant}, ids...) {
 		st, err := b.Status(ctx, mchID, id)
 		if err != nil {
 			return nil, err
@@ -175,19 +196,36 @@ func (b *Breakers) Open(ctx context.Context, mchID string) ([]State, error) {
 	return out, nil
 }
 
-func (b *Breakers) run(ctx context.Context, mchID, stockID, op, reason string) (string, time.Time, string, error) {
-	res, err := script.Run(ctx, b.rdb, []string{b.key(mchID, stockID), b.setKey(mchID)}, op, b.now().UnixMilli(),
-		b.first.Milliseconds(), b.max.Milliseconds(), b.probeLease.Milliseconds(), stockID, reason).Slice()
+type result struct {
+	verdict  string
+	at       time.Time
+	reason   string
+	merchant bool
+}
+
+func (b *Breakers) run(ctx context.Context, mchID, stockID, op, reason string, until time.Time) (result, error) {
+	var untilMs int64
+	if !until.IsZero() {
+		untilMs = until.UnixMilli()
+	}
+	res, err := script.Run(ctx, b.rdb, []string{b.key(mchID, stockID), b.setKey(mchID), b.keys.MerchantBreaker(mchID)},
+		op, b.now().UnixMilli(), b.first.Milliseconds(), b.max.Milliseconds(), b.probeLease.Milliseconds(),
+		stockID, reason, untilMs).Slice()
 	if err != nil {
-		return "", time.Time{}, "", fmt.Errorf("breaker: %s %s: %w", op, stockID, err)
+		return result{}, fmt.Errorf("breaker: %s %s: %w", op, stockID, err)
 	}
-	verdict, _ := res[0].(string)
+	var r result
+	r.verdict, _ = res[0].(string)
 	at, _ := res[1].(int64)
-	var why string
+	r.at = time.UnixMilli(at)
 	if len(res) > 2 {
-		why, _ = res[2].(string)
+		r.reason, _ = res[2].(string)
 	}
-	return verdict, time.UnixMilli(at), why, nil
+	if len(res) > 3 {
+		scope, _ := res[3].(string)
+		r.merchant = scope == "merchant"
+	}
+	return r, nil
 }
 
 func ms(s string) time.Time {

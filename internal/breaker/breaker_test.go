@@ -186,3 +186,80 @@ func TestOpenSetMovesWithTheBreaker(t *testing.T) {
 		})
 	}
 }
+
+// A daily budget ends at midnight: the breaker holds until then, probes
+// then, and a probe that finds it still gone waits for the next end it is
+// told of, not for a doubled interval.
+func TestBreakerHoldsUntilAKnownEnd(t *testing.T) {
+	clock := time.Unix(1_800_000_000, 0)
+	b := New(redistest.Start(t).Client(), WithProbeInterval(30*time.Second, 10*time.Minute))
+	b.now = func() time.Time { return clock }
+	ctx := context.Background()
+	midnight := clock.Add(5 * time.Hour)
+	next, err := b.Trip(ctx, "m", "s1", false, "NOT_ENOUGH: 批次当天预算不足", midnight)
+	if err != nil || !next.Equal(midnight) {
+		t.Fatalf("opened until %v %v, want %v", next, err, midnight)
+	}
+	clock = clock.Add(4 * time.Hour)
+	if d, _ := b.Check(ctx, "m", "s1"); d.Verdict != Hold || !d.Until.Equal(midnight) || d.Reason != "NOT_ENOUGH: 批次当天预算不足" {
+		t.Fatalf("four hours in: %+v", d)
+	}
+	clock = midnight
+	if d, _ := b.Check(ctx, "m", "s1"); d.Verdict != Probe {
+		t.Fatalf("at midnight: %+v", d)
+	}
+	tomorrow := midnight.Add(24 * time.Hour)
+	if next, _ := b.Trip(ctx, "m", "s1", true, "NOT_ENOUGH: 批次当天预算不足", tomorrow); !next.Equal(tomorrow) {
+		t.Fatalf("a probe that found it spent again: next %v", next)
+	}
+	// A breaker opened by the total budget learns of a later end from a
+	// call that was in flight.
+	b.Exhausted(ctx, "m", "s2", false)
+	if next, _ := b.Trip(ctx, "m", "s2", false, "NOT_ENOUGH: 当天", tomorrow); !next.Equal(tomorrow) {
+		t.Fatalf("the later end was ignored: %v", next)
+	}
+}
+
+// The merchant's breaker holds every stock's sends, comes before a
+// stock's, and keeps its own probes.
+func TestMerchantBreakerHoldsEveryStock(t *testing.T) {
+	clock := time.Unix(1_800_000_000, 0)
+	b := New(redistest.Start(t).Client(), WithProbeInterval(30*time.Second, 10*time.Minute))
+	b.now = func() time.Time { return clock }
+	ctx := context.Background()
+	b.Exhausted(ctx, "m", "s2", false)
+	if _, err := b.Trip(ctx, "m", Merchant, false, "SIGN_ERROR: 签名错误", time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, stock := range []string{"s1", "s2"} {
+		d, _ := b.Check(ctx, "m", stock)
+		if d.Verdict != Hold || !d.Merchant || d.Reason != "SIGN_ERROR: 签名错误" {
+			t.Fatalf("%s: %+v", stock, d)
+		}
+	}
+	if d, _ := b.Check(ctx, "other", "s1"); d.Verdict != Closed {
+		t.Fatalf("another merchant is held: %+v", d)
+	}
+	open, _ := b.Open(ctx, "m")
+	if len(open) != 2 || open[0].StockID != Merchant || open[0].Reason != "SIGN_ERROR: 签名错误" || open[1].StockID != "s2" {
+		t.Fatalf("open: %+v", open)
+	}
+	clock = clock.Add(30 * time.Second)
+	d, _ := b.Check(ctx, "m", "s1")
+	if d.Verdict != Probe || !d.Merchant {
+		t.Fatalf("the merchant's probe: %+v", d)
+	}
+	if d, _ := b.Check(ctx, "m", "s1"); d.Verdict != Hold || !d.Merchant {
+		t.Fatalf("a second probe while one is out: %+v", d)
+	}
+	if err := b.Succeeded(ctx, "m", Merchant); err != nil {
+		t.Fatal(err)
+	}
+	if d, _ := b.Check(ctx, "m", "s1"); d.Verdict != Closed {
+		t.Fatalf("after the merchant's probe succeeded: %+v", d)
+	}
+	// Its first probe is due: the stock's own, not the merchant's.
+	if d, _ := b.Check(ctx, "m", "s2"); d.Verdict != Probe || d.Merchant {
+		t.Fatalf("the stock's own breaker: %+v", d)
+	}
+}

@@ -90,9 +90,11 @@ func (p policy) admit(a attempt, d breaker.Decision, stockID string) (probe bool
 	case breaker.Probe:
 		return true, nil
 	case breaker.Hold:
-		if a.rec.MaybeIssued || a.final {
+		if (a.rec.MaybeIssued || a.final) && !d.Merchant {
 			// Its resend returns the coupon it may hold, whatever the
-			// budget; holding it could only end in a false failure.
+			// budget; holding it could only end in a false failure. A
+			// refused signature refuses the resend too: it is held, and
+			// ends unknown rather than failed if the deadline comes.
 			return false, nil
 		}
 		return false, p.holdForBudget(a, d, stockID)
@@ -110,8 +112,12 @@ func (p policy) holdForBudget(a attempt, d breaker.Decision, stockID string) *he
 	if code == "" {
 		code, why = "NOT_ENOUGH", "the stock's budget is exhausted"
 	}
+	whose := "the stock's"
+	if d.Merchant {
+		whose = "the merchant's"
+	}
 	res := idempotency.Result{NotCalled: true, Code: code,
-		Message: fmt.Sprintf("held: the stock's breaker is open until %s (%s)", d.Until.UTC().Format(time.RFC3339), why)}
+		Message: fmt.Sprintf("held: %s breaker is open until %s (%s)", whose, d.Until.UTC().Format(time.RFC3339), why)}
 	res, ret := p.waitForBudget(a, res, d.Until, fmt.Errorf("stock %s cannot issue: %s", stockID, d.Reason))
 	return &heldSend{res: res, ret: ret}
 }
@@ -121,6 +127,11 @@ func (p policy) holdForBudget(a attempt, d breaker.Decision, stockID string) *he
 // a growing backoff), never past the campaign's deadline, and at the
 // deadline fail: no coupon exists, as every call of the send was answered.
 func (p policy) waitForBudget(a attempt, res idempotency.Result, next time.Time, cause error) (idempotency.Result, error) {
+	if (!a.now.Before(a.deadline) || a.final) && a.rec.MaybeIssued && !res.Answered {
+		// Held or refused without a look at the send (SIGN_ERROR): a
+		// coupon may exist, so no failure.
+		return p.unknown(a, res, "WeChat refused the merchant's signature until the deadline")
+	}
 	if !a.now.Before(a.deadline) || a.final {
 		res.State = idempotency.Failed
 		res.Message = fmt.Sprintf("the stock could not issue at %s (campaign deadline %s); no coupon was issued: %s",
@@ -160,8 +171,9 @@ func (p policy) settle(a attempt, o outcome, nextProbe time.Time) (idempotency.R
 		}
 		res.State = idempotency.Failed
 		return res, fmt.Errorf("%v: %w", err, asynq.SkipRetry)
-	case wechat.BudgetExhausted, wechat.StockUnavailable:
-		// The breaker holds the stock until its next probe anyway.
+	case wechat.BudgetExhausted, wechat.StockUnavailable, wechat.SignRefused:
+		// The breaker holds the stock (or, for SIGN_ERROR, the merchant)
+		// until its next probe anyway.
 		return p.waitForBudget(a, res, nextProbe, err)
 	case wechat.RateLimited:
 		if a.final {

@@ -26,7 +26,7 @@ var (
 	limited  = outcome{class: wechat.RateLimited, code: "FREQUENCY_LIMIT_EXCEED"}
 	paused   = outcome{class: wechat.StockUnavailable, code: "INVALID_REQUEST", message: "活动已结束或未激活"}
 	refused  = outcome{class: wechat.Permanent, code: "USER_ACCOUNT_ABNORMAL"}
-	signErr  = outcome{class: wechat.Permanent, code: "SIGN_ERROR"}
+	signErr  = outcome{class: wechat.SignRefused, code: "SIGN_ERROR"}
 	proxyErr = outcome{class: wechat.Permanent, code: "HTTP_407"}
 )
 
@@ -62,8 +62,11 @@ func TestSettle(t *testing.T) {
 		{"success after a lost answer", attempt{rec: maybe, deadline: before}, success, idempotency.Succeeded, "done", "clear", false, 0},
 		{"refused", attempt{rec: clean, deadline: before}, refused, idempotency.Failed, "skip", "clear", false, 0},
 		{"refused after a lost answer: WeChat looked at the send", attempt{rec: maybe, deadline: before}, refused, idempotency.Failed, "skip", "clear", false, 0},
-		{"signature refused, nothing lost", attempt{rec: clean, deadline: before}, signErr, idempotency.Failed, "skip", "", false, 0},
-		{"signature refused after a lost answer", attempt{rec: maybe, deadline: before}, signErr, idempotency.Unknown, "skip", "set", true, 0},
+		{"signature refused: the merchant's breaker holds it", attempt{rec: clean, deadline: before}, signErr, idempotency.WaitingBudget, "wait", "", false, 15 * time.Second},
+		{"signature refused after a lost answer: held too", attempt{rec: maybe, deadline: before}, signErr, idempotency.WaitingBudget, "wait", "", false, 15 * time.Second},
+		{"signature refused at the deadline, nothing lost", attempt{rec: clean, deadline: passed}, signErr, idempotency.Failed, "skip", "", false, 0},
+		{"signature refused at the deadline after a lost answer", attempt{rec: maybe, deadline: passed}, signErr, idempotency.Unknown, "skip", "set", true, 0},
+		{"signature refused in reconcile", attempt{rec: maybe, deadline: before, final: true}, signErr, idempotency.Unknown, "skip", "set", true, 0},
 		{"a proxy's error page after a lost answer", attempt{rec: maybe, deadline: before}, proxyErr, idempotency.Unknown, "skip", "set", true, 0},
 		{"ambiguous", attempt{rec: clean, deadline: before}, lost, idempotency.Retrying, "retry", "set", false, 0},
 		{"ambiguous on the last try", attempt{rec: maybe, deadline: before, lastTry: true}, lost, idempotency.Unknown, "skip", "set", true, 0},
@@ -114,6 +117,7 @@ func TestSettleBudgetWaitEndsAtTheDeadline(t *testing.T) {
 
 func TestAdmit(t *testing.T) {
 	open := breaker.Decision{Verdict: breaker.Hold, Until: t0.Add(time.Minute)}
+	merchant := breaker.Decision{Verdict: breaker.Hold, Until: t0.Add(time.Minute), Reason: "SIGN_ERROR: 签名错误", Merchant: true}
 	for _, c := range []struct {
 		name  string
 		a     attempt
@@ -129,9 +133,14 @@ func TestAdmit(t *testing.T) {
 		{"open, but maybe issued: resent", attempt{rec: maybe, deadline: before}, open, false, "", ""},
 		{"open past the deadline, maybe issued: resent", attempt{rec: maybe, deadline: passed}, open, false, "", ""},
 		{"open, in reconcile: resent", attempt{rec: clean, deadline: passed, final: true}, open, false, "", ""},
+		{"merchant's open: held", attempt{rec: clean, deadline: before}, merchant, false, idempotency.WaitingBudget, "wait"},
+		{"merchant's open, maybe issued: held, since the resend is refused too", attempt{rec: maybe, deadline: before}, merchant, false, idempotency.WaitingBudget, "wait"},
+		{"merchant's open past the deadline, maybe issued: unknown, never failed", attempt{rec: maybe, deadline: passed}, merchant, false, idempotency.Unknown, "skip"},
+		{"merchant's open past the deadline: failed without a call", attempt{rec: clean, deadline: passed}, merchant, false, idempotency.Failed, "skip"},
+		{"merchant's probe", attempt{rec: maybe, deadline: before}, breaker.Decision{Verdict: breaker.Probe, Merchant: true}, true, "", ""},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			c.a.now = t0
+			c.a.now, c.a.payload = t0, payload
 			probe, held := testPol.admit(c.a, c.d, "s1")
 			if probe != c.probe {
 				t.Errorf("probe %v, want %v", probe, c.probe)
@@ -145,7 +154,11 @@ func TestAdmit(t *testing.T) {
 				if held.res.State != c.held || told(held.ret) != c.told || !held.res.NotCalled {
 					t.Fatalf("held %+v, told %s; want %s, %s", held.res, told(held.ret), c.held, c.told)
 				}
-				if issuedOf(held.res) != "" {
+				if held.res.State == idempotency.Unknown {
+					if !held.res.MaybeIssued || held.res.Task == nil {
+						t.Errorf("unknown without its mark or task: %+v", held.res)
+					}
+				} else if issuedOf(held.res) != "" {
 					t.Errorf("a hold changed maybe_issued")
 				}
 			}

@@ -62,7 +62,7 @@ type fakeBreakers struct{ checkErr error }
 func (b fakeBreakers) Check(context.Context, string, string) (breaker.Decision, error) {
 	return breaker.Decision{}, b.checkErr
 }
-func (fakeBreakers) Trip(context.Context, string, string, bool, string) (time.Time, error) {
+func (fakeBreakers) Trip(context.Context, string, string, bool, string, time.Time) (time.Time, error) {
 	return time.Time{}, nil
 }
 func (fakeBreakers) Abandon(context.Context, string, string) error   { return nil }

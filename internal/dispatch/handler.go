@@ -37,10 +37,11 @@ type Store interface {
 	Finish(ctx context.Context, send idempotency.Send, owner string, r idempotency.Result) error
 }
 
-// Breakers are the stocks' budget breakers (internal/breaker).
+// Breakers are the stocks' budget breakers and the merchants' signature
+// breakers (internal/breaker; stock id breaker.Merchant).
 type Breakers interface {
 	Check(ctx context.Context, mchID, stockID string) (breaker.Decision, error)
-	Trip(ctx context.Context, mchID, stockID string, probe bool, reason string) (time.Time, error)
+	Trip(ctx context.Context, mchID, stockID string, probe bool, reason string, until time.Time) (time.Time, error)
 	Abandon(ctx context.Context, mchID, stockID string) error
 	Succeeded(ctx context.Context, mchID, stockID string) error
 }
@@ -381,18 +382,26 @@ func (h *Handler) deliver(ctx context.Context, args tasks.Args, kept []byte, las
 // gate runs the checks that may stop a claimed send before it costs a
 // call: the stock's budget breaker, then a slot of the shared rate. The
 // slot comes last and just before the call, since it is spent when taken.
-func (h *Handler) gate(ctx context.Context, args tasks.Args, a attempt) (probe bool, held *heldSend, err error) {
+func (h *Handler) gate(ctx context.Context, args tasks.Args, a attempt) (probe probe, held *heldSend, err error) {
 	b := args.Base()
 	send := sendOf(args)
 	if h.breakers != nil {
 		d, err := h.breakers.Check(ctx, b.MchID, b.StockID)
 		if err != nil {
-			return false, nil, err
+			return probe, nil, err
 		}
-		probe, held = h.admit(a, d, b.StockID)
+		probe.on, held = h.admit(a, d, b.StockID)
+		probe.stockID = b.StockID
+		if d.Merchant {
+			probe.stockID = breaker.Merchant
+		}
 		if held != nil {
-			h.held(metrics.HeldBudgetBreaker, send)
-			return false, held, nil
+			reason := metrics.HeldBudgetBreaker
+			if d.Merchant {
+				reason = metrics.HeldMerchantBreaker
+			}
+			h.held(reason, send)
+			return probe, held, nil
 		}
 	}
 	if h.limiter != nil {
@@ -401,8 +410,8 @@ func (h *Handler) gate(ctx context.Context, args tasks.Args, a attempt) (probe b
 			maxWait = time.Minute
 		}
 		waited, err := h.limiter.Wait(ctx, b.MchID, endpointOf(args), maxWait)
-		if err != nil && probe {
-			_ = h.breakers.Abandon(context.WithoutCancel(ctx), b.MchID, b.StockID)
+		if err != nil && probe.on {
+			_ = h.breakers.Abandon(context.WithoutCancel(ctx), b.MchID, probe.stockID)
 		}
 		var tl *ratelimit.TooLong
 		if err == nil || errors.As(err, &tl) {
@@ -423,12 +432,33 @@ func (h *Handler) gate(ctx context.Context, args tasks.Args, a attempt) (probe b
 	return probe, nil, nil
 }
 
-// observe feeds an outcome back to the limiter and the breaker. After a
-// NOT_ENOUGH it returns when the stock's next probe is due.
-func (h *Handler) observe(ctx context.Context, log *slog.Logger, args tasks.Args, o outcome, probe bool) (nextProbe time.Time) {
+// probe names the breaker a call is the probe of, if any: the stock's,
+// or the merchant's (stockID breaker.Merchant).
+type probe struct {
+	on      bool
+	stockID string
+}
+
+func (p probe) of(stockID string) bool { return p.on && p.stockID == stockID }
+
+// observe feeds an outcome back to the limiter and the breakers. After a
+// NOT_ENOUGH or a SIGN_ERROR it returns when the next probe is due.
+func (h *Handler) observe(ctx context.Context, log *slog.Logger, args tasks.Args, o outcome, p probe) (nextProbe time.Time) {
 	ctx = context.WithoutCancel(ctx)
 	class := o.class
 	b := args.Base()
+	if p.of(breaker.Merchant) {
+		switch class {
+		case wechat.SignRefused:
+		case wechat.Ambiguous:
+			_ = h.breakers.Abandon(ctx, b.MchID, breaker.Merchant)
+		default:
+			// WeChat read the request, so it took the signature.
+			if err := h.breakers.Succeeded(ctx, b.MchID, breaker.Merchant); err == nil {
+				log.Info("WeChat takes the merchant's signature again; its breaker is closed and every worker calls again", "mchid", b.MchID)
+			}
+		}
+	}
 	switch {
 	case class == wechat.RateLimited && h.limiter != nil:
 		// The fleet sees 429s in bursts and lowers the rate once a second at
@@ -441,20 +471,30 @@ func (h *Handler) observe(ctx context.Context, log *slog.Logger, args tasks.Args
 				"rate_per_s", rate, "endpoint", endpointOf(args), "rate_limited_since_last_decrease", n)
 		}
 	case (class == wechat.BudgetExhausted || class == wechat.StockUnavailable) && h.breakers != nil:
-		if next, err := h.breakers.Trip(ctx, b.MchID, b.StockID, probe, o.code+": "+o.message); err == nil {
+		until := wechat.ClearsAt(o.code, o.message, h.now())
+		if next, err := h.breakers.Trip(ctx, b.MchID, b.StockID, p.of(b.StockID), o.code+": "+o.message, until); err == nil {
 			what := "stock budget exhausted"
-			if class == wechat.StockUnavailable {
+			switch {
+			case class == wechat.StockUnavailable:
 				what = "stock paused, not yet active or ended"
+			case !until.IsZero():
+				what = "stock's daily budget exhausted (it clears at 00:00 China time)"
 			}
-			log.Warn(what+"; its breaker holds sends until the next probe", "probe", probe, "next_probe", next)
+			log.Warn(what+"; its breaker holds sends until the next probe", "probe", p.of(b.StockID), "next_probe", next)
 			nextProbe = next
 		}
-	case class == wechat.Success && probe:
+	case class == wechat.SignRefused && h.breakers != nil:
+		if next, err := h.breakers.Trip(ctx, b.MchID, breaker.Merchant, p.of(breaker.Merchant), o.code+": "+o.message, time.Time{}); err == nil {
+			log.Error("WeChat refuses the merchant's signature (SIGN_ERROR): every worker stops calling for this merchant and holds its sends until a probe is taken; check the clock (NTP), WECHATPAY_PRIVATE_KEY and WECHATPAY_MCH_SERIAL",
+				"mchid", b.MchID, "probe", p.of(breaker.Merchant), "next_probe", next, "message", o.message)
+			nextProbe = next
+		}
+	case class == wechat.Success && p.of(b.StockID):
 		if err := h.breakers.Succeeded(ctx, b.MchID, b.StockID); err == nil {
 			log.Info("probe succeeded; the stock's breaker is closed")
 		}
 	}
-	if probe && class != wechat.Success && class != wechat.BudgetExhausted && class != wechat.StockUnavailable {
+	if p.of(b.StockID) && class != wechat.Success && class != wechat.BudgetExhausted && class != wechat.StockUnavailable {
 		// The probe learned nothing about the budget: let another send probe.
 		_ = h.breakers.Abandon(ctx, b.MchID, b.StockID)
 	}

@@ -110,6 +110,12 @@ func (k Keys) Breaker(mchID, stockID string) string {
 	return k.Prefix() + ":breaker:{" + mchID + "}:stock:" + stockID
 }
 
+// MerchantBreaker is a merchant's breaker: open while WeChat refuses its
+// signature (SIGN_ERROR). It shares Breaker's tag, so one script reads both.
+func (k Keys) MerchantBreaker(mchID string) string {
+	return k.Prefix() + ":breaker:{" + mchID + "}:merchant"
+}
+
 // OpenBreakers is the set of a merchant's stocks whose breaker is open; it
 // shares Breaker's tag, so both change in one script.
 func (k Keys) OpenBreakers(mchID string) string { return k.Prefix() + ":breaker:{" + mchID + "}:open" }

@@ -25,8 +25,11 @@ import (
 // couponflow_sends_held_total.
 const (
 	HeldBudgetBreaker = "budget_breaker" // the stock's budget breaker is open
-	HeldRateSlot      = "rate_slot"      // the next slot of the shared rate is too far away
-	HeldBusy          = "busy"           // the send, or another send to its user, is in flight
+	// HeldMerchantBreaker: WeChat refuses the merchant's signature
+	// (SIGN_ERROR); every send of the merchant waits for a probe.
+	HeldMerchantBreaker = "merchant_breaker"
+	HeldRateSlot        = "rate_slot" // the next slot of the shared rate is too far away
+	HeldBusy            = "busy"      // the send, or another send to its user, is in flight
 )
 
 // CodeOther replaces a code that would grow the label set past its bound.
@@ -71,7 +74,7 @@ func New() *Metrics {
 		}, []string{"reason"}),
 		codes: map[string]bool{},
 	}
-	for _, r := range []string{HeldBudgetBreaker, HeldRateSlot, HeldBusy} {
+	for _, r := range []string{HeldBudgetBreaker, HeldMerchantBreaker, HeldRateSlot, HeldBusy} {
 		m.held.WithLabelValues(r) // present at 0 from the start
 	}
 	return m
@@ -119,7 +122,7 @@ func (m *Metrics) Held(reason string) {
 		return
 	}
 	switch reason {
-	case HeldBudgetBreaker, HeldRateSlot, HeldBusy:
+	case HeldBudgetBreaker, HeldMerchantBreaker, HeldRateSlot, HeldBusy:
 	default:
 		reason = "other"
 	}

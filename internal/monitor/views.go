@@ -78,9 +78,11 @@ type Merchant struct {
 	OpenBreakers []Breaker                      `json:"open_breakers"`
 }
 
-// Breaker is an open budget breaker of one stock.
+// Breaker is an open breaker: a stock's, or (StockID "") the merchant's,
+// open while WeChat refuses its signature.
 type Breaker struct {
 	StockID   string    `json:"stock_id"`
+	Reason    string    `json:"reason"` // WeChat's answer that opened it, "CODE: message"
 	OpenedAt  time.Time `json:"opened_at"`
 	NextProbe time.Time `json:"next_probe"`
 	Interval  string    `json:"interval"`
@@ -199,7 +201,7 @@ func (s *Server) merchant(ctx context.Context, mchID string) (Merchant, error) {
 	}
 	sort.Slice(open, func(i, j int) bool { return open[i].StockID < open[j].StockID })
 	for _, b := range open {
-		m.OpenBreakers = append(m.OpenBreakers, Breaker{StockID: b.StockID, OpenedAt: b.OpenedAt.UTC(),
+		m.OpenBreakers = append(m.OpenBreakers, Breaker{StockID: b.StockID, Reason: b.Reason, OpenedAt: b.OpenedAt.UTC(),
 			NextProbe: b.NextProbe.UTC(), Interval: b.Interval.String(), Probes: b.Probes})
 	}
 	return m, nil
