@@ -66,11 +66,17 @@ func WokenQueue(queue string) string { return queue + "-woken" }
 // WokenWeight is the weight of a woken queue relative to its queue's.
 const WokenWeight = 10
 
-// MaxRetry bounds only failures that count (ambiguous outcomes): waits on a
-// rate limit or a budget are retried without counting, so that a MaxRetry is
-// never what ends them. With the worker's backoff capped at ten minutes,
-// this is more than a day of attempts.
-const MaxRetry = 200
+// MaxRetry bounds only failures that count (ambiguous outcomes: 5xx,
+// timeouts, lost answers): waits on a rate limit or a budget are retried
+// without counting, so that a MaxRetry is never what ends them. WeChat's
+// docs say a resend under the same out_request_no settles a 5xx, and that
+// 2 to 3 resends usually suffice (一般重试2~3次); 10 leaves room for a short
+// incident: the worker's backoff (1s growing by half each time) spreads
+// them over about two minutes. The send then ends unknown, and
+// `enqueuer reconcile` settles it, rather than resending for a day a
+// request that WeChat answers 5xx every time (a wrong stock_creator_mchid
+// has been reported to come back as SYSTEM_ERROR).
+const MaxRetry = 10
 
 var campaignRE = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,64}$`)
 
