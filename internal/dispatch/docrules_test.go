@@ -15,9 +15,9 @@ import (
 	"github.com/couponflow/dispatcher/internal/tasks"
 )
 
-// enqueue queues a send as given (w.send names the merchant itself as
+// enqueueAs queues a send as given (w.send names the merchant itself as
 // the stock's creator).
-func (w *world) enqueue(a tasks.SendCoupon) tasks.SendCoupon {
+func (w *world) enqueueAs(a tasks.SendCoupon) tasks.SendCoupon {
 	w.t.Helper()
 	task, err := tasks.NewTask(a)
 	if err != nil {
@@ -41,7 +41,7 @@ func TestCrossMerchantStockIsHeldUntilAuthorised(t *testing.T) {
 	const creator = "1900000777"
 	stock := w.stock(sandbox.StockSpec{Budget: 10, CreatorMchID: creator})
 	send := func(openid, orn string, deadline time.Time) tasks.SendCoupon {
-		return w.enqueue(tasks.SendCoupon{Common: tasks.Common{V: tasks.Version, Campaign: "c", MchID: w.mchID, OpenID: openid,
+		return w.enqueueAs(tasks.SendCoupon{Common: tasks.Common{V: tasks.Version, Campaign: "c", MchID: w.mchID, OpenID: openid,
 			StockID: stock, OutRequestNo: orn, AppID: w.appID, Deadline: deadline}, StockCreatorMchID: creator})
 	}
 	held := send("o1", "r-cross-1", far())
