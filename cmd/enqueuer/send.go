@@ -24,7 +24,7 @@ func cmdSend(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	creator := c.fs.String("creator-mchid", "", "stock_creator_mchid; default the merchant id")
 	value := c.fs.Int64("coupon-value", 0, "coupon_value in fen, for stocks that take one per send")
 	minimum := c.fs.Int64("coupon-minimum", 0, "coupon_minimum in fen, with --coupon-value")
-	amount := c.fs.Int64("amount", 0, "consumer funds amount in fen (--kind multiuse)")
+	amount := c.fs.Int64("amount", 0, "consumer funds amount in fen (--kind multiuse); leave it out for a stock with a fixed amount")
 	cardType := c.fs.String("card-type", "ID_CARD", "card_type (--kind multiuse)")
 	campaignName := c.fs.String("campaign", "adhoc", "campaign the send belongs to")
 	deadline := c.fs.String("deadline", "72h", "how long to keep retrying an exhausted budget: a duration or an RFC 3339 time")

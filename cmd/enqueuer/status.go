@@ -323,8 +323,7 @@ func cmdCoupons(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	openid := c.fs.String("openid", "", "user's openid")
 	stock := c.fs.String("stock-id", "", "only this stock")
 	status := c.fs.String("status", "", "SENDED or USED")
-	creator := c.fs.String("creator-mchid", "", "creator_mchid filter; default the merchant id unless --available-mchid or --sender-mchid is set")
-	sender := c.fs.String("sender-mchid", "", "sender_mchid filter")
+	creator := c.fs.String("creator-mchid", "", "creator_mchid filter; default the merchant id unless --available-mchid is set")
 	available := c.fs.String("available-mchid", "", "available_mchid filter (WeChat then returns only usable coupons, unpaged)")
 	business := c.fs.String("business-type", "", "MULTIUSE to list consumer funds")
 	asJSON := c.fs.Bool("json", false, "print JSON")
@@ -342,7 +341,7 @@ func cmdCoupons(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return err
 	}
 	req := wechat.ListCouponsRequest{OpenID: *openid, StockID: *stock, Status: *status,
-		CreatorMchID: *creator, SenderMchID: *sender, AvailableMchID: *available, BusinessType: *business}
+		CreatorMchID: *creator, AvailableMchID: *available, BusinessType: *business}
 	// A listing changes nothing, so any failure that is not the request's
 	// own fault is worth a few more tries.
 	var coupons []wechat.Coupon

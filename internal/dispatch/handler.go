@@ -476,7 +476,7 @@ func (h *Handler) observe(ctx context.Context, log *slog.Logger, args tasks.Args
 			what := "stock budget exhausted"
 			switch {
 			case class == wechat.StockUnavailable:
-				what = "stock paused, not yet active or ended"
+				what = "stock cannot issue now (paused, not yet active, ended, or not authorised for this merchant)"
 			case !until.IsZero():
 				what = "stock's daily budget exhausted (it clears at 00:00 China time)"
 			}

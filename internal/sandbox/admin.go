@@ -52,6 +52,14 @@ func (s *Server) adminRoutes(outer *http.ServeMux) {
 			err = s.SetStockState(id, StateActive)
 		case "stop":
 			err = s.SetStockState(id, StateStopped)
+		case "authorize":
+			var body struct {
+				MchID string `json:"mchid"`
+			}
+			if !readJSON(w, r, &body) {
+				return
+			}
+			err = s.AuthorizeMchID(id, body.MchID)
 		case "topup":
 			var body struct {
 				Coupons int64 `json:"coupons"`
@@ -61,10 +69,41 @@ func (s *Server) adminRoutes(outer *http.ServeMux) {
 			}
 			err = s.TopUp(id, body.Coupons)
 		default:
-			writeJSON(w, http.StatusNotFound, map[string]string{"error": fmt.Sprintf("unknown stock action %q: want pause, activate, stop or topup", a)})
+			writeJSON(w, http.StatusNotFound, map[string]string{"error": fmt.Sprintf("unknown stock action %q: want pause, activate, stop, topup or authorize", a)})
 			return
 		}
 		s.writeStock(w, id, err)
+	})
+	mux.HandleFunc("GET /sandbox/users", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, s.Users())
+	})
+	mux.HandleFunc("POST /sandbox/users", func(w http.ResponseWriter, r *http.Request) {
+		var u User
+		if !readJSON(w, r, &u) {
+			return
+		}
+		u, err := s.RegisterUser(u)
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusCreated, u)
+	})
+	mux.HandleFunc("POST /sandbox/identities", func(w http.ResponseWriter, r *http.Request) {
+		// Plaintext personal data: never logged, never echoed, only its
+		// salted hashes kept.
+		var body struct {
+			UserName     string `json:"user_name"`
+			IDCardNumber string `json:"id_card_number"`
+		}
+		if !readJSON(w, r, &body) {
+			return
+		}
+		if err := s.RegisterIdentity(body.UserName, body.IDCardNumber); err != nil {
+			writeError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusCreated, map[string]string{"status": "registered"})
 	})
 	mux.HandleFunc("GET /sandbox/faults", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, s.Faults())

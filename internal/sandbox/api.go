@@ -2,7 +2,6 @@ package sandbox
 
 import (
 	"bytes"
-	"cmp"
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
@@ -154,6 +153,11 @@ func (s *Server) process(r *http.Request, body []byte, rerr error, h apiHandler,
 	if rerr != nil {
 		return errParam("request body unreadable or larger than 1 MiB: %v", rerr).reply()
 	}
+	// Before the signature, as WeChat does: a request without these
+	// headers is told so even when its Authorization is malformed.
+	if r.Header.Get("Accept") == "" || r.Header.Get("User-Agent") == "" {
+		return errInvalid("Http头缺少Accept或User-Agent: every APIv3 request must carry both (Accept: application/json, User-Agent naming the client)").reply()
+	}
 	if f.SignError {
 		s.countFault("sign_error")
 		return errSign("签名错误，请检查后再试: the sandbox's sign_error profile refuses every request, as WeChat does when the merchant's clock is off or its private key or serial is wrong").reply()
@@ -283,6 +287,9 @@ func (s *Server) sendFavor(r *http.Request, body []byte) reply {
 	if req.AppID != s.id.AppID {
 		return s.errAppID(req.AppID).reply()
 	}
+	if e := s.checkUser(openid, req.AppID); e != nil {
+		return e.reply()
+	}
 	c, e := s.issue(&coupon{
 		Kind: KindFavor, StockID: req.StockID, OpenID: openid, OutRequestNo: req.OutRequestNo,
 		SenderMchID: s.id.MchID, AppID: req.AppID, CreatorMchID: req.StockCreatorMchID,
@@ -319,12 +326,23 @@ func (s *Server) sendMultiuse(r *http.Request, body []byte) reply {
 		return errParam("request body is not valid JSON: %v", err).reply()
 	}
 	openid := r.PathValue("openid")
-	cardType := cmp.Or(req.CardType, "ID_CARD")
+	cardType := req.CardType
+	// amount may be left out where the stock has a fixed amount; issue
+	// decides, knowing the stock.
+	var amount int64
 	var amountErr *apiError
-	if req.Amount == nil {
-		amountErr = errParam("amount is required (必填)")
-	} else if *req.Amount <= 0 {
-		amountErr = errParam("amount must be > 0, got %d", *req.Amount)
+	if req.Amount != nil {
+		if amount = *req.Amount; amount <= 0 {
+			amountErr = errParam("amount must be > 0, got %d", amount)
+		}
+	}
+	var cardErr *apiError
+	switch cardType {
+	case "":
+		cardErr = errParam("card_type is required (必填): ID_CARD")
+	case "ID_CARD":
+	default:
+		cardErr = errParam("card_type must be ID_CARD (the only 证件类型 WeChat lists), got %q", truncateRunes(cardType, 32))
 	}
 	if e := firstErr(
 		required("openid", openid, 128),
@@ -334,12 +352,15 @@ func (s *Server) sendMultiuse(r *http.Request, body []byte) reply {
 		required("id_card_number", req.IDCardNumber, 2048),
 		amountErr,
 		required("appid", req.AppID, 128),
-		optional("card_type", cardType, 32),
+		cardErr,
 	); e != nil {
 		return e.reply()
 	}
 	if req.AppID != s.id.AppID {
 		return s.errAppID(req.AppID).reply()
+	}
+	if e := s.checkUser(openid, req.AppID); e != nil {
+		return e.reply()
 	}
 	// The plaintext lives only in these locals: never stored, never logged.
 	name, err := utils.DecryptOAEP(req.UserName, s.wxKey)
@@ -355,14 +376,17 @@ func (s *Server) sendMultiuse(r *http.Request, body []byte) reply {
 		return errParam("user_name decrypts to an empty name").reply()
 	case idNumber == "":
 		return errParam("id_card_number decrypts to an empty number").reply()
-	case cardType == "ID_CARD" && !idCardRe.MatchString(idNumber):
+	case !idCardRe.MatchString(idNumber):
 		return errParam("id_card_number is not an 18-character ID card number (17 digits, then a digit or X)").reply()
+	}
+	if e := s.checkIdentity(name, idNumber); e != nil {
+		return e.reply()
 	}
 	mac := hmac.New(sha256.New, []byte(s.id.HolderSalt))
 	mac.Write([]byte(name + "\x00" + idNumber))
 	c, e := s.issue(&coupon{
 		Kind: KindMultiuse, StockID: req.StockID, OpenID: openid, OutRequestNo: req.OutRequestNo,
-		SenderMchID: s.id.MchID, AppID: req.AppID, ReqValue: *req.Amount, Amount: *req.Amount,
+		SenderMchID: s.id.MchID, AppID: req.AppID, ReqValue: amount, Amount: amount,
 		CardType: cardType, Holder: hex.EncodeToString(mac.Sum(nil)),
 	})
 	return s.sent(c, e)
@@ -428,6 +452,14 @@ func (l listed) view() couponView {
 	return v
 }
 
+// truncateRunes shortens a value echoed in an error message.
+func truncateRunes(v string, n int) string {
+	if r := []rune(v); len(r) > n {
+		return string(r[:n]) + "…"
+	}
+	return v
+}
+
 func uintParam(q url.Values, name string, def int64) (int64, *apiError) {
 	v := q.Get(name)
 	if v == "" {
@@ -448,7 +480,7 @@ func (s *Server) listCoupons(r *http.Request, _ []byte) reply {
 	f := listFilter{
 		openID: r.PathValue("openid"), kind: KindFavor,
 		stockID: q.Get("stock_id"), status: q.Get("status"),
-		creator: q.Get("creator_mchid"), sender: q.Get("sender_mchid"), availableMchID: q.Get("available_mchid"),
+		creator: q.Get("creator_mchid"), availableMchID: q.Get("available_mchid"),
 	}
 	appid := q.Get("appid")
 	if e := firstErr(
@@ -456,16 +488,23 @@ func (s *Server) listCoupons(r *http.Request, _ []byte) reply {
 		required("appid", appid, 128),
 		optional("stock_id", f.stockID, 20),
 		optional("creator_mchid", f.creator, 20),
-		optional("sender_mchid", f.sender, 20),
 		optional("available_mchid", f.availableMchID, 20),
 	); e != nil {
 		return e.reply()
 	}
+	if _, ok := q["sender_mchid"]; ok {
+		// 批次发放商户号 sender_mchid (该字段暂未开放): refused rather than
+		// applied, so no client comes to depend on a filter WeChat lacks.
+		return errParam("sender_mchid 该字段暂未开放: filter by creator_mchid or available_mchid").reply()
+	}
 	if appid != s.id.AppID {
 		return s.errAppID(appid).reply()
 	}
-	if f.creator == "" && f.sender == "" && f.availableMchID == "" {
-		return errParam("one of creator_mchid, sender_mchid or available_mchid is required (三选一)").reply()
+	if e := s.checkUser(f.openID, appid); e != nil {
+		return e.reply()
+	}
+	if f.creator == "" && f.availableMchID == "" {
+		return errParam("one of creator_mchid or available_mchid is required (二选一)").reply()
 	}
 	if f.creator != "" {
 		// 如果同时存在，优先使用stock_creator_mchid: available_mchid, and

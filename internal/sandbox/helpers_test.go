@@ -192,15 +192,22 @@ type multiuseBody struct {
 	OutRequestNo string `json:"out_request_no"`
 	UserName     string `json:"user_name" encryption:"EM_APIV3"`
 	IDCardNumber string `json:"id_card_number" encryption:"EM_APIV3"`
-	Amount       int64  `json:"amount"`
+	Amount       int64  `json:"amount,omitempty"` // 0: left out
 	AppID        string `json:"appid"`
 	CardType     string `json:"card_type,omitempty"`
 }
 
 // sendMultiuse encrypts b (unless raw) and posts it with the Wechatpay-Serial
 // the cipher reports, or serial when given.
+// card_type defaults to ID_CARD; "-" leaves it out.
 func sendMultiuse(c *core.Client, openid string, b multiuseBody, raw bool, serial string) (string, error) {
 	ctx := context.Background()
+	switch b.CardType {
+	case "":
+		b.CardType = "ID_CARD"
+	case "-":
+		b.CardType = ""
+	}
 	if !raw {
 		got, err := c.EncryptRequest(ctx, &b)
 		if err != nil {
@@ -311,6 +318,10 @@ func do(t testing.TB, s *sandbox.Server, r rawRequest) (*http.Response, []byte) 
 	if err != nil {
 		t.Fatal(err)
 	}
+	// As the SDK does; a test drops one by giving it an empty value (Go
+	// then sends no User-Agent either).
+	req.Header.Set("Accept", "*/*")
+	req.Header.Set("User-Agent", "sandbox-test")
 	for k, v := range r.header {
 		req.Header[k] = v
 	}

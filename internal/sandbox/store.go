@@ -51,6 +51,22 @@ type StockSpec struct {
 	// max_amount_by_day; 0 = none): beyond it sends get NOT_ENOUGH until
 	// 00:00 CST.
 	MaxAmountByDay int64 `json:"max_amount_by_day,omitempty"`
+	// FixedValue (cash coupons only) sets the stock up for 指定面额发券:
+	// every send must name its coupon_value and coupon_minimum, and only
+	// such a stock accepts them. WeChat's docs say the two fields are for
+	// that scenario only (其他场景不需要填); on any other stock they are
+	// refused, so a client cannot issue a value the stock was not made for.
+	FixedValue bool `json:"fixed_value,omitempty"`
+	// FixedAmount (consumer funds only): CouponValue is the amount of
+	// every send, so a send may leave amount out; an amount it does give
+	// must equal CouponValue. Without it amount is required and
+	// CouponValue is its maximum.
+	FixedAmount bool `json:"fixed_amount,omitempty"`
+	// AuthorizedMchIDs may send a stock created by another merchant
+	// (CreatorMchID). The sandbox sends as its own mchid, so a stock of
+	// another creator is refused (批次不支持跨商户发券) unless that mchid is
+	// listed here.
+	AuthorizedMchIDs []string `json:"authorized_mchids,omitempty"`
 }
 
 // Stock is a stock and how much of it has been issued.
@@ -109,6 +125,10 @@ type store struct {
 	byRequest  map[string]*coupon // sender mchid + "\x00" + out_request_no
 	perUser    map[string]int64   // stock id + "\x00" + openid
 	used       map[string]usage   // by coupon id
+	users      map[string]User    // by openid: registered users only
+	// identities maps the salted hash of a registered id number to the
+	// salted hash of it with its name (identityKey, identityBinding).
+	identities map[string]string
 	requests   map[string]int64
 	faults     map[string]int64
 	nextCoupon int64
@@ -124,6 +144,8 @@ func newStore() *store {
 		byRequest:  map[string]*coupon{},
 		perUser:    map[string]int64{},
 		used:       map[string]usage{},
+		users:      map[string]User{},
+		identities: map[string]string{},
 		requests:   map[string]int64{},
 		faults:     map[string]int64{},
 		nextCoupon: 10000000000,
@@ -146,6 +168,7 @@ func (st *store) addStock(k *Stock) {
 
 func (k *Stock) view() Stock {
 	v := *k
+	v.AuthorizedMchIDs = slices.Clone(k.AuthorizedMchIDs)
 	v.Remaining = max(0, v.Budget-v.Issued)
 	return v
 }
@@ -164,8 +187,11 @@ type snapshot struct {
 	Stocks       []Stock          `json:"stocks"`
 	Coupons      []*coupon        `json:"coupons"`
 	Used         map[string]usage `json:"used"`
-	Requests     map[string]int64 `json:"requests"`
-	Faults       map[string]int64 `json:"faults"`
+	Users        []User           `json:"users,omitempty"`
+	// Identities holds salted hashes only: never a name or an id number.
+	Identities map[string]string `json:"identities,omitempty"`
+	Requests   map[string]int64  `json:"requests"`
+	Faults     map[string]int64  `json:"faults"`
 }
 
 func (st *store) snapshot() snapshot {
@@ -175,6 +201,8 @@ func (st *store) snapshot() snapshot {
 		Stocks:       make([]Stock, 0, len(st.stockOrder)),
 		Coupons:      slices.Clip(st.coupons), // shared: records never change, the store only appends
 		Used:         maps.Clone(st.used),
+		Users:        st.userList(),
+		Identities:   maps.Clone(st.identities),
 		Requests:     maps.Clone(st.requests),
 		Faults:       maps.Clone(st.faults),
 	}
@@ -212,6 +240,10 @@ func (s *Server) loadState() error {
 		}
 	}
 	maps.Copy(st.used, sn.Used)
+	for _, u := range sn.Users {
+		st.users[u.OpenID] = u
+	}
+	maps.Copy(st.identities, sn.Identities)
 	maps.Copy(st.requests, sn.Requests)
 	maps.Copy(st.faults, sn.Faults)
 	s.st = st
@@ -311,7 +343,17 @@ func (s *Server) createStockLocked(spec StockSpec) (Stock, error) {
 		return Stock{}, fmt.Errorf("state must be %q, %q or %q, got %q", StateActive, StatePaused, StateStopped, spec.State)
 	case len(spec.CreatorMchID) > 20:
 		return Stock{}, fmt.Errorf("creator_mchid must be at most 20 characters")
+	case spec.FixedValue && spec.Kind != KindFavor:
+		return Stock{}, fmt.Errorf("fixed_value (指定面额发券) is for %s stocks; a %s stock with one amount per send is fixed_amount", KindFavor, spec.Kind)
+	case spec.FixedAmount && spec.Kind != KindMultiuse:
+		return Stock{}, fmt.Errorf("fixed_amount is for %s stocks; a %s stock whose sends name their value is fixed_value", KindMultiuse, spec.Kind)
 	}
+	for _, m := range spec.AuthorizedMchIDs {
+		if err := checkMchID("authorized_mchids", m); err != nil {
+			return Stock{}, err
+		}
+	}
+	spec.AuthorizedMchIDs = slices.Clone(spec.AuthorizedMchIDs)
 	if spec.ID == "" {
 		for spec.ID == "" || s.st.stocks[spec.ID] != nil {
 			spec.ID = strconv.FormatInt(s.st.nextStock, 10)
@@ -326,6 +368,28 @@ func (s *Server) createStockLocked(spec StockSpec) (Stock, error) {
 	s.st.addStock(k)
 	s.st.dirty = true
 	return k.view(), nil
+}
+
+func checkMchID(field, v string) error {
+	if !isDigits(v) || len(v) > 20 {
+		return fmt.Errorf("%s: a mchid must be 1 to 20 digits, got %q", field, v)
+	}
+	return nil
+}
+
+// AuthorizeMchID lets mchid send a stock created by another merchant, as
+// the creator does on WeChat's merchant platform.
+func (s *Server) AuthorizeMchID(stockID, mchid string) error {
+	if err := checkMchID("mchid", mchid); err != nil {
+		return err
+	}
+	return s.updateStock(stockID, func(k *Stock) error {
+		if !slices.Contains(k.AuthorizedMchIDs, mchid) {
+			// A new slice: views handed out earlier share the old one.
+			k.AuthorizedMchIDs = append(slices.Clip(k.AuthorizedMchIDs), mchid)
+		}
+		return nil
+	})
 }
 
 func validState(v string) bool { return v == StateActive || v == StatePaused || v == StateStopped }
@@ -494,12 +558,19 @@ func (s *Server) issue(q *coupon) (*coupon, *apiError) {
 		return nil, &apiError{404, "RESOURCE_NOT_EXISTS", fmt.Sprintf("批次不存在: stock_id %s not found", q.StockID)}
 	case k.Kind != q.Kind:
 		return nil, errInvalid("批次类型不匹配: stock %s is a %s stock, not %s", k.ID, k.Kind, q.Kind)
+	}
+	if e := k.checkValue(q); e != nil {
+		return nil, e
+	}
+	switch {
 	case q.Kind == KindFavor && k.CreatorMchID != q.CreatorMchID:
 		return nil, &apiError{403, "REQUEST_BLOCKED", fmt.Sprintf("商户无权发券: stock_creator_mchid %s did not create stock %s", q.CreatorMchID, k.ID)}
+	case k.CreatorMchID != q.SenderMchID && !slices.Contains(k.AuthorizedMchIDs, q.SenderMchID):
+		return nil, &apiError{403, "REQUEST_BLOCKED", fmt.Sprintf("批次不支持跨商户发券: stock %s was created by merchant %s and has not authorised merchant %s to send it", k.ID, k.CreatorMchID, q.SenderMchID)}
 	case k.State != StateActive:
 		return nil, errInvalid("活动已结束或未激活: stock %s is %s", k.ID, k.State)
-	case q.Kind == KindMultiuse && q.Amount > k.CouponValue:
-		return nil, errParam("amount %d exceeds the stock's maximum of %d", q.Amount, k.CouponValue)
+	case st.users[q.OpenID].Abnormal:
+		return nil, &apiError{403, "USER_ACCOUNT_ABNORMAL", fmt.Sprintf("用户非法: the account of openid %s is abnormal and cannot receive coupons", q.OpenID)}
 	case k.Issued >= k.Budget:
 		return nil, &apiError{403, "NOT_ENOUGH", fmt.Sprintf("批次预算不足: stock %s has issued all %d coupons", k.ID, k.Budget)}
 	case k.MaxPerUser > 0 && st.perUser[k.ID+"\x00"+q.OpenID] >= k.MaxPerUser:
@@ -507,8 +578,11 @@ func (s *Server) issue(q *coupon) (*coupon, *apiError) {
 	}
 	now := s.now()
 	c := *q
-	if c.Kind == KindFavor && c.ReqValue == 0 {
-		c.Amount, c.Minimum = k.CouponValue, k.CouponMinimum
+	if c.ReqValue == 0 { // no value of its own: the stock's
+		c.Amount = k.CouponValue
+		if c.Kind == KindFavor {
+			c.Minimum = k.CouponMinimum
+		}
 	}
 	if day := now.In(cst).Format(time.DateOnly); k.Day != day {
 		k.Day, k.AmountToday = day, 0
@@ -543,10 +617,29 @@ func (st *store) issuedThisMonth(openid string, now time.Time) int64 {
 	return n
 }
 
+// checkValue applies the stock's rules on the value a send carries
+// (ReqValue, 0 when absent). They are parameter errors, answered before
+// the stock's merchant, state and budget are looked at.
+func (k *Stock) checkValue(q *coupon) *apiError {
+	switch {
+	case q.Kind == KindFavor && k.FixedValue && q.ReqValue == 0:
+		return errParam("coupon_value and coupon_minimum are required (必填): stock %s is set up for 指定面额发券 (fixed_value), so every send names its value", k.ID)
+	case q.Kind == KindFavor && !k.FixedValue && q.ReqValue != 0:
+		return errParam("coupon_value/coupon_minimum 该字段暂未开放: stock %s is not set up for 指定面额发券 (fixed_value); 常规发券场景请勿传入", k.ID)
+	case q.Kind == KindMultiuse && k.FixedAmount && q.ReqValue != 0 && q.ReqValue != k.CouponValue:
+		return errParam("amount %d differs from stock %s's fixed amount of %d: leave amount out or send exactly %d", q.ReqValue, k.ID, k.CouponValue, k.CouponValue)
+	case q.Kind == KindMultiuse && !k.FixedAmount && q.ReqValue == 0:
+		return errParam("amount is required (必填): stock %s has no fixed amount", k.ID)
+	case q.Kind == KindMultiuse && q.ReqValue > k.CouponValue:
+		return errParam("amount %d exceeds the stock's maximum of %d", q.ReqValue, k.CouponValue)
+	}
+	return nil
+}
+
 // listFilter selects coupons for the list API.
 type listFilter struct {
-	openID, kind, stockID, status   string
-	creator, sender, availableMchID string
+	openID, kind, stockID, status string
+	creator, availableMchID       string
 }
 
 type listed struct {
@@ -576,8 +669,7 @@ func (s *Server) find(f listFilter) []listed {
 			f.availableMchID != "" && (status != StatusSended || k.CreatorMchID != f.availableMchID),
 			f.availableMchID == "" && f.stockID != "" && c.StockID != f.stockID,
 			f.availableMchID == "" && f.status != "" && !f.statusMatches(status),
-			f.creator != "" && k.CreatorMchID != f.creator,
-			f.sender != "" && c.SenderMchID != f.sender:
+			f.creator != "" && k.CreatorMchID != f.creator:
 			continue
 		}
 		l := listed{c: c, stock: *k}

@@ -159,7 +159,7 @@ func (a SendCoupon) Validate() error {
 // recipient's name and ID card number are only ever held encrypted.
 type SendMultiuse struct {
 	Common
-	Amount   int64                    `json:"amount"`
+	Amount   int64                    `json:"amount,omitempty"` // 0: the stock's fixed amount
 	CardType string                   `json:"card_type"`
 	Identity wechat.EncryptedIdentity `json:"identity"`
 }

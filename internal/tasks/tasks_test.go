@@ -153,3 +153,27 @@ func TestShardQueueSpreadsAndIsStable(t *testing.T) {
 		t.Fatalf("used %d of 4 queues", len(seen))
 	}
 }
+
+// A consumer-fund send may leave its amount to a stock with a fixed
+// amount: 0 is left out of the payload (and of the call).
+func TestMultiuseAmountMayBeLeftToTheStock(t *testing.T) {
+	a := SendMultiuse{Common: coupon().Common, CardType: "ID_CARD",
+		Identity: wechat.EncryptedIdentity{UserName: "Y2lwaGVy", IDCardNumber: "Y2lwaGVyMg==", KeyID: "PUB_KEY_ID_1"}}
+	task, err := NewTask(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(task.Payload()), `"amount"`) {
+		t.Fatalf("payload %s", task.Payload())
+	}
+	for field, mutate := range map[string]func(*SendMultiuse){
+		"amount":    func(a *SendMultiuse) { a.Amount = -1 },
+		"card_type": func(a *SendMultiuse) { a.CardType = "PASSPORT" },
+	} {
+		b := a
+		mutate(&b)
+		if _, err := NewTask(b); err == nil || !strings.Contains(err.Error(), field) {
+			t.Errorf("%s: %v", field, err)
+		}
+	}
+}

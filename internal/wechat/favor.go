@@ -26,8 +26,9 @@ type SendCouponRequest struct {
 	OutRequestNo      string
 	AppID             string
 	StockCreatorMchID string
-	// CouponValue and CouponMinimum (fen) are for stocks that issue a value
-	// chosen per send; leave both 0 otherwise.
+	// CouponValue and CouponMinimum (fen) are for stocks set up for
+	// 指定面额发券 (a value chosen per send), which require them; every
+	// other stock refuses them (该字段暂未开放). Leave both 0 otherwise.
 	CouponValue   int64
 	CouponMinimum int64
 }
@@ -98,16 +99,17 @@ func (r SendCouponRequest) Validate() error {
 	return nil
 }
 
-// ListCouponsRequest filters a user's coupons. At least one of
-// CreatorMchID, SenderMchID and AvailableMchID is required by WeChat; when
-// all three are empty the client's merchant id is used as CreatorMchID.
+// ListCouponsRequest filters a user's coupons. One of CreatorMchID and
+// AvailableMchID is required by WeChat (creator_mchid wins when both are
+// given); when both are empty the client's merchant id is used as
+// CreatorMchID. There is no sender_mchid: WeChat lists it as 暂未开放
+// (not open), and a request carrying it is refused.
 type ListCouponsRequest struct {
 	OpenID         string
 	AppID          string // default: the client's appid
 	StockID        string
 	Status         string // SENDED or USED
 	CreatorMchID   string
-	SenderMchID    string
 	AvailableMchID string
 	BusinessType   string // MULTIUSE lists consumer funds instead of cash coupons
 	Offset         int    // page offset
@@ -177,7 +179,7 @@ func (c *Client) ListUserCoupons(ctx context.Context, req ListCouponsRequest) (*
 	if req.AppID == "" {
 		req.AppID = c.appID
 	}
-	if req.CreatorMchID == "" && req.SenderMchID == "" && req.AvailableMchID == "" {
+	if req.CreatorMchID == "" && req.AvailableMchID == "" {
 		req.CreatorMchID = c.mchID
 	}
 	if err := ValidateOpenID(req.OpenID); err != nil {
@@ -190,7 +192,7 @@ func (c *Client) ListUserCoupons(ctx context.Context, req ListCouponsRequest) (*
 	q.Set("appid", req.AppID)
 	for _, kv := range [][2]string{
 		{"stock_id", req.StockID}, {"status", req.Status}, {"creator_mchid", req.CreatorMchID},
-		{"sender_mchid", req.SenderMchID}, {"available_mchid", req.AvailableMchID}, {"business_type", req.BusinessType},
+		{"available_mchid", req.AvailableMchID}, {"business_type", req.BusinessType},
 	} {
 		if kv[1] != "" {
 			q.Set(kv[0], kv[1])

@@ -67,9 +67,11 @@ type SendMultiuseRequest struct {
 	StockID      string
 	OutRequestNo string
 	AppID        string // default: the client's appid
-	Amount       int64  // fen
-	CardType     string // default ID_CARD
-	Identity     EncryptedIdentity
+	// Amount in fen; 0 leaves it out, which a stock with a fixed amount
+	// answers with that amount and any other stock refuses.
+	Amount   int64
+	CardType string // default ID_CARD, the only 证件类型 WeChat lists
+	Identity EncryptedIdentity
 }
 
 // multiuseBody is the wire format; field order is fixed so that a retry
@@ -79,7 +81,7 @@ type multiuseBody struct {
 	OutRequestNo string `json:"out_request_no"`
 	UserName     string `json:"user_name"`
 	IDCardNumber string `json:"id_card_number"`
-	Amount       int64  `json:"amount"`
+	Amount       int64  `json:"amount,omitempty"` // optional (发放面额, not 必填)
 	AppID        string `json:"appid"`
 	CardType     string `json:"card_type"`
 }
@@ -130,8 +132,11 @@ func (r SendMultiuseRequest) Validate(keyID string) error {
 	if err := validateSend(r.OpenID, r.StockID, r.OutRequestNo, r.AppID); err != nil {
 		return err
 	}
-	if r.Amount <= 0 {
-		return invalid("amount must be positive, got %d", r.Amount)
+	if r.Amount < 0 {
+		return invalid("amount must be positive, or 0 for the stock's fixed amount; got %d", r.Amount)
+	}
+	if r.CardType != "ID_CARD" {
+		return invalid("card_type %q is not one WeChat accepts: ID_CARD is the only 证件类型", r.CardType)
 	}
 	if r.Identity.UserName == "" || r.Identity.IDCardNumber == "" {
 		return invalid("user_name and id_card_number must be encrypted first (Encryptor.EncryptIdentity)")

@@ -33,9 +33,11 @@ const (
 	// request cannot succeed.
 	Permanent
 	// StockUnavailable: the stock cannot issue now (400 INVALID_REQUEST
-	// 活动已结束或未激活: paused, not yet active, or ended); nothing
-	// happened. An operator's mistake more often than not, so it is held
-	// like an exhausted budget, until the campaign's deadline.
+	// 活动已结束或未激活: paused, not yet active, or ended; 403
+	// REQUEST_BLOCKED 批次不支持跨商户发券: another merchant's stock that
+	// has not authorised this one); nothing happened. An operator's
+	// mistake that the operator fixes (activating, authorising), so it is
+	// held like an exhausted budget, until the campaign's deadline.
 	StockUnavailable
 	// SignRefused: WeChat refused the request's signature (401
 	// SIGN_ERROR) before looking at it. The merchant's clock, private key
@@ -179,7 +181,8 @@ func classifyAPIError(a *core.APIError) *Error {
 		e.Class = SignRefused
 	case a.Code == "INVALID_REQUEST" && strings.Contains(a.Message, "暂时无法领取"):
 		e.Class, e.Code, e.Message = Permanent, CodeMonthlyLimit, "INVALID_REQUEST "+a.Message
-	case a.Code == "INVALID_REQUEST" && strings.Contains(a.Message, "活动已结束或未激活"):
+	case a.Code == "INVALID_REQUEST" && strings.Contains(a.Message, "活动已结束或未激活"),
+		a.Code == "REQUEST_BLOCKED" && strings.Contains(a.Message, "跨商户"):
 		e.Class = StockUnavailable
 	case a.StatusCode >= 500:
 		e.Class = Ambiguous

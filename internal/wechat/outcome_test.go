@@ -30,6 +30,14 @@ func TestClassifyAPIErrors(t *testing.T) {
 		{400, "APPID_MCHID_NOT_MATCH", "", Permanent},
 		{403, "USER_ACCOUNT_ABNORMAL", "", Permanent},
 		{403, "REQUEST_BLOCKED", "用户被限领拦截", Permanent},
+		{403, "REQUEST_BLOCKED", "商户无权发券", Permanent},
+		// The stock's creator has not authorised this merchant: fixed by
+		// the operator, held like a paused stock.
+		{403, "REQUEST_BLOCKED", "批次不支持跨商户发券", StockUnavailable},
+		{400, "INVALID_REQUEST", "openid与appid不匹配", Permanent},
+		{400, "INVALID_REQUEST", "实名校验不通过", Permanent},
+		{400, "INVALID_REQUEST", "Http头缺少Accept或User-Agent", Permanent},
+		{400, "PARAM_ERROR", "coupon_value/coupon_minimum 该字段暂未开放", Permanent},
 		{404, "RESOURCE_NOT_EXISTS", "", Permanent},
 		{401, "SIGN_ERROR", "签名错误", SignRefused},
 		{400, "INVALID_REQUEST", "调用频率过高", RateLimited},
