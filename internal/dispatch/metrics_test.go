@@ -52,7 +52,9 @@ func TestMetricsMatchTheSandboxLedger(t *testing.T) {
 	// One coupon for three users: the others get NOT_ENOUGH, the breaker
 	// opens and holds them until the deadline, where they fail.
 	scarce := w.stock(sandbox.StockSpec{Budget: 1})
-	deadline := time.Now().Add(3 * time.Second)
+	// Long enough that a NOT_ENOUGH comes before it even on a loaded
+	// machine: the 40 sends ahead take seconds at 20/s with faults.
+	deadline := time.Now().Add(6 * time.Second)
 	for i := 0; i < 3; i++ {
 		sends = append(sends, w.send(scarce, fmt.Sprintf("s%d", i), fmt.Sprintf("r-s-%d", i), deadline))
 	}

@@ -264,7 +264,7 @@ func TestCallMetrics(t *testing.T) {
 	if got := series(mfs, "couponflow_ratelimit_wait_seconds"); !equal(got, map[string]float64{"endpoint=favor_send": 1}) {
 		t.Errorf("couponflow_ratelimit_wait_seconds = %v", got)
 	}
-	if got := series(mfs, "couponflow_sends_held_total"); !equal(got, map[string]float64{"reason=budget_breaker": 2, "reason=rate_slot": 1, "reason=busy": 0}) {
+	if got := series(mfs, "couponflow_sends_held_total"); !equal(got, map[string]float64{"reason=budget_breaker": 2, "reason=merchant_breaker": 0, "reason=rate_slot": 1, "reason=busy": 0}) {
 		t.Errorf("couponflow_sends_held_total = %v", got)
 	}
 }
