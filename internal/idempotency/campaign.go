@@ -26,6 +26,8 @@ type Campaign struct {
 	FinishedAt, ExpiresAt time.Time
 	// Report is where its report was archived ("" if it was not).
 	Report string
+	// Control is an operator's pause or cancel (Running if neither).
+	Control Control
 }
 
 func (s *Store) metaKey(campaign string) string { return s.keys.Meta(campaign) }
@@ -67,7 +69,8 @@ func (s *Store) Campaign(ctx context.Context, name string) (Campaign, error) {
 	deadline, _ := strconv.ParseInt(m["deadline"], 10, 64)
 	created, _ := strconv.ParseInt(m["created_at"], 10, 64)
 	c := Campaign{Name: name, MchID: m["mchid"], Deadline: time.Unix(deadline, 0), CreatedAt: time.Unix(created, 0),
-		Retention: DefaultRetention, FinishedAt: millis(m["finished_at"]), ExpiresAt: millis(m["expires_at"]), Report: m["report"]}
+		Retention: DefaultRetention, FinishedAt: millis(m["finished_at"]), ExpiresAt: millis(m["expires_at"]), Report: m["report"],
+		Control: Control(m["control"])}
 	if r, err := strconv.ParseInt(m["retention"], 10, 64); err == nil && r > 0 {
 		c.Retention = time.Duration(r) * time.Millisecond
 	}
@@ -125,9 +128,10 @@ type Status struct {
 }
 
 // Done reports whether the workers have nothing left to do: every send
-// has succeeded, failed, or is unknown and waits for reconcile.
+// has succeeded, failed, was cancelled, or is unknown and waits for
+// reconcile.
 func (st Status) Done() bool {
-	return st.Total > 0 && st.ByState[Succeeded]+st.ByState[Failed]+st.ByState[Unknown] == st.Total
+	return st.Total > 0 && st.ByState[Succeeded]+st.ByState[Failed]+st.ByState[Unknown]+st.ByState[Cancelled] == st.Total
 }
 
 // Missing is how many records fewer than Expected Redis holds: writes it

@@ -1,10 +1,11 @@
 -- KEYS: record, counts, members, meta, tomb
--- ARGV: owner, now_ms, lease_ms, campaign, mchid, out_request_no, openid, stock_id
+-- ARGV: owner, now_ms, lease_ms, campaign, mchid, out_request_no, openid, stock_id,
+--       settle ('1': a final delivery by reconcile, which a paused or cancelled campaign does not stop)
 local rec = KEYS[1]
 local now = tonumber(ARGV[2])
 local st = redis.call('HGET', rec, 'state')
 -- Each answer carries the record as it now stands, saving a read-back.
-if st == 'succeeded' or st == 'failed' then
+if st == 'succeeded' or st == 'failed' or st == 'cancelled' then
   return {'terminal', redis.call('HGETALL', rec)}
 end
 local takeover = false
@@ -18,9 +19,25 @@ if st == 'in_flight' then
   -- its call may have issued the coupon.
   takeover = true
 end
-local bad = numbers(KEYS[2], {st or 'pending', 'in_flight', 'total'}) or numbers(rec, {'attempts'})
+-- An operator's pause or cancel (enqueuer campaign pause|cancel) is read
+-- here, in the step that would start a call, so that no call starts after
+-- the command has returned.
+local control = ''
+if ARGV[9] ~= '1' then
+  control = redis.call('HGET', KEYS[4], 'control') or ''
+end
+if control == 'paused' then
+  return {'paused', redis.call('HGETALL', rec)}
+end
+local bad = numbers(KEYS[2], {st or 'pending', 'in_flight', 'total', 'cancelled', 'unknown'}) or numbers(rec, {'attempts'})
 if bad then
   return bad
+end
+if control == 'cancelled' then
+  if st and st ~= 'unknown' then
+    stop_send(rec, KEYS[2], st, takeover, ARGV[2])
+  end
+  return {'cancelled', redis.call('HGETALL', rec)}
 end
 if not st then
   if admit(KEYS[2], KEYS[3], KEYS[4], KEYS[5]) == 'closed' then

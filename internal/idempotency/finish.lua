@@ -49,9 +49,11 @@ if ARGV[8] == 'set' then
 elseif ARGV[8] == 'clear' then
   redis.call('HDEL', rec, 'maybe_issued')
 end
+-- The task is kept until the coupon exists: a failed send keeps it for
+-- enqueuer retry, which queues it again after asynq has dropped it.
 if new == 'unknown' and ARGV[9] ~= '' then
   redis.call('HSET', rec, 'task', ARGV[9])
-elseif new == 'succeeded' or new == 'failed' then
+elseif new == 'succeeded' then
   redis.call('HDEL', rec, 'task')
 end
 if new == 'succeeded' then

@@ -35,3 +35,23 @@ local function admit(counts, members, meta, tomb)
   redis.call('PERSIST', meta)
   return nil
 end
+
+-- stop_send ends a send that an operator cancelled before it was called:
+-- 'cancelled', or 'unknown' if a call of it may have issued a coupon
+-- (maybe, or its record says so), since only WeChat's answer can say it
+-- did not. The caller has checked the counters with numbers().
+local function stop_send(rec, counts, st, maybe, now)
+  local new = 'cancelled'
+  if maybe or redis.call('HGET', rec, 'maybe_issued') == '1' then
+    new = 'unknown'
+    redis.call('HSET', rec, 'maybe_issued', '1', 'message',
+      'cancelled by an operator after a call that may have issued a coupon: run enqueuer reconcile, which resends the identical request')
+  else
+    redis.call('HSET', rec, 'code', 'CANCELLED', 'message', 'cancelled by an operator before it was called; nothing was issued')
+  end
+  redis.call('HINCRBY', counts, st, -1)
+  redis.call('HINCRBY', counts, new, 1)
+  redis.call('HSET', counts, 'changed_ms', now)
+  redis.call('HSET', rec, 'state', new, 'owner', '', 'lease_until', 0, 'done_at', now)
+  return new
+end

@@ -4,13 +4,14 @@
 if redis.call('EXISTS', KEYS[3]) == 1 then
   return 'sealed'
 end
-local c = redis.call('HMGET', KEYS[1], 'total', 'succeeded', 'failed')
+local c = redis.call('HMGET', KEYS[1], 'total', 'succeeded', 'failed', 'cancelled')
 local total = tonumber(c[1] or '0')
 local ok = tonumber(c[2] or '0')
 local failed = tonumber(c[3] or '0')
--- Settled: every send succeeded or failed; nothing pending, in flight,
--- retrying, waiting or unknown.
-if total == 0 or ok + failed ~= total then
+local cancelled = tonumber(c[4] or '0')
+-- Settled: every send succeeded, failed or was cancelled; nothing
+-- pending, in flight, retrying, waiting or unknown.
+if total == 0 or ok + failed + cancelled ~= total then
   return 'open'
 end
 local now = tonumber(ARGV[1])

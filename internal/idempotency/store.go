@@ -39,14 +39,18 @@ const (
 	// coupon may exist. Only WeChat can say: `enqueuer reconcile` resends
 	// the identical request and records the answer.
 	Unknown State = "unknown"
+	// Cancelled: an operator cancelled the campaign before the send was
+	// called; nothing was issued. enqueuer retry --state cancelled queues
+	// it again.
+	Cancelled State = "cancelled"
 )
 
 // States lists every state, in the order status shows them.
-var States = []State{Pending, InFlight, Retrying, WaitingRate, WaitingBudget, Succeeded, Failed, Unknown}
+var States = []State{Pending, InFlight, Retrying, WaitingRate, WaitingBudget, Succeeded, Failed, Unknown, Cancelled}
 
 // Terminal reports whether the outcome is known for good: no further call
 // will be made.
-func (s State) Terminal() bool { return s == Succeeded || s == Failed }
+func (s State) Terminal() bool { return s == Succeeded || s == Failed || s == Cancelled }
 
 // Stopped reports whether no worker will take the send up again by
 // itself: its outcome is known, or it is unknown and waits for reconcile.
@@ -91,9 +95,13 @@ type Send struct {
 	OpenID       string
 	StockID      string
 	// Task (tasks.Keep) and Queue, for Register: kept in the record until
-	// the send is settled, so that a task asynq lost can be queued again.
+	// the coupon exists, so that a task asynq lost can be queued again.
 	Task  []byte
 	Queue string
+	// Settle marks a final delivery (reconcile) for TryClaim: a paused or
+	// cancelled campaign does not stop it, since it is how an unknown
+	// send learns whether its coupon exists.
+	Settle bool
 }
 
 // Store is the Redis-backed record. Keys of one campaign share a hash tag,
@@ -184,6 +192,12 @@ type Claim struct {
 	// Busy: another delivery holds the send, or another send to the same
 	// user is in flight; try again shortly.
 	Busy bool
+	// Paused: an operator paused the campaign; the send was not claimed.
+	Paused bool
+	// Cancelled: an operator cancelled the campaign; the send was not
+	// claimed, and Record is how it ends (Cancelled, or Unknown if a call
+	// of it may have issued a coupon).
+	Cancelled bool
 }
 
 // ErrLeaseLost is returned by Finish when another delivery claimed the send
@@ -233,7 +247,7 @@ func (s *Store) TryClaim(ctx context.Context, send Send, owner string, lease tim
 		[]string{s.recordKey(send.Campaign, send.MchID, send.OutRequestNo), s.countsKey(send.Campaign),
 			s.membersKey(send.Campaign), s.metaKey(send.Campaign), s.keys.Tomb(send.Campaign)},
 		owner, now.UnixMilli(), lease.Milliseconds(), send.Campaign, send.MchID, send.OutRequestNo,
-		send.OpenID, send.StockID).Slice()
+		send.OpenID, send.StockID, send.Settle).Slice()
 	if err != nil {
 		s.unlock(ctx, lockKey, lockVal)
 		return Claim{}, fmt.Errorf("idempotency: claiming %s: %w", send.OutRequestNo, err)
@@ -259,6 +273,10 @@ func (s *Store) TryClaim(ctx context.Context, send Send, owner string, lease tim
 		return Claim{Acquired: true, Record: rec}, nil
 	case "busy":
 		return Claim{Busy: true, Record: rec}, nil
+	case "paused":
+		return Claim{Paused: true, Record: rec}, nil
+	case "cancelled":
+		return Claim{Cancelled: true, Record: rec}, nil
 	default: // terminal
 		return Claim{Record: rec}, nil
 	}

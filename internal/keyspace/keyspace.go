@@ -91,6 +91,10 @@ func (k Keys) Rate(campaign string, unixSecond int64) string {
 // Meta describes a campaign as its producer declared it.
 func (k Keys) Meta(campaign string) string { return k.campaign(campaign) + "meta" }
 
+// Audit is a campaign's audit trail: the operators' actions on it
+// (pause, resume, cancel, retry), oldest first.
+func (k Keys) Audit(campaign string) string { return k.campaign(campaign) + "audit" }
+
 // Tomb is what is left of a campaign once its retention has passed.
 func (k Keys) Tomb(campaign string) string { return k.campaign(campaign) + "tomb" }
 
