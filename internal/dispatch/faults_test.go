@@ -39,6 +39,10 @@ func (s *fakeStore) TryClaim(context.Context, idempotency.Send, string, time.Dur
 	return idempotency.Claim{Acquired: true, Record: r}, nil
 }
 
+func (s *fakeStore) ControlOf(context.Context, string) (idempotency.Control, error) {
+	return idempotency.Running, nil
+}
+
 func (s *fakeStore) Finish(_ context.Context, _ idempotency.Send, _ string, r idempotency.Result) error {
 	s.finished = append(s.finished, r)
 	return s.finishErr

@@ -35,6 +35,7 @@ import (
 type Store interface {
 	TryClaim(ctx context.Context, send idempotency.Send, owner string, lease time.Duration) (idempotency.Claim, error)
 	Finish(ctx context.Context, send idempotency.Send, owner string, r idempotency.Result) error
+	ControlOf(ctx context.Context, campaign string) (idempotency.Control, error)
 }
 
 // Breakers are the stocks' budget breakers and the merchants' signature
@@ -269,14 +270,24 @@ func (h *Handler) Reconcile(ctx context.Context, kept []byte) error {
 
 const reasonRedis = "redis"
 
+// pausedWait is how long a paused campaign's task waits before it is
+// looked at again, unless resume wakes it; controlRecheck is how old a
+// claim's reading of the control may be when its call starts.
+const (
+	pausedWait     = 5 * time.Minute
+	controlRecheck = 300 * time.Millisecond
+)
+
 // deliver is one delivery of a send. lastTry: a failure now would count
 // asynq's last retry; final: nothing follows this delivery (reconcile).
 func (h *Handler) deliver(ctx context.Context, args tasks.Args, kept []byte, lastTry, final bool) error {
 	send := sendOf(args)
+	send.Settle = final
 	b := args.Base()
 	log := h.log.With("out_request_no", send.OutRequestNo, "campaign", send.Campaign, "stock_id", send.StockID, "kind", args.Kind())
 	owner := newOwner()
 
+	claimed := time.Now()
 	claim, err := h.claim(ctx, send, owner)
 	if errors.Is(err, idempotency.ErrExpired) {
 		// A task that outlived its campaign's records: nothing can say
@@ -297,6 +308,14 @@ func (h *Handler) deliver(ctx context.Context, args tasks.Args, kept []byte, las
 	case claim.Busy:
 		h.held(metrics.HeldBusy, send)
 		return &waitError{reason: "busy", delay: h.jitter(time.Second), err: errors.New("this send or another send to its user is in flight")}
+	case claim.Paused:
+		// enqueuer campaign resume wakes the campaign's tasks at once;
+		// the long wait only bounds how often a paused task is looked at.
+		h.held(metrics.HeldPaused, send)
+		return &waitError{reason: "campaign paused", delay: h.jitter(pausedWait), err: errors.New("the campaign is paused; enqueuer campaign resume continues it")}
+	case claim.Cancelled:
+		log.Info("not sent: the campaign was cancelled", "state", claim.Record.State)
+		return nil
 	}
 	a := attempt{rec: claim.Record, deadline: b.Deadline, now: h.now(), lastTry: lastTry, final: final, payload: kept}
 	log = log.With("attempt", a.rec.Attempts)
@@ -333,6 +352,23 @@ func (h *Handler) deliver(ctx context.Context, args tasks.Args, kept []byte, las
 		}
 		_ = record(idempotency.Result{State: back, NotCalled: true, Code: a.rec.Code, Message: a.rec.Message, Task: a.payload})
 		return &waitError{reason: reasonRedis, delay: h.jitter(5 * time.Second), err: err}
+	}
+
+	if !final && time.Since(claimed) > controlRecheck {
+		// The claim read the campaign's control; a pause or a cancel since
+		// then, during a long wait for a rate slot, is read again, so that
+		// no call starts long after the operator's command returned.
+		if c, err := h.store.ControlOf(ctx, send.Campaign); err != nil || c != idempotency.Running {
+			if probe.on {
+				_ = h.breakers.Abandon(context.WithoutCancel(ctx), b.MchID, probe.stockID)
+			}
+			back := a.rec.ClaimedFrom
+			if back == idempotency.InFlight {
+				back = idempotency.Retrying // a takeover: the send is marked maybe issued
+			}
+			_ = record(idempotency.Result{State: back, NotCalled: true, Code: a.rec.Code, Message: a.rec.Message, Task: a.payload})
+			return &waitError{reason: "campaign paused", delay: h.jitter(time.Second), err: fmt.Errorf("the campaign was paused or cancelled before the call (%q, %v)", c, err)}
+		}
 	}
 
 	// A call that has started must finish and be recorded even if the

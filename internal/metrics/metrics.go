@@ -28,6 +28,7 @@ const (
 	// HeldMerchantBreaker: WeChat refuses the merchant's signature
 	// (SIGN_ERROR); every send of the merchant waits for a probe.
 	HeldMerchantBreaker = "merchant_breaker"
+	HeldPaused          = "paused"    // an operator paused the send's campaign
 	HeldRateSlot        = "rate_slot" // the next slot of the shared rate is too far away
 	HeldBusy            = "busy"      // the send, or another send to its user, is in flight
 )
@@ -74,7 +75,7 @@ func New() *Metrics {
 		}, []string{"reason"}),
 		codes: map[string]bool{},
 	}
-	for _, r := range []string{HeldBudgetBreaker, HeldMerchantBreaker, HeldRateSlot, HeldBusy} {
+	for _, r := range []string{HeldBudgetBreaker, HeldMerchantBreaker, HeldPaused, HeldRateSlot, HeldBusy} {
 		m.held.WithLabelValues(r) // present at 0 from the start
 	}
 	return m
@@ -122,7 +123,7 @@ func (m *Metrics) Held(reason string) {
 		return
 	}
 	switch reason {
-	case HeldBudgetBreaker, HeldMerchantBreaker, HeldRateSlot, HeldBusy:
+	case HeldBudgetBreaker, HeldMerchantBreaker, HeldPaused, HeldRateSlot, HeldBusy:
 	default:
 		reason = "other"
 	}

@@ -134,7 +134,7 @@ func TestFleetCollectorCountsCampaigns(t *testing.T) {
 	want := map[string]float64{
 		"campaign=spring,state=pending": 1, "campaign=spring,state=in_flight": 1, "campaign=spring,state=retrying": 0,
 		"campaign=spring,state=waiting_rate": 1, "campaign=spring,state=waiting_budget": 0,
-		"campaign=spring,state=succeeded": 2, "campaign=spring,state=failed": 1, "campaign=spring,state=unknown": 0,
+		"campaign=spring,state=succeeded": 2, "campaign=spring,state=failed": 1, "campaign=spring,state=unknown": 0, "campaign=spring,state=cancelled": 0,
 	}
 	for _, st := range idempotency.States { // a campaign with no sends has every state, at 0
 		want["campaign=autumn,state="+string(st)] = 0
@@ -264,7 +264,7 @@ func TestCallMetrics(t *testing.T) {
 	if got := series(mfs, "couponflow_ratelimit_wait_seconds"); !equal(got, map[string]float64{"endpoint=favor_send": 1}) {
 		t.Errorf("couponflow_ratelimit_wait_seconds = %v", got)
 	}
-	if got := series(mfs, "couponflow_sends_held_total"); !equal(got, map[string]float64{"reason=budget_breaker": 2, "reason=merchant_breaker": 0, "reason=rate_slot": 1, "reason=busy": 0}) {
+	if got := series(mfs, "couponflow_sends_held_total"); !equal(got, map[string]float64{"reason=budget_breaker": 2, "reason=merchant_breaker": 0, "reason=paused": 0, "reason=rate_slot": 1, "reason=busy": 0}) {
 		t.Errorf("couponflow_sends_held_total = %v", got)
 	}
 }
