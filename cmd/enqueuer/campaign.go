@@ -24,6 +24,9 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if len(args) > 0 && args[0] == "retention" {
 		return cmdRetention(ctx, args[1:], stdout, stderr)
 	}
+	if len(args) > 0 && (args[0] == "pause" || args[0] == "resume" || args[0] == "cancel") {
+		return cmdControl(ctx, args[0], args[1:], stdout, stderr)
+	}
 	c := newFlags("campaign", "--file users.csv|users.jsonl --stock-id ID [flags]\n       enqueuer campaign retention --campaign NAME [--set 240h]", stderr)
 	file := c.fs.String("file", "", "recipients: CSV with a header (openid, out_request_no, coupon_value, coupon_minimum) or JSON lines")
 	format := c.fs.String("format", "", "csv or jsonl; default by the file's extension or content")
@@ -34,6 +37,7 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	concurrency := c.fs.Int("concurrency", 32, "enqueues in flight at once")
 	queue := c.fs.String("queue", tasks.DefaultQueue, "asynq queue")
 	c.retryFlag()
+	reopen := c.fs.Bool("reopen", false, "queue into a campaign that was cancelled (its cancelled sends stay so)")
 	showInvalid := c.fs.Int("show-invalid", 20, "invalid rows listed in the summary; the rest are counted")
 	progress := c.fs.String("progress", "auto", "auto (a bar on a terminal, lines otherwise), bar, lines or none")
 	retention := c.fs.Duration("retention", idempotency.DefaultRetention, "how long the records are kept once every send has succeeded or failed; then every key of the campaign expires and only its tombstone is left (kept from the first run unless given again)")
@@ -82,6 +86,9 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return err
 	}
 	store := c.store(rdb)
+	if err := refuseCancelled(ctx, store, *name, *reopen, stderr); err != nil {
+		return err
+	}
 	meta, err := store.SaveCampaign(ctx, idempotency.Campaign{Name: *name, MchID: c.wx.MchID, Deadline: dl, Retention: *retention})
 	if errors.Is(err, idempotency.ErrExpired) {
 		return &exitError{code: 2, err: fmt.Errorf("%w.\nNothing was queued: once its records are gone its sends cannot be told from new ones. To send this file again on purpose, give it a new --campaign name (every recipient then gets a new coupon)", err)}

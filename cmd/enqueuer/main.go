@@ -29,6 +29,8 @@ const usage = `usage: enqueuer <command> [flags]
 commands:
   send       queue one send
   campaign   queue a send for every recipient of a CSV or JSON-lines file;
+             campaign pause|resume|cancel --campaign NAME: stop or continue
+             its sends across the fleet;
              campaign retention --campaign NAME [--set 240h]: how long its
              records are kept once it has settled
   status     a campaign's progress
@@ -37,6 +39,8 @@ commands:
   coupons    a user's coupons, through the WeChat Pay list API
   stock      status|resume --stock-id ID: a stock's budget breaker
   reconcile  settle a campaign's unknown sends by asking WeChat
+  retry      queue a campaign's failed (or unknown, or cancelled) sends
+             again under their own out_request_no
 
 Run "enqueuer <command> -h" for its flags. Every command reads REDIS_ADDR
 and the WECHATPAY_* variables (see the README).
@@ -64,7 +68,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	cmds := map[string]func(context.Context, []string, io.Writer, io.Writer) error{
 		"send": cmdSend, "campaign": cmdCampaign, "status": cmdStatus, "report": cmdReport, "coupons": cmdCoupons, "stock": cmdStock,
-		"reconcile": cmdReconcile,
+		"reconcile": cmdReconcile, "retry": cmdRetry,
 	}
 	cmd, ok := cmds[args[0]]
 	if !ok {

@@ -30,6 +30,7 @@ func cmdSend(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	deadline := c.fs.String("deadline", "72h", "how long to keep retrying an exhausted budget: a duration or an RFC 3339 time")
 	queue := c.fs.String("queue", tasks.DefaultQueue, "asynq queue")
 	c.retryFlag()
+	reopen := c.fs.Bool("reopen", false, "queue into a campaign that was cancelled")
 	replicaTimeout := replicaFlag(c.fs)
 	if err := c.parse(args); err != nil {
 		return err
@@ -83,6 +84,9 @@ func cmdSend(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	defer rdb.Close()
+	if err := refuseCancelled(ctx, c.store(rdb), *campaignName, *reopen, stderr); err != nil {
+		return err
+	}
 	meta, err := c.store(rdb).SaveCampaign(ctx, idempotency.Campaign{Name: *campaignName, MchID: c.wx.MchID, Deadline: dl})
 	if errors.Is(err, idempotency.ErrExpired) {
 		return &exitError{code: 2, err: fmt.Errorf("%w.\nNothing was queued: once its records are gone its sends cannot be told from new ones. To send on purpose, give a new --campaign name", err)}

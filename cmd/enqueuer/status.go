@@ -67,10 +67,18 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		if err != nil {
 			return err
 		}
+		// Read each round: an operator may pause or cancel it meanwhile.
+		if m, err := store.Campaign(ctx, *name); err == nil && m.Name != "" {
+			meta = m
+		}
+		audit, err := store.Audit(ctx, *name)
+		if err != nil {
+			return err
+		}
 		if *asJSON {
-			printStatusJSON(stdout, meta, st, fleet)
+			printStatusJSON(stdout, meta, st, fleet, audit)
 		} else {
-			printStatus(stdout, meta, st, fleet)
+			printStatus(stdout, meta, st, fleet, audit)
 		}
 		if *watch <= 0 || st.Done() {
 			return nil
@@ -156,8 +164,8 @@ func fleetOf(ctx context.Context, l *ratelimit.Limiter, b *breaker.Breakers, mch
 	return f, err
 }
 
-func printStatus(w io.Writer, meta idempotency.Campaign, st idempotency.Status, f fleet) {
-	done := st.ByState[idempotency.Succeeded] + st.ByState[idempotency.Failed]
+func printStatus(w io.Writer, meta idempotency.Campaign, st idempotency.Status, f fleet, audit []idempotency.Action) {
+	done := st.ByState[idempotency.Succeeded] + st.ByState[idempotency.Failed] + st.ByState[idempotency.Cancelled]
 	pct := 0.0
 	if st.Total > 0 {
 		// Truncated, so that 100.0% means done.
@@ -167,6 +175,25 @@ func printStatus(w io.Writer, meta idempotency.Campaign, st idempotency.Status, 
 		meta.Name, meta.MchID, meta.Deadline.Format(time.RFC3339), done, st.Total, pct, st.Rate, st.Rate10s)
 	if st.Missing() > 0 {
 		fmt.Fprintf(w, "  WARNING: %s (%d recorded, %d counted by its last complete enqueue)\n", st.MissingAdvice(), st.Total, st.Expected)
+	}
+	switch meta.Control {
+	case idempotency.Paused:
+		fmt.Fprintf(w, "  PAUSED: no send of it is called; continue with: enqueuer campaign resume --campaign %s\n", meta.Name)
+	case idempotency.CancelledByUser:
+		fmt.Fprintf(w, "  CANCELLED: no send of it is called again; enqueuer retry --campaign %s --state cancelled after --reopen queues them\n", meta.Name)
+	}
+	for i, a := range audit {
+		if i == 0 {
+			fmt.Fprintln(w, "  actions:")
+		}
+		if len(audit) > 10 && i < len(audit)-10 {
+			continue
+		}
+		note := ""
+		if a.Note != "" {
+			note = " (" + a.Note + ")"
+		}
+		fmt.Fprintf(w, "    %s  %-7s by %s, %d sends%s\n", a.At.UTC().Format(time.RFC3339), a.Action, a.Who, a.Sends, note)
 	}
 	for _, s := range idempotency.States {
 		fmt.Fprintf(w, "  %-15s %d\n", s, st.ByState[s])
@@ -196,7 +223,7 @@ func printStatus(w io.Writer, meta idempotency.Campaign, st idempotency.Status, 
 	fmt.Fprintf(w, "  %s\n", retentionLine(meta))
 }
 
-func printStatusJSON(w io.Writer, meta idempotency.Campaign, st idempotency.Status, f fleet) {
+func printStatusJSON(w io.Writer, meta idempotency.Campaign, st idempotency.Status, f fleet, audit []idempotency.Action) {
 	byState := map[string]int64{}
 	for s, n := range st.ByState {
 		byState[string(s)] = n
@@ -206,7 +233,7 @@ func printStatusJSON(w io.Writer, meta idempotency.Campaign, st idempotency.Stat
 		"total": st.Total, "by_state": byState, "failed_by_code": st.FailedByCode,
 		"rate_per_second": st.Rate, "rate_10s": st.Rate10s, "done": st.Done(),
 		"expected": st.Expected, "missing": st.Missing(),
-		"shared_rates": f.Rates, "open_breakers": f.Breakers,
+		"shared_rates": f.Rates, "open_breakers": f.Breakers, "control": string(meta.Control), "actions": audit,
 		"retention": meta.Retention.String(), "finished_at": jsonTime(meta.FinishedAt), "expires_at": jsonTime(meta.ExpiresAt),
 		"report": meta.Report,
 	})

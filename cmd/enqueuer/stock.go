@@ -42,7 +42,7 @@ func cmdStock(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		// Woken into their own queue, they go out ahead of any backlog.
 		woken := 0
 		for _, q := range tasks.ShardQueues(*queue, c.shards) {
-			n, err := wake(ctx, rdb, q, c.wx.MchID, *stock)
+			n, err := wake(ctx, rdb, q, func(b tasks.Common) bool { return b.MchID == c.wx.MchID && b.StockID == *stock })
 			woken += n
 			if err != nil {
 				return fmt.Errorf("breaker closed, but waking the sends held in %s failed after %d: %w; run resume again", q, woken, err)
@@ -66,11 +66,11 @@ func cmdStock(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	return nil
 }
 
-// wake moves the sends of a stock that wait in a queue's retry set (and in
-// its woken queue's) into the woken queue, to be processed now. A kill
-// between a task's delete and its enqueue loses nothing: its record still
-// waits, and the fleet's sweeper queues it again.
-func wake(ctx context.Context, rdb redis.UniversalClient, queue, mchID, stockID string) (int, error) {
+// wake moves the sends that match (a stock's, a campaign's) and wait in a
+// queue's retry set (and in its woken queue's) into the woken queue, to be
+// processed now. A kill between a task's delete and its enqueue loses
+// nothing: its record still waits, and the fleet's sweeper queues it again.
+func wake(ctx context.Context, rdb redis.UniversalClient, queue string, match func(tasks.Common) bool) (int, error) {
 	insp := asynq.NewInspectorFromRedisClient(rdb)
 	client := asynq.NewClientFromRedisClient(rdb)
 	woken := tasks.WokenQueue(queue)
@@ -88,7 +88,7 @@ func wake(ctx context.Context, rdb redis.UniversalClient, queue, mchID, stockID 
 			}
 			for _, info := range infos {
 				args, err := tasks.Decode(asynq.NewTask(info.Type, info.Payload))
-				if err == nil && args.Base().MchID == mchID && args.Base().StockID == stockID {
+				if err == nil && match(args.Base()) {
 					ids = append(ids, info.ID)
 				}
 			}

@@ -1,0 +1,219 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/user"
+	"strings"
+	"time"
+
+	"golang.org/x/term"
+
+	"github.com/couponflow/dispatcher/internal/idempotency"
+	"github.com/couponflow/dispatcher/internal/tasks"
+)
+
+// cmdControl is enqueuer campaign pause|resume|cancel: an operator's
+// action on one campaign, held in its record so that every worker of the
+// fleet obeys it at its next claim, and kept in the campaign's audit trail.
+func cmdControl(ctx context.Context, op string, args []string, stdout, stderr io.Writer) error {
+	c := newFlags("campaign "+op, "--campaign NAME [--yes]", stderr)
+	name := c.fs.String("campaign", "", "campaign name")
+	yes := c.fs.Bool("yes", false, "cancel without asking (needed when standard input is not a terminal)")
+	queue := c.fs.String("queue", tasks.DefaultQueue, "the campaign's asynq queue: resume and cancel wake its waiting tasks there")
+	drainWait := c.fs.Duration("wait", 45*time.Second, "pause and cancel: how long to wait for the calls in flight to finish and be recorded, so that none starts after the command returns")
+	if err := c.parse(args); err != nil {
+		return err
+	}
+	if err := need("--campaign", *name); err != nil {
+		return err
+	}
+	rdb, err := c.redis(ctx, 4)
+	if err != nil {
+		return err
+	}
+	defer rdb.Close()
+	store := c.store(rdb)
+	camp, err := store.Campaign(ctx, *name)
+	if err != nil {
+		return err
+	}
+	if camp.Name == "" {
+		return &exitError{code: 2, err: fmt.Errorf("no campaign %q in Redis", *name)}
+	}
+	st, err := store.Status(ctx, *name)
+	if err != nil {
+		return err
+	}
+	waiting := st.Total - st.ByState[idempotency.Succeeded] - st.ByState[idempotency.Failed] -
+		st.ByState[idempotency.Cancelled] - st.ByState[idempotency.Unknown]
+	who := operator()
+	wakeAll := func() (int, error) {
+		n := 0
+		for _, q := range tasks.ShardQueues(*queue, c.shards) {
+			m, err := wake(ctx, rdb, q, func(b tasks.Common) bool { return b.Campaign == *name })
+			n += m
+			if err != nil {
+				return n, err
+			}
+		}
+		return n, nil
+	}
+
+	switch op {
+	case "pause":
+		if camp.Control == idempotency.CancelledByUser {
+			return &exitError{code: 2, err: fmt.Errorf("campaign %s is cancelled; there is nothing to pause", *name)}
+		}
+		if err := store.SetControl(ctx, *name, idempotency.Paused, idempotency.Action{Who: who, Action: "pause", Sends: waiting}); err != nil {
+			return err
+		}
+		left := drain(ctx, store, *name, *drainWait)
+		fmt.Fprintf(stdout, "campaign %s: paused; %d sends not yet done wait without a call%s.\n"+
+			"  Continue with: enqueuer campaign resume --campaign %s\n", *name, waiting, drained(left), *name)
+		return nil
+	case "resume":
+		if camp.Control == idempotency.CancelledByUser {
+			return &exitError{code: 2, err: fmt.Errorf("campaign %s is cancelled, not paused: queue what you want sent again with enqueuer retry --campaign %s --state cancelled", *name, *name)}
+		}
+		if err := store.SetControl(ctx, *name, idempotency.Running, idempotency.Action{Who: who, Action: "resume", Sends: waiting}); err != nil {
+			return err
+		}
+		n, err := wakeAll()
+		if err != nil {
+			return fmt.Errorf("campaign %s resumed, but waking its paused tasks failed after %d: %w; they go out within 5 minutes anyway, or run resume again", *name, n, err)
+		}
+		fmt.Fprintf(stdout, "campaign %s: resumed; %d sends not yet done, %d paused tasks woken into %s\n", *name, waiting, n, tasks.WokenQueue(*queue))
+		return nil
+	}
+
+	// cancel
+	if camp.Control == idempotency.CancelledByUser {
+		fmt.Fprintf(stdout, "campaign %s is already cancelled; settling what still waits\n", *name)
+	} else {
+		fmt.Fprintf(stdout, "campaign %s: %d of %d sends are not done yet; cancelling records them cancelled and never calls them\n"+
+			"  (a send a call may already have issued ends unknown instead, for reconcile)\n", *name, waiting, st.Total)
+		if !*yes {
+			ok, err := confirm(stdout, fmt.Sprintf("cancel campaign %s? type its name to confirm: ", *name), *name)
+			if err != nil {
+				return err
+			}
+			if !ok {
+				return &exitError{code: 1, err: errors.New("not cancelled")}
+			}
+		}
+	}
+	if err := store.SetControl(ctx, *name, idempotency.CancelledByUser, idempotency.Action{Who: who, Action: "cancel", Sends: waiting}); err != nil {
+		return err
+	}
+	n, err := store.CancelSends(ctx, *name)
+	if err != nil {
+		return fmt.Errorf("campaign %s is cancelled (no send of it will be called), but settling its waiting sends failed: %w; run cancel again", *name, err)
+	}
+	left := drain(ctx, store, *name, *drainWait)
+	if n.InFlight > 0 {
+		// Their calls are over now: settle what they left waiting.
+		more, err := store.CancelSends(ctx, *name)
+		if err != nil {
+			return err
+		}
+		n.Unknown = append(n.Unknown, more.Unknown...)
+	}
+	// Their tasks would otherwise sit in asynq until their retry time.
+	if _, err := wakeAll(); err != nil {
+		fmt.Fprintf(stderr, "enqueuer: cancelled, but clearing its waiting tasks from asynq failed: %v; they end without a call when they come up\n", err)
+	}
+	if st, err = store.Status(ctx, *name); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "campaign %s: cancelled: %d sends cancelled, %d unknown, %d succeeded, %d failed%s\n", *name,
+		st.ByState[idempotency.Cancelled], st.ByState[idempotency.Unknown], st.ByState[idempotency.Succeeded], st.ByState[idempotency.Failed], drained(left))
+	for i, r := range n.Unknown {
+		if i == 20 {
+			fmt.Fprintf(stdout, "  … and %d more\n", len(n.Unknown)-20)
+			break
+		}
+		fmt.Fprintf(stdout, "  unknown: %s (openid %s): a call may have issued its coupon\n", r.OutRequestNo, r.OpenID)
+	}
+	if len(n.Unknown) > 0 {
+		fmt.Fprintf(stdout, "  Settle them with: enqueuer reconcile --campaign %s\n", *name)
+	}
+	return nil
+}
+
+// drain waits until no send of the campaign is in flight, or for wait,
+// and returns how many still are. A claim taken before the pause or
+// cancel either calls and records before it is released, or reads the
+// control again and gives the send back: once none is in flight, no call
+// of the campaign can start.
+func drain(ctx context.Context, store *idempotency.Store, name string, wait time.Duration) int64 {
+	deadline := time.Now().Add(wait)
+	for {
+		st, err := store.Status(ctx, name)
+		if err == nil && st.ByState[idempotency.InFlight] == 0 {
+			return 0
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			if err != nil {
+				return -1
+			}
+			return st.ByState[idempotency.InFlight]
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func drained(left int64) string {
+	switch {
+	case left == 0:
+		return "; no call of it is in flight"
+	case left < 0:
+		return "; whether calls are still in flight could not be read"
+	}
+	return fmt.Sprintf("; %d sends are still in flight after --wait (a worker that died holds them until its lease runs out: they stop at their next claim)", left)
+}
+
+// operator names who runs the command, for the audit trail.
+func operator() string {
+	if u := os.Getenv("SUDO_USER"); u != "" {
+		return u
+	}
+	if u, err := user.Current(); err == nil {
+		return u.Username
+	}
+	return "unknown"
+}
+
+// confirm asks on a terminal; elsewhere it refuses, since nobody can answer.
+func confirm(stdout io.Writer, prompt, want string) (bool, error) {
+	if !term.IsTerminal(int(os.Stdin.Fd())) {
+		return false, &exitError{code: 2, err: errors.New("standard input is not a terminal: add --yes to confirm")}
+	}
+	fmt.Fprint(stdout, prompt)
+	line, err := bufio.NewReader(os.Stdin).ReadString('\n')
+	if err != nil && line == "" {
+		return false, err
+	}
+	return strings.TrimSpace(line) == want, nil
+}
+
+// refuseCancelled refuses to queue into a cancelled campaign unless
+// reopen, which takes the cancel back (the cancelled sends stay so; retry
+// queues them again).
+func refuseCancelled(ctx context.Context, store *idempotency.Store, name string, reopen bool, stderr io.Writer) error {
+	ctl, err := store.ControlOf(ctx, name)
+	if err != nil || ctl != idempotency.CancelledByUser {
+		if ctl == idempotency.Paused {
+			fmt.Fprintf(stderr, "enqueuer: campaign %s is paused: these sends wait until enqueuer campaign resume --campaign %s\n", name, name)
+		}
+		return err
+	}
+	if !reopen {
+		return &exitError{code: 2, err: fmt.Errorf("campaign %s was cancelled: nothing was queued. Add --reopen to queue into it again (its cancelled sends stay cancelled; enqueuer retry --campaign %s --state cancelled queues them)", name, name)}
+	}
+	return store.SetControl(ctx, name, idempotency.Running, idempotency.Action{Who: operator(), Action: "reopen"})
+}
