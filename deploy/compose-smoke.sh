@@ -232,16 +232,16 @@ code=$(curl -s -o /dev/null -w '%{http_code}' "$monitor/readyz")
 say "/ without credentials: 401, with a wrong password: 401, with them: 200 (shows $run); /api/campaigns/$run: 200; /readyz: 200"
 
 if [ "$MONITORING" = 1 ]; then
-  section "Prometheus: every target up"
-  want=$((WORKERS + 1))
+  section "Prometheus: every worker and the monitor scraped"
+  # up JOB: how many of JOB's targets are up (one target a line).
+  up() { printf '%s\n' "$targets" | grep -F "\"scrapePool\":\"$1\"" | grep -cF '"health":"up"' || true; }
   for ((i = 0; ; i++)); do
-    targets=$(curl -sf http://127.0.0.1:9090/api/v1/targets | tr -d ' \n' || true)
-    up=$(printf '%s' "$targets" | grep -o '"health":"up"' | wc -l)
-    [ "$up" -ge "$want" ] && break
-    [ "$i" -lt 60 ] || die "Prometheus has $up targets up after 60s, want $want (the workers and the monitor): $targets"
+    targets=$(curl -sf http://127.0.0.1:9090/api/v1/targets | tr -d ' \n' | sed 's/{"discoveredLabels"/\n&/g' || true)
+    [ "$(up worker)" = "$WORKERS" ] && [ "$(up monitor)" = 1 ] && break
+    [ "$i" -lt 60 ] || die "Prometheus after 60s: $(up worker) of $WORKERS workers and $(up monitor) monitor up: $targets"
     sleep 1
   done
-  say "$up targets up (the $WORKERS workers and the monitor) after ${i}s"
+  say "targets up: $(up worker) workers, $(up monitor) monitor, after ${i}s"
 fi
 
 section "docker compose up -d again: the scale and every container stay"
