@@ -1,7 +1,7 @@
 GO ?= go
 BIN := bin
 
-.PHONY: build install test vet fmt bench demo sandbox clean compose-smoke
+.PHONY: build install test vet fmt bench demo sandbox clean compose-smoke local-images
 
 build:
 	$(GO) build -o $(BIN)/ ./cmd/...
@@ -44,3 +44,7 @@ demo:
 compose-smoke:
 	bash deploy/compose-smoke.sh
 
+# The base images (debian, golang, redis; LOCAL_PROMETHEUS=1 for
+# Prometheus) made on this machine, for an engine that reaches no registry.
+local-images:
+	GO="$(GO)" bash deploy/local-images.sh
