@@ -50,6 +50,7 @@ type compose struct {
 type service struct {
 	Image           string `yaml:"image"`
 	Build           any    `yaml:"build"`
+	PullPolicy      string `yaml:"pull_policy"`
 	ContainerName   string `yaml:"container_name"`
 	Entrypoint      any    `yaml:"entrypoint"`
 	Command         any    `yaml:"command"`
@@ -333,6 +334,48 @@ func TestComposeSpecFile(t *testing.T) {
 		if c.ours(s) && s.EnvFile != nil {
 			t.Errorf("service %q: env_file hides its variables from these checks; set them under environment", name)
 		}
+	}
+}
+
+// The project's image is built by one service and used by the others under
+// the same tag. Were several services to carry build: with one image name,
+// compose would build one image per service under that tag (the others
+// left dangling), and a later `docker compose run --rm enqueuer …` would
+// build the tag anew and recreate the running services whose image it
+// replaced: seen on the first real run.
+func TestImageBuiltOnce(t *testing.T) {
+	c := loadCompose(t)
+	var builders []string
+	for _, name := range c.names() {
+		if c.Services[name].Build != nil {
+			builders = append(builders, name)
+		}
+	}
+	if len(builders) != 1 {
+		t.Fatalf("docker-compose.yml: services %v have build:; want exactly one service to build the project's image and the others to use it by its image name", builders)
+	}
+	b := c.Services[builders[0]]
+	if b.Image == "" {
+		t.Fatalf("service %q builds without an image: name; the other services could not name what it builds", builders[0])
+	}
+	users := 0
+	for _, name := range c.names() {
+		s := c.Services[name]
+		if name == builders[0] || s.Image != b.Image {
+			continue
+		}
+		users++
+		if s.PullPolicy != "never" {
+			t.Errorf("service %q uses %s, built by %q, with pull_policy %q; want never: the image exists only here, and a pull would ask a registry for it", name, s.Image, builders[0], s.PullPolicy)
+		}
+	}
+	for _, name := range []string{"sandbox", "worker", "monitor", "enqueuer"} {
+		if s := c.Services[name]; s != nil && s.Image != b.Image {
+			t.Errorf("service %q runs image %q; want %q, the one service %q builds", name, s.Image, b.Image, builders[0])
+		}
+	}
+	if users == 0 {
+		t.Errorf("docker-compose.yml: no other service uses %s, the image %q builds", b.Image, builders[0])
 	}
 }
 
