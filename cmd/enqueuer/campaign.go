@@ -38,6 +38,7 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	queue := c.fs.String("queue", tasks.DefaultQueue, "asynq queue")
 	c.retryFlag()
 	reopen := c.fs.Bool("reopen", false, "queue into a campaign that was cancelled (its cancelled sends stay so)")
+	notifyURL := c.fs.String("notify-url", "", "when the campaign is done, a worker POSTs its summary as JSON here, signed with HMAC-SHA256 under the workers' $COUPONFLOW_NOTIFY_SECRET (header X-Couponflow-Signature)")
 	showInvalid := c.fs.Int("show-invalid", 20, "invalid rows listed in the summary; the rest are counted")
 	progress := c.fs.String("progress", "auto", "auto (a bar on a terminal, lines otherwise), bar, lines or none")
 	retention := c.fs.Duration("retention", idempotency.DefaultRetention, "how long the records are kept once every send has succeeded or failed; then every key of the campaign expires and only its tombstone is left (kept from the first run unless given again)")
@@ -86,6 +87,9 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return err
 	}
 	store := c.store(rdb)
+	if err := checkNotifyURL(*notifyURL); err != nil {
+		return err
+	}
 	if err := refuseCancelled(ctx, store, *name, *reopen, stderr); err != nil {
 		return err
 	}
@@ -98,6 +102,9 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	}
 	if meta.MchID != c.wx.MchID {
 		return &exitError{code: 2, err: fmt.Errorf("campaign %q belongs to merchant %s, not %s; choose another --campaign", *name, meta.MchID, c.wx.MchID)}
+	}
+	if err := store.SetNotifyURL(ctx, *name, *notifyURL); err != nil {
+		return err
 	}
 	if c.set["retention"] && meta.Retention != *retention {
 		if meta, err = store.SetRetention(ctx, *name, *retention); err != nil {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"net/url"
 	"os/user"
 	"strings"
 	"time"
@@ -215,5 +216,20 @@ func refuseCancelled(ctx context.Context, store *idempotency.Store, name string,
 	if !reopen {
 		return &exitError{code: 2, err: fmt.Errorf("campaign %s was cancelled: nothing was queued. Add --reopen to queue into it again (its cancelled sends stay cancelled; enqueuer retry --campaign %s --state cancelled queues them)", name, name)}
 	}
-	return store.SetControl(ctx, name, idempotency.Running, idempotency.Action{Who: operator(), Action: "reopen"})
+	if err := store.SetControl(ctx, name, idempotency.Running, idempotency.Action{Who: operator(), Action: "reopen"}); err != nil {
+		return err
+	}
+	return store.ClearDone(ctx, name)
+}
+
+// checkNotifyURL refuses a webhook address a worker could not post to.
+func checkNotifyURL(raw string) error {
+	if raw == "" {
+		return nil
+	}
+	u, err := url.Parse(raw)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return &exitError{code: 2, err: fmt.Errorf("--notify-url %q: want an http:// or https:// address", raw)}
+	}
+	return nil
 }

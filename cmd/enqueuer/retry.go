@@ -95,6 +95,10 @@ func cmdRetry(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return nil
 	}
 
+	// Its end, once these are done, is said again.
+	if err := store.ClearDone(ctx, *name); err != nil {
+		return err
+	}
 	insp := asynq.NewInspectorFromRedisClient(rdb)
 	client := asynq.NewClientFromRedisClient(rdb)
 	queued, moved := 0, 0

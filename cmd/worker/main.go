@@ -32,6 +32,7 @@ import (
 	"github.com/couponflow/dispatcher/internal/keyspace"
 	"github.com/couponflow/dispatcher/internal/logging"
 	"github.com/couponflow/dispatcher/internal/metrics"
+	"github.com/couponflow/dispatcher/internal/notify"
 	"github.com/couponflow/dispatcher/internal/ratelimit"
 	"github.com/couponflow/dispatcher/internal/redisconn"
 	"github.com/couponflow/dispatcher/internal/sweep"
@@ -69,6 +70,7 @@ func run(argv []string) error {
 	retentionSweep := fs.Duration("retention-sweep", 30*time.Second, "how often to look for settled campaigns, start their retention and expire their keys once it has passed (one worker of the fleet at a time); 0 disables")
 	sweepEvery := fs.Duration("sweep-every", 10*time.Second, "how often the fleet looks for a dead worker's sends and for stalled campaigns whose tasks asynq lost (one worker sweeps at a time); 0 turns it off")
 	sweepStall := fs.Duration("sweep-stall", 15*time.Minute, "a campaign not done whose sends have not changed for this long is checked for lost tasks; keep it above --breaker-probe-max")
+	notifyEvery := fs.Duration("notify-every", 2*time.Second, "how often to look for campaigns that are done, to say so once across the fleet (a log line, a metric, the campaign's webhook, signed with $"+notify.EnvSecret+"); 0 turns it off")
 	httpAddr := fs.String("http-addr", "127.0.0.1:9091", "where to serve /metrics, /healthz and /readyz; empty disables")
 	logFormat := fs.String("log-format", "json", "json or text")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
@@ -79,7 +81,7 @@ func run(argv []string) error {
 		"rate-wait": "WORKER_RATE_WAIT", "rate-wait-max": "WORKER_RATE_WAIT_MAX",
 		"sweep-every": "WORKER_SWEEP_EVERY", "sweep-stall": "WORKER_SWEEP_STALL",
 		"log-format": "LOG_FORMAT", "log-level": "LOG_LEVEL", "http-addr": "WORKER_HTTP_ADDR",
-		"retention-sweep": "WORKER_RETENTION_SWEEP", "key-prefix": keyspace.EnvPrefix,
+		"retention-sweep": "WORKER_RETENTION_SWEEP", "key-prefix": keyspace.EnvPrefix, "notify-every": "WORKER_NOTIFY_EVERY",
 	}, argv)
 	if err != nil {
 		return err
@@ -212,6 +214,13 @@ func run(argv []string) error {
 		swept := make(chan struct{})
 		go func() { defer close(swept); store.RunSweeper(retentionCtx, *retentionSweep, log) }()
 		defer func() { stopRetention(); <-swept }()
+	}
+	if *notifyEvery > 0 {
+		notifyCtx, stopNotify := context.WithCancel(ctx)
+		defer stopNotify()
+		go notify.New(rdb, store, notify.WithInterval(*notifyEvery), notify.WithLogger(log),
+			notify.WithSecret([]byte(os.Getenv(notify.EnvSecret))),
+			notify.WithOnDone(func(notify.Summary) { m.CampaignDone() })).Run(notifyCtx)
 	}
 	// Run returns after SIGTERM or SIGINT, once calls in flight are done.
 	if err := srv.Run(mux); err != nil {

@@ -200,3 +200,26 @@ func FinalCode(code, message string) (bool, string) {
 	}
 	return false, ""
 }
+
+// SetNotifyURL makes the campaign's end post its summary to url (package
+// notify); "" leaves it as it is.
+func (s *Store) SetNotifyURL(ctx context.Context, campaign, url string) error {
+	if url == "" {
+		return nil
+	}
+	if err := s.rdb.HSet(ctx, s.metaKey(campaign), "notify_url", url).Err(); err != nil {
+		return fmt.Errorf("idempotency: setting the notify url of %s: %w", campaign, err)
+	}
+	return nil
+}
+
+// ClearDone forgets that a campaign was said to be done, when sends are
+// queued into it again (a retry, a reopen): its next end is said again.
+func (s *Store) ClearDone(ctx context.Context, campaign string) error {
+	err := s.rdb.HDel(ctx, s.metaKey(campaign), "done_at", "notify_status", "notify_next", "notify_attempts",
+		"notify_body", "notify_error", "notify_delivered_at").Err()
+	if err != nil {
+		return fmt.Errorf("idempotency: reopening %s: %w", campaign, err)
+	}
+	return nil
+}

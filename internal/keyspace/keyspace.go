@@ -95,6 +95,9 @@ func (k Keys) Meta(campaign string) string { return k.campaign(campaign) + "meta
 // (pause, resume, cancel, retry), oldest first.
 func (k Keys) Audit(campaign string) string { return k.campaign(campaign) + "audit" }
 
+// NotifyLock is held while one worker posts a campaign's done webhook.
+func (k Keys) NotifyLock(campaign string) string { return k.campaign(campaign) + "notify_lock" }
+
 // Tomb is what is left of a campaign once its retention has passed.
 func (k Keys) Tomb(campaign string) string { return k.campaign(campaign) + "tomb" }
 

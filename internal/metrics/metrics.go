@@ -47,6 +47,7 @@ type Metrics struct {
 	callSeconds *prometheus.HistogramVec
 	slotWait    *prometheus.HistogramVec
 	held        *prometheus.CounterVec
+	done        prometheus.Counter
 
 	mu    sync.Mutex
 	codes map[string]bool
@@ -73,6 +74,10 @@ func New() *Metrics {
 			Name: "couponflow_sends_held_total",
 			Help: "Sends stopped before calling WeChat, by reason: budget_breaker, rate_slot, busy.",
 		}, []string{"reason"}),
+		done: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "couponflow_campaigns_done_total",
+			Help: "Campaigns this worker found done (nothing left for the workers); the fleet counts each campaign once, summed over workers.",
+		}),
 		codes: map[string]bool{},
 	}
 	for _, r := range []string{HeldBudgetBreaker, HeldMerchantBreaker, HeldPaused, HeldRateSlot, HeldBusy} {
@@ -83,7 +88,7 @@ func New() *Metrics {
 
 // Register registers every metric with r.
 func (m *Metrics) Register(r prometheus.Registerer) error {
-	for _, c := range []prometheus.Collector{m.calls, m.callSeconds, m.slotWait, m.held} {
+	for _, c := range []prometheus.Collector{m.calls, m.callSeconds, m.slotWait, m.held, m.done} {
 		if err := r.Register(c); err != nil {
 			return err
 		}
@@ -106,6 +111,14 @@ func (m *Metrics) ObserveCall(endpoint string, class wechat.Class, code string, 
 	}
 	m.calls.WithLabelValues(endpoint, outcome, code).Inc()
 	m.callSeconds.WithLabelValues(endpoint, outcome).Observe(d.Seconds())
+}
+
+// CampaignDone counts a campaign this worker found done.
+func (m *Metrics) CampaignDone() {
+	if m == nil {
+		return
+	}
+	m.done.Inc()
 }
 
 // ObserveSlotWait records how long a send waited for a slot of the shared rate.
