@@ -26,6 +26,9 @@ type Campaign struct {
 	FinishedAt, ExpiresAt time.Time
 	// Report is where its report was archived ("" if it was not).
 	Report string
+	// StartAt is when its sends are processed from (enqueuer campaign
+	// --start-at); zero for at once. Kept from the first run (SetStartAt).
+	StartAt time.Time
 }
 
 func (s *Store) metaKey(campaign string) string { return s.keys.Meta(campaign) }
@@ -67,7 +70,8 @@ func (s *Store) Campaign(ctx context.Context, name string) (Campaign, error) {
 	deadline, _ := strconv.ParseInt(m["deadline"], 10, 64)
 	created, _ := strconv.ParseInt(m["created_at"], 10, 64)
 	c := Campaign{Name: name, MchID: m["mchid"], Deadline: time.Unix(deadline, 0), CreatedAt: time.Unix(created, 0),
-		Retention: DefaultRetention, FinishedAt: millis(m["finished_at"]), ExpiresAt: millis(m["expires_at"]), Report: m["report"]}
+		Retention: DefaultRetention, FinishedAt: millis(m["finished_at"]), ExpiresAt: millis(m["expires_at"]), Report: m["report"],
+		StartAt: millis(m["start_at"])}
 	if r, err := strconv.ParseInt(m["retention"], 10, 64); err == nil && r > 0 {
 		c.Retention = time.Duration(r) * time.Millisecond
 	}
