@@ -1,8 +1,10 @@
 package e2e
 
 import (
+	"net/http"
 	"regexp"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -67,7 +69,13 @@ func TestCampaignSurvivesFaults(t *testing.T) {
 		t.Fatalf("coupons exited %d:\n%s", code, out)
 	}
 
-	// The same command again: nothing queued, nothing issued.
+	// The same command again: nothing queued, nothing issued, nothing sent.
+	var posts atomic.Int64
+	r.sb.OnRequest(func(req sandbox.RecordedRequest) {
+		if req.Method == http.MethodPost {
+			posts.Add(1)
+		}
+	})
 	before := r.sb.Ledger()
 	out, code = r.enqueuer("campaign", "--file", path, "--stock-id", r.stockID(), "--campaign", "spring")
 	if code != 0 || !strings.Contains(out, "enqueued 0, duplicates 2000, invalid 0") {
@@ -75,9 +83,10 @@ func TestCampaignSurvivesFaults(t *testing.T) {
 	}
 	time.Sleep(2 * time.Second) // give a wrongly queued task time to run
 	after := r.sb.Ledger()
-	if len(after.Coupons) != len(before.Coupons) || total(after.Requests) != total(before.Requests) {
-		t.Fatalf("the re-run reached WeChat: %d → %d coupons, %d → %d requests",
-			len(before.Coupons), len(after.Coupons), total(before.Requests), total(after.Requests))
+	// The one request it makes is the stock's query, a GET.
+	if len(after.Coupons) != len(before.Coupons) || total(after.Requests) != total(before.Requests)+1 || posts.Load() != 0 {
+		t.Fatalf("the re-run sent to WeChat: %d → %d coupons, %d → %d requests, %d sends",
+			len(before.Coupons), len(after.Coupons), total(before.Requests), total(after.Requests), posts.Load())
 	}
 }
 

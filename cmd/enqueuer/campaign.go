@@ -17,6 +17,7 @@ import (
 	"github.com/couponflow/dispatcher/internal/campaign"
 	"github.com/couponflow/dispatcher/internal/enqueue"
 	"github.com/couponflow/dispatcher/internal/idempotency"
+	"github.com/couponflow/dispatcher/internal/ratelimit"
 	"github.com/couponflow/dispatcher/internal/tasks"
 )
 
@@ -33,7 +34,12 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	stock := c.fs.String("stock-id", "", "stock (批次) id")
 	creator := c.fs.String("creator-mchid", "", "stock_creator_mchid; default the merchant id")
 	name := c.fs.String("campaign", "", "campaign name; default the file's base name. Rows without out_request_no get one derived from the merchant, this name and the openid, so keep it when re-running")
-	deadline := c.fs.String("deadline", "72h", "how long sends wait on an exhausted budget: a duration or an RFC 3339 time (kept from the first run)")
+	deadline := c.fs.String("deadline", "", "how long sends wait on an exhausted budget: a duration or an RFC 3339 time (kept from the first run); default the stock's end time, or 72h after the start when it is not known")
+	dry := c.fs.Bool("dry-run", false, "read and check the whole file and the stock, write nothing: exit 0 if the campaign can run as it stands, 3 if not (see README)")
+	force := c.fs.Bool("force", false, "queue even though the stock is stopped, past its end time or unknown to WeChat")
+	startAt := c.fs.String("start-at", "", `process the sends from this time (kept from the first run): RFC 3339, or local "2006-01-02 15:04[:05]"`)
+	rateLimits := c.fs.String("rate-limits", "", "the merchant's limits, as the workers' --rate-limits, for the dry run's duration")
+	asJSON := c.fs.Bool("json", false, "with --dry-run: print the report as JSON")
 	concurrency := c.fs.Int("concurrency", 32, "enqueues in flight at once")
 	queue := c.fs.String("queue", tasks.DefaultQueue, "asynq queue")
 	c.retryFlag()
@@ -58,9 +64,13 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if err := tasks.ValidateCampaign(*name); err != nil {
 		return &exitError{code: 2, err: err}
 	}
-	dl, err := parseDeadline(*deadline)
+	start, err := parseStartAt(*startAt)
 	if err != nil {
 		return &exitError{code: 2, err: err}
+	}
+	limits, err := ratelimit.ParseLimits(*rateLimits)
+	if err != nil {
+		return &exitError{code: 2, err: fmt.Errorf("--rate-limits: %w", err)}
 	}
 	reader, closer, err := campaign.Open(*file, campaign.Options{Format: *format})
 	if err != nil {
@@ -75,6 +85,25 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	var size int64
 	if fi, err := os.Stat(*file); err == nil {
 		size = fi.Size()
+	}
+	// The stock first: it decides the deadline, and whether to go on.
+	q := c.queryStock(ctx, *stock, *creator)
+	dl, dlFrom, err := chooseDeadline(c.set["deadline"], *deadline, q, start)
+	if err != nil {
+		return &exitError{code: 2, err: err}
+	}
+	if *dry {
+		camp := enqueue.Campaign{Name: *name, MchID: c.wx.MchID, AppID: c.wx.AppID, StockID: *stock, StockCreatorMchID: *creator, Deadline: dl}
+		return dryRun(reader, camp, *file, q, start, dlFrom, limits, *showInvalid, *asJSON, stdout)
+	}
+	if err := checkStockBeforeEnqueue(q, start, *force, stderr); err != nil {
+		return err
+	}
+	switch dlFrom {
+	case "stock":
+		fmt.Fprintf(stderr, "deadline: the stock's end time, %s\n", dl.Format(time.RFC3339))
+	case "default":
+		fmt.Fprintf(stderr, "deadline: %s after the start, %s: the stock's end time is not known\n", defaultDeadline, dl.Format(time.RFC3339))
 	}
 
 	rdb, err := c.redis(ctx, *concurrency+4)
@@ -111,16 +140,25 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 			return err
 		}
 	}
+	if meta.StartAt, err = store.SetStartAt(ctx, *name, start); err != nil {
+		return err
+	}
+	if c.set["start-at"] && !meta.StartAt.Equal(start) {
+		fmt.Fprintf(stderr, "warning: campaign %s keeps the start of its first run (%s); --start-at %s is not applied\n", *name, startLine(meta.StartAt), *startAt)
+	}
+	if !meta.StartAt.IsZero() && time.Now().Before(meta.StartAt) {
+		fmt.Fprintf(stderr, "campaign %s: sends scheduled to start at %s\n", *name, meta.StartAt.Format(time.RFC3339))
+	}
 	fmt.Fprintf(stderr, "campaign %s: %s → stock %s, queue %s, deadline %s, retention %s\n", *name, *file, *stock, *queue, meta.Deadline.Format(time.RFC3339), meta.Retention)
 
 	var stats enqueue.Stats
-	start := time.Now()
-	stopProgress := showProgress(*progress, stderr, size, &stats, start)
+	began := time.Now()
+	stopProgress := showProgress(*progress, stderr, size, &stats, began)
 	opts := enqueue.BulkOptions{Concurrency: *concurrency, KeepInvalid: *showInvalid}
 	if ack.Enabled() {
 		opts.Ack = ack
 	}
-	runErr := c.producer(rdb, *queue).Bulk(ctx, reader, enqueue.Campaign{
+	runErr := c.producer(rdb, *queue, enqueue.WithProcessAt(meta.StartAt)).Bulk(ctx, reader, enqueue.Campaign{
 		Name: *name, MchID: c.wx.MchID, AppID: c.wx.AppID, StockID: *stock, StockCreatorMchID: *creator, Deadline: meta.Deadline,
 	}, &stats, opts)
 	stopProgress()
@@ -134,7 +172,7 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		}
 	}
 
-	elapsed := time.Since(start)
+	elapsed := time.Since(began)
 	rows := stats.Enqueued.Load() + stats.Duplicates.Load() + stats.Invalid.Load()
 	fmt.Fprintf(stdout, "campaign %s: enqueued %d, duplicates %d, invalid %d, in %s (%.0f rows/s)\n",
 		*name, stats.Enqueued.Load(), stats.Duplicates.Load(), stats.Invalid.Load(), elapsed.Round(time.Millisecond), float64(rows)/elapsed.Seconds())
@@ -155,6 +193,9 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 			return &exitError{code: 2, err: runErr}
 		}
 		return runErr
+	}
+	if st, err := store.Status(ctx, *name); err == nil {
+		warnShortfall(q, st.Total-st.ByState[idempotency.Succeeded]-st.ByState[idempotency.Failed]-st.ByState[idempotency.Unknown], stderr)
 	}
 	fmt.Fprintf(stdout, "follow it with: enqueuer status --campaign %s\n", *name)
 	return nil

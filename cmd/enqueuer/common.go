@@ -59,6 +59,9 @@ func (c *common) parse(args []string) error {
 	if c.fs.Lookup("queue") != nil {
 		env["queue"] = EnvQueue
 	}
+	if c.fs.Lookup("rate-limits") != nil {
+		env["rate-limits"] = "WORKER_RATE_LIMITS" // the workers' variable: the limits are the merchant's
+	}
 	if err := envflag.Parse(c.fs, env, args); err != nil {
 		return err // printed by the flag package, or -h
 	}
@@ -113,9 +116,9 @@ func (c *common) breakers(rdb redis.UniversalClient) *breaker.Breakers {
 	return breaker.New(rdb, breaker.WithKeys(keyspace.New(c.keyPrefix)))
 }
 
-func (c *common) producer(rdb redis.UniversalClient, queue string) *enqueue.Producer {
-	return enqueue.New(asynq.NewClientFromRedisClient(rdb), c.store(rdb), enqueue.WithQueue(queue),
-		enqueue.WithQueueShards(c.shards), enqueue.WithMaxRetry(c.maxRetry))
+func (c *common) producer(rdb redis.UniversalClient, queue string, opts ...enqueue.Option) *enqueue.Producer {
+	return enqueue.New(asynq.NewClientFromRedisClient(rdb), c.store(rdb), append([]enqueue.Option{enqueue.WithQueue(queue),
+		enqueue.WithQueueShards(c.shards), enqueue.WithMaxRetry(c.maxRetry)}, opts...)...)
 }
 
 // retryFlag adds --max-retry to a command that queues sends.

@@ -173,6 +173,9 @@ func printStatus(w io.Writer, meta idempotency.Campaign, st idempotency.Status, 
 	}
 	fmt.Fprintf(w, "campaign %s (merchant %s, deadline %s): %d of %d done (%.1f%%), %.1f sends/s over the last minute, %.1f over the last 10s\n",
 		meta.Name, meta.MchID, meta.Deadline.Format(time.RFC3339), done, st.Total, pct, st.Rate, st.Rate10s)
+	if n := scheduled(meta, st); n > 0 {
+		fmt.Fprintf(w, "  %d scheduled to start at %s\n", n, meta.StartAt.Format(time.RFC3339))
+	}
 	if st.Missing() > 0 {
 		fmt.Fprintf(w, "  WARNING: %s (%d recorded, %d counted by its last complete enqueue)\n", st.MissingAdvice(), st.Total, st.Expected)
 	}
@@ -235,8 +238,17 @@ func printStatusJSON(w io.Writer, meta idempotency.Campaign, st idempotency.Stat
 		"expected": st.Expected, "missing": st.Missing(),
 		"shared_rates": f.Rates, "open_breakers": f.Breakers, "control": string(meta.Control), "actions": audit,
 		"retention": meta.Retention.String(), "finished_at": jsonTime(meta.FinishedAt), "expires_at": jsonTime(meta.ExpiresAt),
-		"report": meta.Report,
+		"report": meta.Report, "start_at": jsonTime(meta.StartAt), "scheduled": scheduled(meta, st),
 	})
+}
+
+// scheduled is how many sends wait for the campaign's --start-at: before
+// it, every send not yet processed.
+func scheduled(meta idempotency.Campaign, st idempotency.Status) int64 {
+	if meta.StartAt.IsZero() || !time.Now().Before(meta.StartAt) {
+		return 0
+	}
+	return st.ByState[idempotency.Pending]
 }
 
 func jsonTime(t time.Time) any {

@@ -245,6 +245,10 @@ func (p *Producer) Bulk(ctx context.Context, r *campaign.Reader, c Campaign, sta
 	return ctx.Err()
 }
 
+// Send is the send Bulk would queue for row: a dry run validates and
+// counts the very same.
+func (c Campaign) Send(row campaign.Row) tasks.SendCoupon { return c.args(row) }
+
 func (c Campaign) args(row campaign.Row) tasks.SendCoupon {
 	orn := row.OutRequestNo
 	if orn == "" {

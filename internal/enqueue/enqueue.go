@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/hibiken/asynq"
 
@@ -23,7 +24,9 @@ type Producer struct {
 	queue    string
 	shards   int
 	maxRetry int
-	saved    sync.Map // campaigns this producer has made known to the store
+	// processAt schedules every task for then (zero: at once).
+	processAt time.Time
+	saved     sync.Map // campaigns this producer has made known to the store
 }
 
 // Option configures a Producer.
@@ -40,6 +43,10 @@ func WithQueueShards(n int) Option { return func(p *Producer) { p.shards = n } }
 // ends unknown (default tasks.MaxRetry); waits on a rate limit or a budget
 // do not count.
 func WithMaxRetry(n int) Option { return func(p *Producer) { p.maxRetry = n } }
+
+// WithProcessAt has the tasks processed from t (asynq's ProcessAt) rather
+// than at once; a t already past means at once.
+func WithProcessAt(t time.Time) Option { return func(p *Producer) { p.processAt = t } }
 
 // New returns a producer that queues through client and records in store.
 func New(client *asynq.Client, store *idempotency.Store, opts ...Option) *Producer {
@@ -88,6 +95,9 @@ func (p *Producer) Enqueue(ctx context.Context, args tasks.Args) (Result, error)
 	opts := []asynq.Option{asynq.Queue(tasks.ShardQueue(p.queue, p.shards, args.Key().OutRequestNo))}
 	if p.maxRetry > 0 {
 		opts = append(opts, asynq.MaxRetry(p.maxRetry))
+	}
+	if !p.processAt.IsZero() {
+		opts = append(opts, asynq.ProcessAt(p.processAt))
 	}
 	task, err := tasks.NewTask(args, opts...)
 	if err != nil {

@@ -8,6 +8,7 @@ import (
 	"mime"
 	"net/http"
 	"net/url"
+	"time"
 )
 
 // adminRoutes registers the unsigned control API. Faults never apply here.
@@ -68,8 +69,17 @@ func (s *Server) adminRoutes(outer *http.ServeMux) {
 				return
 			}
 			err = s.TopUp(id, body.Coupons)
+		case "window":
+			var body struct {
+				Begin time.Time `json:"available_begin_time"`
+				End   time.Time `json:"available_end_time"`
+			}
+			if !readJSON(w, r, &body) {
+				return
+			}
+			err = s.SetStockWindow(id, body.Begin, body.End)
 		default:
-			writeJSON(w, http.StatusNotFound, map[string]string{"error": fmt.Sprintf("unknown stock action %q: want pause, activate, stop, topup or authorize", a)})
+			writeJSON(w, http.StatusNotFound, map[string]string{"error": fmt.Sprintf("unknown stock action %q: want pause, activate, stop, topup, authorize or window", a)})
 			return
 		}
 		s.writeStock(w, id, err)

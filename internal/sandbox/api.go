@@ -8,9 +8,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"net/url"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -557,4 +559,122 @@ func (s *Server) listCoupons(r *http.Request, _ []byte) reply {
 		Offset     int64        `json:"offset"`
 		Limit      int64        `json:"limit"`
 	}{data, len(all), offset, limit})
+}
+
+// Query-stock status values, as the official docs spell them (lower case,
+// and 已停止 as "stoped"): https://pay.weixin.qq.com/docs/merchant/apis/cash-coupons/stock/query-stock.html
+const (
+	QueryStatusRunning = "running"
+	QueryStatusPaused  = "paused"
+	QueryStatusStopped = "stoped"
+)
+
+// stockView is the answer of GET /v3/marketing/favor/stocks/{stock_id}
+// (查询批次详情), field for field as the official page and the SDK's
+// cashcoupons.Stock have it.
+type stockView struct {
+	StockID            string       `json:"stock_id"`
+	StockCreatorMchID  string       `json:"stock_creator_mchid"`
+	StockName          string       `json:"stock_name"`
+	Status             string       `json:"status"`
+	CreateTime         string       `json:"create_time"`
+	Description        string       `json:"description"`
+	StockUseRule       stockUseRule `json:"stock_use_rule"`
+	AvailableBeginTime string       `json:"available_begin_time"`
+	AvailableEndTime   string       `json:"available_end_time"`
+	DistributedCoupons int64        `json:"distributed_coupons"`
+	NoCash             bool         `json:"no_cash"`
+	StartTime          string       `json:"start_time,omitempty"`
+	StopTime           string       `json:"stop_time,omitempty"`
+	Singleitem         bool         `json:"singleitem"`
+	StockType          string       `json:"stock_type"`
+}
+
+type stockUseRule struct {
+	MaxCoupons        int64            `json:"max_coupons"`
+	MaxAmount         int64            `json:"max_amount"`
+	MaxAmountByDay    int64            `json:"max_amount_by_day,omitempty"`
+	FixedNormalCoupon normalCouponInfo `json:"fixed_normal_coupon"`
+	// MaxCouponsPerUser is 0 for a sandbox stock without a per-user limit
+	// (WeChat's stocks always have one).
+	MaxCouponsPerUser int64    `json:"max_coupons_per_user"`
+	CouponType        string   `json:"coupon_type"`
+	GoodsTag          []string `json:"goods_tag"`
+	TradeType         []string `json:"trade_type"`
+	CombineUse        bool     `json:"combine_use"`
+}
+
+func (k Stock) queryView() stockView {
+	status := QueryStatusRunning
+	switch k.State {
+	case StatePaused:
+		status = QueryStatusPaused
+	case StateStopped:
+		status = QueryStatusStopped
+	}
+	stockType := "NORMAL"
+	if k.Kind == KindMultiuse {
+		stockType = "OTHER" // the SDK's enum: NORMAL, DISCOUNT_CUT, OTHER
+	}
+	v := stockView{
+		StockID:           k.ID,
+		StockCreatorMchID: k.CreatorMchID,
+		StockName:         k.Name,
+		Status:            status,
+		CreateTime:        rfc3339(k.Created),
+		Description:       "沙箱批次 " + k.ID,
+		StockUseRule: stockUseRule{
+			MaxCoupons:        k.Budget,
+			MaxAmount:         budgetAmount(k.Budget, k.CouponValue),
+			MaxAmountByDay:    k.MaxAmountByDay,
+			FixedNormalCoupon: normalCouponInfo{k.CouponValue, k.CouponMinimum},
+			MaxCouponsPerUser: k.MaxPerUser,
+			CouponType:        "NORMAL",
+			GoodsTag:          []string{},
+			TradeType:         []string{},
+		},
+		AvailableBeginTime: rfc3339(k.AvailableBegin),
+		AvailableEndTime:   rfc3339(k.AvailableEnd),
+		DistributedCoupons: k.Issued,
+		StartTime:          rfc3339(k.Created),
+		StockType:          stockType,
+	}
+	if !k.Stopped.IsZero() {
+		v.StopTime = rfc3339(k.Stopped)
+	}
+	return v
+}
+
+// budgetAmount is max_amount, the budget in fen, saturated rather than
+// overflowing for an absurd sandbox budget.
+func budgetAmount(coupons, value int64) int64 {
+	if value > 0 && coupons > math.MaxInt64/value {
+		return math.MaxInt64
+	}
+	return coupons * value
+}
+
+// queryStock is GET /v3/marketing/favor/stocks/{stock_id} (查询批次详情).
+// The docs: stock_creator_mchid is required and must have created the
+// stock (校验规则); the creator and the stock's senders may call it
+// (该接口支持批次创建商户号与批次发放商户调用).
+func (s *Server) queryStock(r *http.Request, _ []byte) reply {
+	id := r.PathValue("stock_id")
+	creator := r.URL.Query().Get("stock_creator_mchid")
+	if e := firstErr(
+		required("stock_id", id, 20),
+		required("stock_creator_mchid", creator, 20),
+	); e != nil {
+		return e.reply()
+	}
+	k, ok := s.Stock(id)
+	switch {
+	case !ok:
+		return (&apiError{404, "RESOURCE_NOT_EXISTS", fmt.Sprintf("批次不存在: stock_id %s not found", id)}).reply()
+	case k.CreatorMchID != creator:
+		return errParam("stock_creator_mchid %s did not create stock %s (接口传入的批次号需由stock_creator_mchid所创建)", creator, id).reply()
+	case k.CreatorMchID != s.id.MchID && !slices.Contains(k.AuthorizedMchIDs, s.id.MchID):
+		return (&apiError{403, "NO_AUTH", fmt.Sprintf("无权限: merchant %s neither created stock %s nor is authorised to send it", s.id.MchID, id)}).reply()
+	}
+	return okReply(k.queryView())
 }

@@ -223,6 +223,7 @@ func (s *Server) routes() http.Handler {
 	mux.Handle("POST /v3/marketing/favor/users/{openid}/coupons", s.api(s.sendFavor))
 	mux.Handle("GET /v3/marketing/favor/users/{openid}/coupons", s.api(s.listCoupons))
 	mux.Handle("POST /v3/multiuse/users/{openid}/coupons", s.api(s.sendMultiuse))
+	mux.Handle("GET /v3/marketing/favor/stocks/{stock_id}", s.api(s.queryStock))
 	mux.Handle("/v3/", s.api(notFound))
 	s.adminRoutes(mux)
 	unclean := s.api(uncleanPath)

@@ -67,6 +67,12 @@ type StockSpec struct {
 	// another creator is refused (批次不支持跨商户发券) unless that mchid is
 	// listed here.
 	AuthorizedMchIDs []string `json:"authorized_mchids,omitempty"`
+	// AvailableBegin and AvailableEnd are the stock's window (WeChat's
+	// available_begin_time, available_end_time): a send outside it is
+	// refused like a paused stock's (活动已结束或未激活). Zero takes the
+	// default: from a day before creation to 30 days after it.
+	AvailableBegin time.Time `json:"available_begin_time,omitzero"`
+	AvailableEnd   time.Time `json:"available_end_time,omitzero"`
 }
 
 // Stock is a stock and how much of it has been issued.
@@ -74,6 +80,11 @@ type Stock struct {
 	StockSpec
 	Issued    int64 `json:"issued"`
 	Remaining int64 `json:"remaining"`
+	// Created is the query API's create_time and start_time (the sandbox
+	// activates a stock when it creates it); Stopped is its stop_time,
+	// set when the stock is stopped.
+	Created time.Time `json:"create_time,omitzero"`
+	Stopped time.Time `json:"stop_time,omitzero"`
 	// Day (China time, 2006-01-02) and AmountToday: fen issued that day,
 	// for MaxAmountByDay.
 	Day         string `json:"day,omitempty"`
@@ -230,7 +241,12 @@ func (s *Server) loadState() error {
 	st := newStore()
 	st.nextCoupon = max(st.nextCoupon, sn.NextCouponID)
 	st.nextStock = max(st.nextStock, sn.NextStockID)
+	now := s.now()
 	for _, k := range sn.Stocks {
+		// A state.json from before stocks had a window: the default one,
+		// from now.
+		k.AvailableBegin, k.AvailableEnd = defaultWindow(k.AvailableBegin, k.AvailableEnd, now)
+		k.Created = cmp.Or(k.Created, now)
 		st.addStock(&k)
 	}
 	for _, c := range sn.Coupons {
@@ -354,6 +370,11 @@ func (s *Server) createStockLocked(spec StockSpec) (Stock, error) {
 		}
 	}
 	spec.AuthorizedMchIDs = slices.Clone(spec.AuthorizedMchIDs)
+	now := s.now()
+	spec.AvailableBegin, spec.AvailableEnd = defaultWindow(spec.AvailableBegin, spec.AvailableEnd, now)
+	if err := checkWindow(spec.AvailableBegin, spec.AvailableEnd); err != nil {
+		return Stock{}, err
+	}
 	if spec.ID == "" {
 		for spec.ID == "" || s.st.stocks[spec.ID] != nil {
 			spec.ID = strconv.FormatInt(s.st.nextStock, 10)
@@ -364,10 +385,47 @@ func (s *Server) createStockLocked(spec StockSpec) (Stock, error) {
 	} else if s.st.stocks[spec.ID] != nil {
 		return Stock{}, fmt.Errorf("stock_id %s already exists", spec.ID)
 	}
-	k := &Stock{StockSpec: spec}
+	k := &Stock{StockSpec: spec, Created: now}
 	s.st.addStock(k)
 	s.st.dirty = true
 	return k.view(), nil
+}
+
+// Default stock windows: the day before creation, so that a stock is
+// active at once even on a clock a little behind, to 30 days after it.
+const (
+	DefaultWindowBefore = 24 * time.Hour
+	DefaultWindowAfter  = 30 * 24 * time.Hour
+)
+
+func defaultWindow(begin, end, now time.Time) (time.Time, time.Time) {
+	if begin.IsZero() {
+		begin = now.Add(-DefaultWindowBefore)
+	}
+	if end.IsZero() {
+		end = now.Add(DefaultWindowAfter)
+	}
+	return begin, end
+}
+
+func checkWindow(begin, end time.Time) error {
+	if !end.After(begin) {
+		return fmt.Errorf("available_end_time %s must be after available_begin_time %s", rfc3339(end), rfc3339(begin))
+	}
+	return nil
+}
+
+// SetStockWindow sets a stock's available_begin_time and
+// available_end_time; a zero time keeps that end as it is.
+func (s *Server) SetStockWindow(id string, begin, end time.Time) error {
+	return s.updateStock(id, func(k *Stock) error {
+		b, e := cmp.Or(begin, k.AvailableBegin), cmp.Or(end, k.AvailableEnd)
+		if err := checkWindow(b, e); err != nil {
+			return err
+		}
+		k.AvailableBegin, k.AvailableEnd = b, e
+		return nil
+	})
 }
 
 func checkMchID(field, v string) error {
@@ -429,7 +487,15 @@ func (s *Server) SetStockState(id, state string) error {
 	if !validState(state) {
 		return fmt.Errorf("state must be %q, %q or %q, got %q", StateActive, StatePaused, StateStopped, state)
 	}
-	return s.updateStock(id, func(k *Stock) error { k.State = state; return nil })
+	return s.updateStock(id, func(k *Stock) error {
+		if state == StateStopped && k.State != StateStopped {
+			k.Stopped = s.now()
+		} else if state != StateStopped {
+			k.Stopped = time.Time{}
+		}
+		k.State = state
+		return nil
+	})
 }
 
 // TopUp adds n coupons to a stock's budget.
@@ -553,6 +619,7 @@ func (s *Server) issue(q *coupon) (*coupon, *apiError) {
 		return nil, errInvalid("out_request_no %s 已使用: it was already used with different parameters", q.OutRequestNo)
 	}
 	k := st.stocks[q.StockID]
+	now := s.now()
 	switch {
 	case k == nil:
 		return nil, &apiError{404, "RESOURCE_NOT_EXISTS", fmt.Sprintf("批次不存在: stock_id %s not found", q.StockID)}
@@ -569,6 +636,10 @@ func (s *Server) issue(q *coupon) (*coupon, *apiError) {
 		return nil, &apiError{403, "REQUEST_BLOCKED", fmt.Sprintf("批次不支持跨商户发券: stock %s was created by merchant %s and has not authorised merchant %s to send it", k.ID, k.CreatorMchID, q.SenderMchID)}
 	case k.State != StateActive:
 		return nil, errInvalid("活动已结束或未激活: stock %s is %s", k.ID, k.State)
+	case now.Before(k.AvailableBegin):
+		return nil, errInvalid("活动已结束或未激活: stock %s is available from %s", k.ID, rfc3339(k.AvailableBegin))
+	case !now.Before(k.AvailableEnd):
+		return nil, errInvalid("活动已结束或未激活: stock %s ended at %s", k.ID, rfc3339(k.AvailableEnd))
 	case st.users[q.OpenID].Abnormal:
 		return nil, &apiError{403, "USER_ACCOUNT_ABNORMAL", fmt.Sprintf("用户非法: the account of openid %s is abnormal and cannot receive coupons", q.OpenID)}
 	case k.Issued >= k.Budget:
@@ -576,7 +647,6 @@ func (s *Server) issue(q *coupon) (*coupon, *apiError) {
 	case k.MaxPerUser > 0 && st.perUser[k.ID+"\x00"+q.OpenID] >= k.MaxPerUser:
 		return nil, &apiError{403, "REQUEST_BLOCKED", fmt.Sprintf("用户被限领拦截: the user already holds %d coupon(s) of stock %s", k.MaxPerUser, k.ID)}
 	}
-	now := s.now()
 	c := *q
 	if c.ReqValue == 0 { // no value of its own: the stock's
 		c.Amount = k.CouponValue

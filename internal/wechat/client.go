@@ -1,6 +1,6 @@
-// Package wechat is a client for the three WeChat Pay API v3 calls the
+// Package wechat is a client for the WeChat Pay API v3 calls the
 // dispatcher makes: send a cash coupon, list a user's coupons, send
-// consumer funds. It is built on the official SDK, which signs requests and
+// consumer funds, and query a stock before a campaign. It is built on the official SDK, which signs requests and
 // verifies responses; this package adds typed requests, a base URL, and a
 // classification of every outcome (see Class) that tells the caller whether
 // and how to retry.
