@@ -1,12 +1,17 @@
 package e2e
 
 import (
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/couponflow/dispatcher/internal/idempotency"
+	"github.com/couponflow/dispatcher/internal/notify"
 	"github.com/couponflow/dispatcher/internal/sandbox"
 )
 
@@ -192,5 +197,63 @@ func TestRetryQueuesWhatFailed(t *testing.T) {
 	// Nothing left to retry; a resend of the succeeded ones is impossible.
 	if out, code := r.enqueuer("retry", "--campaign", "re"); code != 0 || !strings.Contains(out, "queueing 0 failed sends") {
 		t.Fatalf("second retry exit %d:\n%s", code, out)
+	}
+}
+
+// The end of a campaign is said once across three workers: one webhook,
+// signed, with the campaign's figures.
+func TestDoneWebhookArrivesOnce(t *testing.T) {
+	t.Parallel()
+	r := newRig(t)
+	secret := "e2e-notify-secret"
+	r.env = append(r.env, notify.EnvSecret+"="+secret)
+	var mu sync.Mutex
+	var posts []notify.Summary
+	var bad []string
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		body, _ := io.ReadAll(req.Body)
+		var ts, sig string
+		for _, part := range strings.Split(req.Header.Get(notify.SignatureHeader), ",") {
+			k, v, _ := strings.Cut(part, "=")
+			switch k {
+			case "t":
+				ts = v
+			case "v1":
+				sig = v
+			}
+		}
+		var s notify.Summary
+		mu.Lock()
+		defer mu.Unlock()
+		if sig != notify.Sign([]byte(secret), ts, body) || json.Unmarshal(body, &s) != nil {
+			bad = append(bad, req.Header.Get(notify.SignatureHeader))
+		}
+		posts = append(posts, s)
+	}))
+	defer hook.Close()
+	path, _ := r.writeUsers("N", 100)
+	if out, code := r.enqueuer("campaign", "--file", path, "--stock-id", r.stockID(), "--campaign", "nd", "--notify-url", hook.URL+"/done"); code != 0 {
+		t.Fatal(out)
+	}
+	workers := []*proc{}
+	for _, w := range []string{"n1", "n2", "n3"} {
+		workers = append(workers, r.worker(w, "--concurrency", "4", "--notify-every", "100ms"))
+	}
+	r.waitFor("nd", time.Minute, "done", done)
+	time.Sleep(2 * time.Second) // every worker has looked at it many times
+	mu.Lock()
+	defer mu.Unlock()
+	if len(posts) != 1 || len(bad) != 0 {
+		t.Fatalf("%d posts (%d badly signed): %+v", len(posts), len(bad), posts)
+	}
+	if s := posts[0]; s.Event != "campaign.done" || s.Campaign != "nd" || s.Total != 100 || s.Succeeded != 100 || s.DoneAt.IsZero() {
+		t.Fatalf("summary %+v", s)
+	}
+	said := 0
+	for _, w := range workers {
+		said += strings.Count(w.out.String(), `"msg":"campaign done: nothing is left for the workers"`)
+	}
+	if said != 1 {
+		t.Fatalf("the end was logged %d times across the fleet", said)
 	}
 }

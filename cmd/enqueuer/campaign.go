@@ -135,6 +135,11 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if err := store.SetNotifyURL(ctx, *name, *notifyURL); err != nil {
 		return err
 	}
+	// Until the whole file is in, the sends queued so far may all be done
+	// without the campaign being done: the fleet does not say it is.
+	if err := store.BeginEnqueue(ctx, *name); err != nil {
+		return err
+	}
 	if c.set["retention"] && meta.Retention != *retention {
 		if meta, err = store.SetRetention(ctx, *name, *retention); err != nil {
 			return err

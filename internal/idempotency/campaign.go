@@ -84,6 +84,7 @@ func (s *Store) Campaign(ctx context.Context, name string) (Campaign, error) {
 // field expected) to its registered total (KEYS[1] counts, field total),
 // never lowers it, and returns it.
 var expectedScript = redis.NewScript(`
+redis.call('HDEL', KEYS[2], 'enqueuing')
 local total = tonumber(redis.call('HGET', KEYS[1], 'total') or '0') or 0
 local expected = tonumber(redis.call('HGET', KEYS[2], 'expected') or '0') or 0
 if total > expected then
@@ -102,6 +103,15 @@ func (s *Store) RecordExpected(ctx context.Context, campaign string) (int64, err
 		return 0, fmt.Errorf("idempotency: recording the expected count of %s: %w", campaign, err)
 	}
 	return n, nil
+}
+
+// BeginEnqueue marks a campaign as being enqueued, until RecordExpected:
+// its sends so far may all be done without the campaign being done.
+func (s *Store) BeginEnqueue(ctx context.Context, campaign string) error {
+	if err := s.rdb.HSet(ctx, s.metaKey(campaign), "enqueuing", s.now().UnixMilli()).Err(); err != nil {
+		return fmt.Errorf("idempotency: marking %s as being enqueued: %w", campaign, err)
+	}
+	return nil
 }
 
 // Campaigns lists the names of every campaign, sorted.

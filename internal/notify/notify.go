@@ -1,6 +1,6 @@
 // Package notify says once, across the fleet, that a campaign is done:
-// nothing is left for the workers (every send succeeded, failed, was
-// cancelled, or is unknown and waits for reconcile). The first worker to
+// its enqueue has finished and nothing is left for the workers (every send
+// succeeded, failed, was cancelled, or is unknown and waits for reconcile). The first worker to
 // see it marks the campaign done in Redis with HSETNX, so that one worker
 // only logs it, counts it and, if the campaign asked for it (enqueuer
 // campaign --notify-url), queues a webhook. The webhook's state lives in
@@ -140,14 +140,14 @@ func (n *Notifier) Once(ctx context.Context) error {
 
 func (n *Notifier) campaign(ctx context.Context, name string) error {
 	meta := n.keys.Meta(name)
-	m, err := n.rdb.HMGet(ctx, meta, "done_at", "notify_url", "notify_status", "notify_next", "mchid").Result()
+	m, err := n.rdb.HMGet(ctx, meta, "done_at", "notify_url", "notify_status", "notify_next", "mchid", "enqueuing").Result()
 	if err != nil {
 		return err
 	}
 	if m[4] == nil {
 		return nil // no such campaign (any more)
 	}
-	if m[0] == nil {
+	if m[0] == nil && m[5] == nil {
 		st, err := n.store.Status(ctx, name)
 		if err != nil || !st.Done() {
 			return err
