@@ -91,9 +91,12 @@ func TestPauseResumeCancel(t *testing.T) {
 		t.Fatalf("the paused campaign moved on: %v, then %v", atPause.ByState, st.ByState)
 	}
 	// The other campaign kept the rate: with A paused it has it all.
-	if n := c.between("oB", paused.Add(time.Second), paused.Add(3*time.Second)); n < rate { // 2 s at 60/s is 120
-		t.Fatalf("campaign B made %d calls in the 2 s after the pause; want at least %d of the %d its rate allows", n, rate, 2*rate)
+	nB := c.between("oB", paused.Add(time.Second), paused.Add(3*time.Second))
+	if nB < rate { // 2 s at 60/s is 120
+		t.Fatalf("campaign B made %d calls in the 2 s after the pause; want at least %d of the %d its rate allows", nB, rate, 2*rate)
 	}
+	t.Logf("pause returned after %s; 0 calls of A in the 3 s after it; B made %d calls in the 2 s from 1 s after it (its rate allows %d)",
+		paused.Sub(asked).Round(time.Millisecond), nB, 2*rate)
 	st, _ := r.store.Status(t.Context(), "pa")
 	out, _ = r.enqueuer("status", "--campaign", "pa")
 	if !strings.Contains(out, "PAUSED") || !strings.Contains(out, "pause   by") {
@@ -144,6 +147,8 @@ func TestPauseResumeCancel(t *testing.T) {
 	if !strings.Contains(out, "sends cancelled") || !strings.Contains(out, "no call of it is in flight") {
 		t.Fatalf("cancel said:\n%s", out)
 	}
+	t.Logf("cancel returned after %s: %d cancelled, %d succeeded = %d coupons in the ledger, 0 calls in the 2 s after",
+		cancelled.Sub(asked).Round(time.Millisecond), st.ByState[idempotency.Cancelled], st.ByState[idempotency.Succeeded], issued)
 	// Enqueueing into it again is refused unless asked for.
 	if out, code := r.enqueuer("campaign", "--file", pathC, "--stock-id", r.stockID(), "--campaign", "pc"); code != 2 || !strings.Contains(out, "--reopen") {
 		t.Fatalf("enqueue into a cancelled campaign: exit %d:\n%s", code, out)

@@ -201,9 +201,11 @@ func TestSignErrorStopsTheMerchantUntilAProbeIsTaken(t *testing.T) {
 	// 20 sends held over 2s of 1s probes: the first refusals, then one
 	// probe a second, not a call per send per retry.
 	time.Sleep(2 * time.Second)
-	if n := w.sb.Ledger().Requests["401 SIGN_ERROR"]; n > 12 {
-		t.Fatalf("%d calls refused while the merchant's breaker was open", n)
+	refused := w.sb.Ledger().Requests["401 SIGN_ERROR"]
+	if refused > 12 {
+		t.Fatalf("%d calls refused while the merchant's breaker was open", refused)
 	}
+	t.Logf("20 sends held; %d calls refused with SIGN_ERROR in all", refused)
 	w.sb.SetFaults(sandbox.Faults{})
 	for _, a := range sends {
 		w.waitState(a, idempotency.Succeeded, 30*time.Second)
