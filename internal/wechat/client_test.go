@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -481,4 +482,25 @@ func multiuseRequest(t *testing.T, c *wechat.Client) wechat.SendMultiuseRequest 
 	}
 	stock := newStock(t, sandbox.StockSpec{Kind: "multiuse", CouponValue: 10000})
 	return wechat.SendMultiuseRequest{OpenID: unique("o"), StockID: stock, OutRequestNo: unique("m"), Amount: 5000, Identity: ident}
+}
+
+// A call leaves nothing running once it has returned: before calls carried
+// their deadline in their context, each left a goroutine and a timer alive
+// for the whole request timeout (100 calls, 100 goroutines).
+func TestCallsLeaveNoGoroutines(t *testing.T) {
+	c := newClient(t)
+	stock := newStock(t, sandbox.StockSpec{Budget: 1000})
+	ctx := context.Background()
+	if _, err := c.SendCoupon(ctx, wechat.SendCouponRequest{OpenID: unique("o"), StockID: stock, OutRequestNo: unique("r")}); err != nil {
+		t.Fatal(err)
+	}
+	base := runtime.NumGoroutine() // the connection's own are running now
+	for range 100 {
+		if _, err := c.SendCoupon(ctx, wechat.SendCouponRequest{OpenID: unique("o"), StockID: stock, OutRequestNo: unique("r")}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := runtime.NumGoroutine() - base; n > 10 {
+		t.Fatalf("%d more goroutines after 100 calls", n)
+	}
 }

@@ -43,6 +43,8 @@ type SendCouponResponse struct {
 // same OutRequestNo returns the same coupon and issues nothing: that is how
 // an Ambiguous outcome is resolved.
 func (c *Client) SendCoupon(ctx context.Context, req SendCouponRequest) (*SendCouponResponse, error) {
+	ctx, cancel := c.call(ctx)
+	defer cancel()
 	if req.AppID == "" {
 		req.AppID = c.appID
 	}
@@ -176,6 +178,8 @@ type GoodsDetail struct {
 
 // ListUserCoupons returns one page of a user's coupons.
 func (c *Client) ListUserCoupons(ctx context.Context, req ListCouponsRequest) (*CouponList, error) {
+	ctx, cancel := c.call(ctx)
+	defer cancel()
 	if req.AppID == "" {
 		req.AppID = c.appID
 	}

@@ -89,6 +89,8 @@ type multiuseBody struct {
 // SendMultiuseCoupon sends consumer funds. The identity must have been
 // encrypted under this client's WeChat Pay key.
 func (c *Client) SendMultiuseCoupon(ctx context.Context, req SendMultiuseRequest) (*SendCouponResponse, error) {
+	ctx, cancel := c.call(ctx)
+	defer cancel()
 	if req.AppID == "" {
 		req.AppID = c.appID
 	}

@@ -84,6 +84,8 @@ func (s StockInfo) Remaining() int64 {
 // that created it; empty means this client's. Errors are classified like
 // a send's: an unknown stock is Permanent (404 RESOURCE_NOT_EXISTS).
 func (c *Client) QueryStock(ctx context.Context, stockID, creatorMchID string) (*StockInfo, error) {
+	ctx, cancel := c.call(ctx)
+	defer cancel()
 	if creatorMchID == "" {
 		creatorMchID = c.mchID
 	}

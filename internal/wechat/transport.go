@@ -45,5 +45,6 @@ func newHTTPClient(base *url.URL, o *options) *http.Client {
 	if base.Scheme+"://"+base.Host != DefaultBaseURL {
 		rt = &rewriteTransport{base: base, next: tr}
 	}
-	return &http.Client{Transport: rt, Timeout: o.requestTimeout}
+	// No Timeout: each call carries its deadline in its context (Client.call).
+	return &http.Client{Transport: rt}
 }
