@@ -63,6 +63,9 @@ func cmdControl(ctx context.Context, op string, args []string, stdout, stderr io
 		if err != nil {
 			return refusal(err)
 		}
+		if r.WakeErr != nil {
+			return fmt.Errorf("campaign %s resumed, but waking its paused tasks failed after %d: %w; they go out within 5 minutes anyway, or run resume again", *name, r.Woken, r.WakeErr)
+		}
 		fmt.Fprintf(stdout, "campaign %s: resumed; %d sends not yet done, %d paused tasks woken into %s\n", *name, r.Waiting, r.Woken, tasks.WokenQueue(*queue))
 		return nil
 	}

@@ -52,6 +52,9 @@ type Controller struct {
 	// DrainWait bounds Pause's and Cancel's wait for calls in flight
 	// (DefaultDrainWait when zero).
 	DrainWait time.Duration
+	// Note is kept with every action in the audit trail: where it came
+	// from ("monitor"), beside who.
+	Note string
 }
 
 // Preview is a campaign as an action would find it: what to show before
@@ -118,15 +121,15 @@ func (c *Controller) Pause(ctx context.Context, name, who string) (Result, error
 	if p.Campaign.Control == idempotency.CancelledByUser {
 		return Result{Preview: p}, refused("campaign %s is cancelled; there is nothing to pause", name)
 	}
-	if err := c.Store.SetControl(ctx, name, idempotency.Paused, idempotency.Action{Who: who, Action: "pause", Sends: p.Waiting}); err != nil {
+	if err := c.Store.SetControl(ctx, name, idempotency.Paused, idempotency.Action{Who: who, Action: "pause", Sends: p.Waiting, Note: c.Note}); err != nil {
 		return Result{Preview: p}, err
 	}
 	return Result{Preview: p, InFlight: c.drain(ctx, name)}, nil
 }
 
 // Resume lets the campaign's sends be called again and wakes those asynq
-// holds in its retry set. A failure to wake them comes back as an error
-// with the count woken so far: the campaign is resumed all the same.
+// holds in its retry set. A failure to wake them is in WakeErr, with the
+// count woken so far in Woken: the campaign is resumed all the same.
 func (c *Controller) Resume(ctx context.Context, name, who string) (Result, error) {
 	p, err := c.Preview(ctx, name)
 	if err != nil {
@@ -135,14 +138,11 @@ func (c *Controller) Resume(ctx context.Context, name, who string) (Result, erro
 	if p.Campaign.Control == idempotency.CancelledByUser {
 		return Result{Preview: p}, refused("campaign %s is cancelled, not paused: queue what you want sent again with enqueuer retry --campaign %s --state cancelled", name, name)
 	}
-	if err := c.Store.SetControl(ctx, name, idempotency.Running, idempotency.Action{Who: who, Action: "resume", Sends: p.Waiting}); err != nil {
+	if err := c.Store.SetControl(ctx, name, idempotency.Running, idempotency.Action{Who: who, Action: "resume", Sends: p.Waiting, Note: c.Note}); err != nil {
 		return Result{Preview: p}, err
 	}
 	r := Result{Preview: p}
-	r.Woken, err = c.wakeAll(ctx, name)
-	if err != nil {
-		return r, fmt.Errorf("campaign %s resumed, but waking its paused tasks failed after %d: %w; they go out within 5 minutes anyway, or run resume again", name, r.Woken, err)
-	}
+	r.Woken, r.WakeErr = c.wakeAll(ctx, name)
 	return r, nil
 }
 
@@ -157,7 +157,7 @@ func (c *Controller) Cancel(ctx context.Context, name, who string) (Result, erro
 		return Result{}, err
 	}
 	r := Result{Preview: p, AlreadyCancelled: p.Campaign.Control == idempotency.CancelledByUser}
-	if err := c.Store.SetControl(ctx, name, idempotency.CancelledByUser, idempotency.Action{Who: who, Action: "cancel", Sends: p.Waiting}); err != nil {
+	if err := c.Store.SetControl(ctx, name, idempotency.CancelledByUser, idempotency.Action{Who: who, Action: "cancel", Sends: p.Waiting, Note: c.Note}); err != nil {
 		return r, err
 	}
 	n, err := c.Store.CancelSends(ctx, name)
