@@ -78,6 +78,7 @@ func (s *Server) confirmPage(w http.ResponseWriter, r *http.Request) {
 	d := &confirmData{pageData: s.newPage(action + " campaign " + name), Action: action, Campaign: c,
 		Token: s.token4(who(s, r), name, action, time.Now()), Post: c.Links.Page + "/" + action,
 		Wait: campaignctl.DefaultDrainWait}
+	d.Form = true
 	s.renderData(w, "confirm", d, d.pageData, err)
 }
 

@@ -49,6 +49,7 @@ type pageData struct {
 	Updated   time.Time
 	Error     string
 	Single    bool // the page of one campaign
+	Form      bool // a confirmation form, which does not refresh
 	// Did is the action just taken, on the page the browser is sent back
 	// to; nil otherwise.
 	Did *didData
