@@ -1,6 +1,8 @@
 // Package monitor is the operator's web view of couponflow: a page of every
-// campaign with its progress, send rate, states and failures, the
-// merchant's shared rate and open budget breakers; a JSON API and the
+// campaign with its progress, send rate, states and failures, its control
+// and audit trail, with pause, resume and cancel behind a confirmation
+// (actions.go; none in read-only mode), the merchant's shared rate and
+// open budget breakers; a JSON API and the
 // campaign report as CSV behind it; asynqmon (the asynq web console) under
 // /monitoring/; Prometheus metrics under /metrics; and /healthz and /readyz
 // for orchestrators.
