@@ -10,10 +10,10 @@ import (
 	"os"
 	"os/user"
 	"strings"
-	"time"
 
 	"golang.org/x/term"
 
+	"github.com/couponflow/dispatcher/internal/campaignctl"
 	"github.com/couponflow/dispatcher/internal/idempotency"
 	"github.com/couponflow/dispatcher/internal/tasks"
 )
@@ -26,7 +26,7 @@ func cmdControl(ctx context.Context, op string, args []string, stdout, stderr io
 	name := c.fs.String("campaign", "", "campaign name")
 	yes := c.fs.Bool("yes", false, "cancel without asking (needed when standard input is not a terminal)")
 	queue := c.fs.String("queue", tasks.DefaultQueue, "the campaign's asynq queue: resume and cancel wake its waiting tasks there")
-	drainWait := c.fs.Duration("wait", 45*time.Second, "pause and cancel: how long to wait for the calls in flight to finish and be recorded, so that none starts after the command returns")
+	drainWait := c.fs.Duration("wait", campaignctl.DefaultDrainWait, "pause and cancel: how long to wait for the calls in flight to finish and be recorded, so that none starts after the command returns")
 	if err := c.parse(args); err != nil {
 		return err
 	}
@@ -38,66 +38,48 @@ func cmdControl(ctx context.Context, op string, args []string, stdout, stderr io
 		return err
 	}
 	defer rdb.Close()
-	store := c.store(rdb)
-	camp, err := store.Campaign(ctx, *name)
-	if err != nil {
-		return err
-	}
-	if camp.Name == "" {
-		return &exitError{code: 2, err: fmt.Errorf("no campaign %q in Redis", *name)}
-	}
-	st, err := store.Status(ctx, *name)
-	if err != nil {
-		return err
-	}
-	waiting := st.Total - st.ByState[idempotency.Succeeded] - st.ByState[idempotency.Failed] -
-		st.ByState[idempotency.Cancelled] - st.ByState[idempotency.Unknown]
+	ctl := &campaignctl.Controller{Store: c.store(rdb), Redis: rdb, Queues: tasks.ShardQueues(*queue, c.shards), DrainWait: *drainWait}
 	who := operator()
-	wakeAll := func() (int, error) {
-		n := 0
-		for _, q := range tasks.ShardQueues(*queue, c.shards) {
-			m, err := wake(ctx, rdb, q, func(b tasks.Common) bool { return b.Campaign == *name })
-			n += m
-			if err != nil {
-				return n, err
-			}
+	// refusal is what the operator asked wrongly: exit status 2, as for a
+	// bad flag.
+	refusal := func(err error) error {
+		if campaignctl.IsRefused(err) {
+			return &exitError{code: 2, err: err}
 		}
-		return n, nil
+		return err
 	}
 
 	switch op {
 	case "pause":
-		if camp.Control == idempotency.CancelledByUser {
-			return &exitError{code: 2, err: fmt.Errorf("campaign %s is cancelled; there is nothing to pause", *name)}
+		r, err := ctl.Pause(ctx, *name, who)
+		if err != nil {
+			return refusal(err)
 		}
-		if err := store.SetControl(ctx, *name, idempotency.Paused, idempotency.Action{Who: who, Action: "pause", Sends: waiting}); err != nil {
-			return err
-		}
-		left := drain(ctx, store, *name, *drainWait)
 		fmt.Fprintf(stdout, "campaign %s: paused; %d sends not yet done wait without a call%s.\n"+
-			"  Continue with: enqueuer campaign resume --campaign %s\n", *name, waiting, drained(left), *name)
+			"  Continue with: enqueuer campaign resume --campaign %s\n", *name, r.Waiting, drained(r.InFlight), *name)
 		return nil
 	case "resume":
-		if camp.Control == idempotency.CancelledByUser {
-			return &exitError{code: 2, err: fmt.Errorf("campaign %s is cancelled, not paused: queue what you want sent again with enqueuer retry --campaign %s --state cancelled", *name, *name)}
-		}
-		if err := store.SetControl(ctx, *name, idempotency.Running, idempotency.Action{Who: who, Action: "resume", Sends: waiting}); err != nil {
-			return err
-		}
-		n, err := wakeAll()
+		r, err := ctl.Resume(ctx, *name, who)
 		if err != nil {
-			return fmt.Errorf("campaign %s resumed, but waking its paused tasks failed after %d: %w; they go out within 5 minutes anyway, or run resume again", *name, n, err)
+			return refusal(err)
 		}
-		fmt.Fprintf(stdout, "campaign %s: resumed; %d sends not yet done, %d paused tasks woken into %s\n", *name, waiting, n, tasks.WokenQueue(*queue))
+		if r.WakeErr != nil {
+			return fmt.Errorf("campaign %s resumed, but waking its paused tasks failed after %d: %w; they go out within 5 minutes anyway, or run resume again", *name, r.Woken, r.WakeErr)
+		}
+		fmt.Fprintf(stdout, "campaign %s: resumed; %d sends not yet done, %d paused tasks woken into %s\n", *name, r.Waiting, r.Woken, tasks.WokenQueue(*queue))
 		return nil
 	}
 
-	// cancel
-	if camp.Control == idempotency.CancelledByUser {
+	// cancel: the count first, and the operator's word for it.
+	p, err := ctl.Preview(ctx, *name)
+	if err != nil {
+		return refusal(err)
+	}
+	if p.Campaign.Control == idempotency.CancelledByUser {
 		fmt.Fprintf(stdout, "campaign %s is already cancelled; settling what still waits\n", *name)
 	} else {
 		fmt.Fprintf(stdout, "campaign %s: %d of %d sends are not done yet; cancelling records them cancelled and never calls them\n"+
-			"  (a send a call may already have issued ends unknown instead, for reconcile)\n", *name, waiting, st.Total)
+			"  (a send a call may already have issued ends unknown instead, for reconcile)\n", *name, p.Waiting, p.Status.Total)
 		if !*yes {
 			ok, err := confirm(stdout, fmt.Sprintf("cancel campaign %s? type its name to confirm: ", *name), *name)
 			if err != nil {
@@ -108,64 +90,27 @@ func cmdControl(ctx context.Context, op string, args []string, stdout, stderr io
 			}
 		}
 	}
-	if err := store.SetControl(ctx, *name, idempotency.CancelledByUser, idempotency.Action{Who: who, Action: "cancel", Sends: waiting}); err != nil {
-		return err
-	}
-	n, err := store.CancelSends(ctx, *name)
+	r, err := ctl.Cancel(ctx, *name, who)
 	if err != nil {
-		return fmt.Errorf("campaign %s is cancelled (no send of it will be called), but settling its waiting sends failed: %w; run cancel again", *name, err)
+		return refusal(err)
 	}
-	left := drain(ctx, store, *name, *drainWait)
-	if n.InFlight > 0 {
-		// Their calls are over now: settle what they left waiting.
-		more, err := store.CancelSends(ctx, *name)
-		if err != nil {
-			return err
-		}
-		n.Unknown = append(n.Unknown, more.Unknown...)
+	if r.WakeErr != nil {
+		fmt.Fprintf(stderr, "enqueuer: cancelled, but clearing its waiting tasks from asynq failed: %v; they end without a call when they come up\n", r.WakeErr)
 	}
-	// Their tasks would otherwise sit in asynq until their retry time.
-	if _, err := wakeAll(); err != nil {
-		fmt.Fprintf(stderr, "enqueuer: cancelled, but clearing its waiting tasks from asynq failed: %v; they end without a call when they come up\n", err)
-	}
-	if st, err = store.Status(ctx, *name); err != nil {
-		return err
-	}
+	st := r.Status
 	fmt.Fprintf(stdout, "campaign %s: cancelled: %d sends cancelled, %d unknown, %d succeeded, %d failed%s\n", *name,
-		st.ByState[idempotency.Cancelled], st.ByState[idempotency.Unknown], st.ByState[idempotency.Succeeded], st.ByState[idempotency.Failed], drained(left))
-	for i, r := range n.Unknown {
+		st.ByState[idempotency.Cancelled], st.ByState[idempotency.Unknown], st.ByState[idempotency.Succeeded], st.ByState[idempotency.Failed], drained(r.InFlight))
+	for i, u := range r.Unknown {
 		if i == 20 {
-			fmt.Fprintf(stdout, "  … and %d more\n", len(n.Unknown)-20)
+			fmt.Fprintf(stdout, "  … and %d more\n", len(r.Unknown)-20)
 			break
 		}
-		fmt.Fprintf(stdout, "  unknown: %s (openid %s): a call may have issued its coupon\n", r.OutRequestNo, r.OpenID)
+		fmt.Fprintf(stdout, "  unknown: %s (openid %s): a call may have issued its coupon\n", u.OutRequestNo, u.OpenID)
 	}
-	if len(n.Unknown) > 0 {
+	if len(r.Unknown) > 0 {
 		fmt.Fprintf(stdout, "  Settle them with: enqueuer reconcile --campaign %s\n", *name)
 	}
 	return nil
-}
-
-// drain waits until no send of the campaign is in flight, or for wait,
-// and returns how many still are. A claim taken before the pause or
-// cancel either calls and records before it is released, or reads the
-// control again and gives the send back: once none is in flight, no call
-// of the campaign can start.
-func drain(ctx context.Context, store *idempotency.Store, name string, wait time.Duration) int64 {
-	deadline := time.Now().Add(wait)
-	for {
-		st, err := store.Status(ctx, name)
-		if err == nil && st.ByState[idempotency.InFlight] == 0 {
-			return 0
-		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			if err != nil {
-				return -1
-			}
-			return st.ByState[idempotency.InFlight]
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }
 
 func drained(left int64) string {

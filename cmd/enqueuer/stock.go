@@ -2,15 +2,12 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"time"
 
-	"github.com/hibiken/asynq"
-	"github.com/redis/go-redis/v9"
-
 	"github.com/couponflow/dispatcher/internal/breaker"
+	"github.com/couponflow/dispatcher/internal/campaignctl"
 	"github.com/couponflow/dispatcher/internal/tasks"
 )
 
@@ -42,7 +39,7 @@ func cmdStock(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		// Woken into their own queue, they go out ahead of any backlog.
 		woken := 0
 		for _, q := range tasks.ShardQueues(*queue, c.shards) {
-			n, err := wake(ctx, rdb, q, func(b tasks.Common) bool { return b.MchID == c.wx.MchID && b.StockID == *stock })
+			n, err := campaignctl.Wake(ctx, rdb, q, func(b tasks.Common) bool { return b.MchID == c.wx.MchID && b.StockID == *stock })
 			woken += n
 			if err != nil {
 				return fmt.Errorf("breaker closed, but waking the sends held in %s failed after %d: %w; run resume again", q, woken, err)
@@ -64,63 +61,6 @@ func cmdStock(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		*stock, st.OpenedAt.Format(time.RFC3339), breakerReason(st), st.Probes, time.Until(st.NextProbe).Round(time.Second),
 		st.NextProbe.Format(time.RFC3339), st.Interval)
 	return nil
-}
-
-// wake moves the sends that match (a stock's, a campaign's) and wait in a
-// queue's retry set (and in its woken queue's) into the woken queue, to be
-// processed now. A kill between a task's delete and its enqueue loses
-// nothing: its record still waits, and the fleet's sweeper queues it again.
-func wake(ctx context.Context, rdb redis.UniversalClient, queue string, match func(tasks.Common) bool) (int, error) {
-	insp := asynq.NewInspectorFromRedisClient(rdb)
-	client := asynq.NewClientFromRedisClient(rdb)
-	woken := tasks.WokenQueue(queue)
-	moved := 0
-	for _, q := range []string{queue, woken} {
-		// The ids first: deleting while paging would shift the pages.
-		var ids []string
-		for page := 1; ; page++ {
-			infos, err := insp.ListRetryTasks(q, asynq.PageSize(1000), asynq.Page(page))
-			if errors.Is(err, asynq.ErrQueueNotFound) {
-				break
-			}
-			if err != nil {
-				return moved, err
-			}
-			for _, info := range infos {
-				args, err := tasks.Decode(asynq.NewTask(info.Type, info.Payload))
-				if err == nil && match(args.Base()) {
-					ids = append(ids, info.ID)
-				}
-			}
-			if len(infos) < 1000 {
-				break
-			}
-		}
-		for _, id := range ids {
-			info, err := insp.GetTaskInfo(q, id)
-			if errors.Is(err, asynq.ErrTaskNotFound) || (err == nil && info.State == asynq.TaskStateActive) {
-				continue // done, or being sent, meanwhile
-			}
-			if err != nil {
-				return moved, err
-			}
-			t, err := tasks.Requeue(append([]byte(info.Type+"\n"), info.Payload...), woken, asynq.MaxRetry(info.MaxRetry))
-			if err != nil {
-				return moved, err
-			}
-			if err := insp.DeleteTask(q, id); err != nil {
-				if errors.Is(err, asynq.ErrTaskNotFound) {
-					continue
-				}
-				return moved, err
-			}
-			if _, err := client.EnqueueContext(ctx, t); err != nil && !errors.Is(err, asynq.ErrTaskIDConflict) {
-				return moved, err
-			}
-			moved++
-		}
-	}
-	return moved, nil
 }
 
 // breakerReason is what WeChat said when the breaker opened.

@@ -1,6 +1,6 @@
 // Command monitor serves the operator's web view: every campaign's
-// progress, the merchant's shared rate and budget breakers, the campaign
-// reports as CSV, asynqmon under /monitoring/, Prometheus metrics under
+// progress, its pause, resume and cancel (unless --readonly), the
+// merchant's shared rate and budget breakers, the campaign reports as CSV, asynqmon under /monitoring/, Prometheus metrics under
 // /metrics, and /healthz and /readyz. See internal/monitor.
 //
 // Authentication comes from the environment only, never from flags (a
@@ -52,8 +52,9 @@ func run(ctx context.Context, argv []string, stderr io.Writer, ready func(net.Ad
 	redisAddr := fs.String("redis-addr", redisconn.DefaultAddr, "Redis host:port")
 	redisURL := fs.String("redis-url", "", "Redis URL, for TLS, Sentinel or Cluster (see README); wins over --redis-addr")
 	mchID := fs.String("mchid", "", "merchant whose shared rate and budget breakers are shown (those of the campaigns are shown too)")
-	readOnly := fs.Bool("readonly", false, "asynqmon in read-only mode: queues and tasks can be looked at, not changed")
-	queue := fs.String("queue", tasks.DefaultQueue, "queue the pages link to in asynqmon")
+	readOnly := fs.Bool("readonly", false, "read-only: asynqmon's queues and tasks can be looked at, not changed, and the campaign pages offer no pause, resume or cancel")
+	queue := fs.String("queue", tasks.DefaultQueue, "queue the pages link to in asynqmon, where a resume or a cancel wakes the campaign's waiting tasks")
+	queueShards := fs.Int("queue-shards", 1, "the queue's shards, as the workers' and the enqueuer's --queue-shards: a resume or a cancel wakes the campaign's tasks in each")
 	refresh := fs.Duration("refresh", 2*time.Second, "how often a page refreshes while a campaign is running")
 	rateLimits := fs.String("rate-limits", "", "the limits the workers run with, as the worker's --rate-limits (default WeChat's)")
 	logFormat := fs.String("log-format", "json", "json or text")
@@ -66,7 +67,7 @@ func run(ctx context.Context, argv []string, stderr io.Writer, ready func(net.Ad
 	}
 	err := envflag.Parse(fs, map[string]string{
 		"addr": "MONITOR_ADDR", "redis-addr": redisconn.EnvAddr, "redis-url": redisconn.EnvURL,
-		"mchid": "WECHATPAY_MCHID", "readonly": "MONITOR_READONLY", "queue": "QUEUE",
+		"mchid": "WECHATPAY_MCHID", "readonly": "MONITOR_READONLY", "queue": "QUEUE", "queue-shards": "QUEUE_SHARDS",
 		"refresh": "MONITOR_REFRESH", "rate-limits": "WORKER_RATE_LIMITS",
 		"log-format": "LOG_FORMAT", "log-level": "LOG_LEVEL", "key-prefix": keyspace.EnvPrefix,
 	}, argv)
@@ -113,7 +114,7 @@ func run(ctx context.Context, argv []string, stderr io.Writer, ready func(net.Ad
 	breakers := breaker.New(rdb, breaker.WithKeys(keys))
 	opts := []monitor.Option{
 		monitor.WithLogger(log), monitor.WithMchID(*mchID), monitor.WithReadOnly(*readOnly),
-		monitor.WithQueue(*queue), monitor.WithRefresh(*refresh),
+		monitor.WithQueue(*queue), monitor.WithQueueShards(*queueShards), monitor.WithRefresh(*refresh),
 		monitor.WithStore(store), monitor.WithLimiter(limiter), monitor.WithBreakers(breakers),
 		monitor.WithCollectors(fleetCollector(store, limiter, breakers, *mchID)),
 	}

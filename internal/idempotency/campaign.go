@@ -31,6 +31,10 @@ type Campaign struct {
 	// StartAt is when its sends are processed from (enqueuer campaign
 	// --start-at); zero for at once. Kept from the first run (SetStartAt).
 	StartAt time.Time
+	// DoneAt is when the campaign was found to have nothing left to do
+	// (package notify, said once across the fleet); zero before, and again
+	// after sends are queued into it anew (ClearDone).
+	DoneAt time.Time
 }
 
 func (s *Store) metaKey(campaign string) string { return s.keys.Meta(campaign) }
@@ -73,7 +77,7 @@ func (s *Store) Campaign(ctx context.Context, name string) (Campaign, error) {
 	created, _ := strconv.ParseInt(m["created_at"], 10, 64)
 	c := Campaign{Name: name, MchID: m["mchid"], Deadline: time.Unix(deadline, 0), CreatedAt: time.Unix(created, 0),
 		Retention: DefaultRetention, FinishedAt: millis(m["finished_at"]), ExpiresAt: millis(m["expires_at"]), Report: m["report"],
-		Control: Control(m["control"]), StartAt: millis(m["start_at"])}
+		Control: Control(m["control"]), StartAt: millis(m["start_at"]), DoneAt: millis(m["done_at"])}
 	if r, err := strconv.ParseInt(m["retention"], 10, 64); err == nil && r > 0 {
 		c.Retention = time.Duration(r) * time.Millisecond
 	}

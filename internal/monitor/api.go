@@ -38,7 +38,7 @@ func (s *Server) apiCampaigns(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) apiCampaign(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("name")
-	c, ok, err := s.campaign(r.Context(), name)
+	c, ok, err := s.campaign(r.Context(), name, true)
 	if err != nil {
 		s.fail(w, r, err)
 		return

@@ -1,6 +1,8 @@
 // Package monitor is the operator's web view of couponflow: a page of every
-// campaign with its progress, send rate, states and failures, the
-// merchant's shared rate and open budget breakers; a JSON API and the
+// campaign with its progress, send rate, states and failures, its control
+// and audit trail, with pause, resume and cancel behind a confirmation
+// (actions.go; none in read-only mode), the merchant's shared rate and
+// open budget breakers; a JSON API and the
 // campaign report as CSV behind it; asynqmon (the asynq web console) under
 // /monitoring/; Prometheus metrics under /metrics; and /healthz and /readyz
 // for orchestrators.
@@ -21,6 +23,7 @@ package monitor
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
 	"errors"
@@ -41,6 +44,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/couponflow/dispatcher/internal/breaker"
+	"github.com/couponflow/dispatcher/internal/campaignctl"
 	"github.com/couponflow/dispatcher/internal/idempotency"
 	cfmetrics "github.com/couponflow/dispatcher/internal/metrics"
 	"github.com/couponflow/dispatcher/internal/ratelimit"
@@ -81,9 +85,14 @@ type Server struct {
 	userSum, passSum      [32]byte
 	tokenSum              [32]byte
 
-	mchID      string
-	readOnly   bool
-	queue      string
+	mchID       string
+	readOnly    bool
+	queue       string
+	queueShards int
+	// ctl pauses, resumes and cancels campaigns (actions.go); tokenKey
+	// signs the forms that ask for it.
+	ctl        *campaignctl.Controller
+	tokenKey   [32]byte
 	refresh    time.Duration
 	collectors []prometheus.Collector
 }
@@ -107,13 +116,21 @@ func WithToken(token string) Option { return func(s *Server) { s.token = token }
 // as well.
 func WithMchID(mchID string) Option { return func(s *Server) { s.mchID = mchID } }
 
-// WithReadOnly is asynqmon's read-only mode: its API refuses every request
-// that is not a GET, so queues and tasks can be looked at, not changed.
+// WithReadOnly is the monitor's read-only mode (MONITOR_READONLY): asynqmon's
+// API refuses every request that is not a GET, so queues and tasks can be
+// looked at, not changed, and the campaign pages offer no pause, resume or
+// cancel and refuse them if asked.
 func WithReadOnly(readOnly bool) Option { return func(s *Server) { s.readOnly = readOnly } }
 
 // WithQueue names the queue the pages link to in asynqmon (default
-// tasks.DefaultQueue, "coupons").
+// tasks.DefaultQueue, "coupons"), where a resume or a cancel wakes the
+// campaign's waiting tasks.
 func WithQueue(queue string) Option { return func(s *Server) { s.queue = queue } }
+
+// WithQueueShards is the workers' and the enqueuer's --queue-shards
+// (QUEUE_SHARDS): a resume or a cancel wakes the campaign's tasks in every
+// shard of the queue.
+func WithQueueShards(n int) Option { return func(s *Server) { s.queueShards = n } }
 
 // WithRefresh sets how often a page refreshes itself while a campaign it
 // shows is not done (default 2s).
@@ -175,6 +192,12 @@ func New(rdb redis.UniversalClient, conn asynq.RedisConnOpt, opts ...Option) (*S
 		s.breakers = breaker.New(rdb)
 	}
 	s.inspector = asynq.NewInspectorFromRedisClient(rdb)
+	s.ctl = &campaignctl.Controller{Store: s.store, Redis: rdb, Queues: tasks.ShardQueues(s.queue, s.queueShards), Note: "monitor"}
+	// Per process: the forms of a monitor that restarted are refused, and
+	// asked for again.
+	if _, err := rand.Read(s.tokenKey[:]); err != nil {
+		return nil, fmt.Errorf("making the form key: %w", err)
+	}
 
 	s.registry = prometheus.NewRegistry()
 	for _, c := range append([]prometheus.Collector{metrics.NewQueueMetricsCollector(s.inspector)}, s.collectors...) {
@@ -218,6 +241,8 @@ func (s *Server) routes() http.Handler {
 	private := http.NewServeMux()
 	private.HandleFunc("GET /{$}", s.indexPage)
 	private.HandleFunc("GET /campaigns/{name}", s.campaignPage)
+	private.HandleFunc("GET /campaigns/{name}/{action}", s.confirmPage)
+	private.HandleFunc("POST /campaigns/{name}/{action}", s.act)
 	private.HandleFunc("GET /api/campaigns", s.apiCampaigns)
 	private.HandleFunc("GET /api/campaigns/{name}", s.apiCampaign)
 	private.HandleFunc("GET /api/campaigns/{name}/report.csv", s.apiReport)
@@ -233,8 +258,10 @@ func (s *Server) routes() http.Handler {
 	mux.Handle("GET /readyz", readyz)
 	mux.Handle("/", s.authenticate(private))
 	// Basic auth that a browser remembers would let another site make it
-	// pause a queue or delete tasks (asynqmon's POST and DELETE calls):
-	// cross-origin requests that are not GET, HEAD or OPTIONS are refused.
+	// pause a queue or delete tasks (asynqmon's POST and DELETE calls), or
+	// pause or cancel a campaign: cross-origin requests that are not GET,
+	// HEAD or OPTIONS are refused (by Sec-Fetch-Site, or Origin against
+	// Host). The campaign actions carry a signed token as well (actions.go).
 	return http.NewCrossOriginProtection().Handler(mux)
 }
 

@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"html/template"
 	"net/http"
+	"net/url"
+	"strconv"
 	"time"
 )
 
@@ -47,6 +49,32 @@ type pageData struct {
 	Updated   time.Time
 	Error     string
 	Single    bool // the page of one campaign
+	Form      bool // a confirmation form, which does not refresh
+	// Did is the action just taken, on the page the browser is sent back
+	// to; nil otherwise.
+	Did *didData
+}
+
+// didData is what the campaign page says about the action just taken
+// (from the query of act's redirect: it only picks which sentence to show
+// and the numbers in it, so a forged link can say nothing else).
+type didData struct {
+	Action     string // pause, resume or cancel
+	Sends      int64  // sends not yet done when it was taken
+	InFlight   int64  // still in flight once the wait was over (-1: unread)
+	WakeFailed bool
+}
+
+// didFrom reads a didData from act's redirect query.
+func didFrom(q url.Values) *didData {
+	a := q.Get("did")
+	if !actions[a] {
+		return nil
+	}
+	d := &didData{Action: a, WakeFailed: q.Get("wake") == "failed"}
+	d.Sends, _ = strconv.ParseInt(q.Get("sends"), 10, 64)
+	d.InFlight, _ = strconv.ParseInt(q.Get("in_flight"), 10, 64)
+	return d
 }
 
 func (s *Server) indexPage(w http.ResponseWriter, r *http.Request) {
@@ -66,7 +94,8 @@ func (s *Server) campaignPage(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("name")
 	d := s.newPage("campaign " + name)
 	d.Single = true
-	c, ok, err := s.campaign(r.Context(), name)
+	d.Did = didFrom(r.URL.Query())
+	c, ok, err := s.campaign(r.Context(), name, true)
 	if err == nil && !ok {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		w.WriteHeader(http.StatusNotFound)
@@ -94,6 +123,11 @@ func (s *Server) newPage(title string) *pageData {
 }
 
 func (s *Server) render(w http.ResponseWriter, name string, d *pageData, err error) {
+	s.renderData(w, name, d, d, err)
+}
+
+// renderData renders data (which embeds d) with the template name.
+func (s *Server) renderData(w http.ResponseWriter, name string, data any, d *pageData, err error) {
 	code := http.StatusOK
 	if err != nil {
 		s.log.Warn("monitor: reading Redis", "page", name, "err", err)
@@ -106,7 +140,7 @@ func (s *Server) render(w http.ResponseWriter, name string, d *pageData, err err
 	// A page that failed to read keeps trying, so that it recovers.
 	d.Active = d.Active || err != nil
 	var buf bytes.Buffer
-	if err := pages.ExecuteTemplate(&buf, name, d); err != nil {
+	if err := pages.ExecuteTemplate(&buf, name, data); err != nil {
 		s.log.Error("monitor: rendering", "page", name, "err", err)
 		http.Error(w, "rendering failed", http.StatusInternalServerError)
 		return

@@ -7,6 +7,7 @@ import (
 	"sort"
 	"time"
 
+	"github.com/couponflow/dispatcher/internal/campaignctl"
 	"github.com/couponflow/dispatcher/internal/idempotency"
 	"github.com/couponflow/dispatcher/internal/ratelimit"
 	"github.com/couponflow/dispatcher/internal/tasks"
@@ -19,10 +20,16 @@ type Campaign struct {
 	CreatedAt time.Time `json:"created_at"`
 	Deadline  time.Time `json:"deadline"`
 	Total     int64     `json:"total"`
-	// Finished counts sends in a terminal state, Succeeded plus Failed.
+	// Finished counts sends in a terminal state: Succeeded, Failed and
+	// Cancelled.
 	Finished  int64 `json:"finished"`
 	Succeeded int64 `json:"succeeded"`
 	Failed    int64 `json:"failed"`
+	// Cancelled counts sends an operator's cancel settled without a call.
+	Cancelled int64 `json:"cancelled"`
+	// Waiting counts the sends not yet done: those a pause holds and a
+	// cancel settles.
+	Waiting int64 `json:"waiting"`
 	// Unknown counts sends whose retries ran out without WeChat's answer:
 	// not failed, since the coupon may exist; enqueuer reconcile settles them.
 	Unknown int64 `json:"unknown"`
@@ -48,6 +55,20 @@ type Campaign struct {
 	ExpiresAt *time.Time `json:"expires_at,omitempty"`
 	Report    string     `json:"archived_report,omitempty"`
 	Links     Links      `json:"links"`
+	// Control is an operator's action in force: "running", "paused" or
+	// "cancelled".
+	Control string `json:"control"`
+	// StartAt is the scheduled start (enqueuer campaign --start-at), and
+	// Scheduled how many sends wait for it while it is in the future.
+	StartAt   *time.Time `json:"start_at,omitempty"`
+	Scheduled int64      `json:"scheduled"`
+	// DoneAt is when the campaign was found to have nothing left to do
+	// (package notify), once it has.
+	DoneAt *time.Time `json:"done_at,omitempty"`
+	// Actions is its audit trail, oldest first: pauses, resumes, cancels,
+	// retries, by whom and how many sends each touched. Only for one
+	// campaign (its page, its API), not in lists.
+	Actions []idempotency.Action `json:"actions,omitempty"`
 
 	// For the pages: the states in status order, the codes sorted.
 	States []Count `json:"-"`
@@ -92,8 +113,9 @@ type Breaker struct {
 // endpoints are the sends whose rate the pages show.
 var endpoints = []ratelimit.Endpoint{ratelimit.SendCoupon, ratelimit.SendMultiuse}
 
-// campaign reads one campaign; ok is false if it is unknown.
-func (s *Server) campaign(ctx context.Context, name string) (c Campaign, ok bool, err error) {
+// campaign reads one campaign, with its audit trail if detail; ok is
+// false if it is unknown.
+func (s *Server) campaign(ctx context.Context, name string, detail bool) (c Campaign, ok bool, err error) {
 	if tasks.ValidateCampaign(name) != nil {
 		return Campaign{}, false, nil // no such campaign can exist
 	}
@@ -105,7 +127,13 @@ func (s *Server) campaign(ctx context.Context, name string) (c Campaign, ok bool
 	if err != nil {
 		return Campaign{}, false, err
 	}
-	return s.view(meta, st), true, nil
+	c = s.view(meta, st)
+	if detail {
+		if c.Actions, err = s.store.Audit(ctx, name); err != nil {
+			return Campaign{}, false, err
+		}
+	}
+	return c, true, nil
 }
 
 // campaigns reads every campaign: those still running first, then by
@@ -117,7 +145,7 @@ func (s *Server) campaigns(ctx context.Context) ([]Campaign, error) {
 	}
 	out := make([]Campaign, 0, len(names))
 	for _, name := range names {
-		c, ok, err := s.campaign(ctx, name)
+		c, ok, err := s.campaign(ctx, name, false)
 		if err != nil {
 			return nil, err
 		}
@@ -138,7 +166,8 @@ func (s *Server) view(meta idempotency.Campaign, st idempotency.Status) Campaign
 	c := Campaign{
 		Name: meta.Name, MchID: meta.MchID, CreatedAt: meta.CreatedAt.UTC(), Deadline: meta.Deadline.UTC(),
 		Total: st.Total, Succeeded: st.ByState[idempotency.Succeeded], Failed: st.ByState[idempotency.Failed],
-		Unknown: st.ByState[idempotency.Unknown], ByState: map[string]int64{}, FailedByCode: map[string]int64{},
+		Unknown: st.ByState[idempotency.Unknown], Cancelled: st.ByState[idempotency.Cancelled], Waiting: campaignctl.Waiting(st),
+		ByState: map[string]int64{}, FailedByCode: map[string]int64{}, Control: string(meta.Control),
 		Rate: st.Rate, Rate10s: st.Rate10s, Done: st.Done(),
 		Expected: st.Expected, Missing: st.Missing(),
 		Retention: meta.Retention.String(), Report: meta.Report,
@@ -147,10 +176,25 @@ func (s *Server) view(meta idempotency.Campaign, st idempotency.Status) Campaign
 		at := meta.ExpiresAt.UTC()
 		c.ExpiresAt = &at
 	}
+	if c.Control == "" {
+		c.Control = "running"
+	}
+	if !meta.StartAt.IsZero() {
+		at := meta.StartAt.UTC()
+		c.StartAt = &at
+		if time.Now().Before(at) {
+			// Before its start, every send not yet processed waits for it.
+			c.Scheduled = st.ByState[idempotency.Pending]
+		}
+	}
+	if !meta.DoneAt.IsZero() {
+		at := meta.DoneAt.UTC()
+		c.DoneAt = &at
+	}
 	if c.Missing > 0 {
 		c.Warning = st.MissingAdvice()
 	}
-	c.Finished = c.Succeeded + c.Failed
+	c.Finished = c.Succeeded + c.Failed + c.Cancelled
 	c.Percent = percent(c.Finished, c.Total)
 	for _, state := range idempotency.States {
 		c.ByState[string(state)] = st.ByState[state]
