@@ -318,9 +318,13 @@ func (c *chaos) run(stockB string, topUp int64, deadlineB time.Time) {
 	nextKill := func(from time.Time) time.Time {
 		return from.Add(p.killEvery[0] + time.Duration(c.rng.Int64N(int64(p.killEvery[1]-p.killEvery[0]))))
 	}
+	// A step with after > 0 ends its predecessor: it runs that long after
+	// the predecessor actually ran, so that a loaded machine running late
+	// cannot shrink a fault's window to nothing.
 	type step struct {
-		when time.Time
-		do   func()
+		when  time.Time
+		do    func()
+		after time.Duration
 	}
 	redisUp := true
 	storm := c.base
@@ -341,19 +345,19 @@ func (c *chaos) run(stockB string, topUp int64, deadlineB time.Time) {
 			c.kill(w)
 			c.event("worker %s (gen %d) SIGKILLed, and started again while redis is down", w.name, w.gen)
 			c.startWorker(w)
-		}},
-		{at(0.2).Add(p.redisDown), func() { r.redis.Restart(); redisUp = true; c.event("redis restarted from its AOF") }},
-		{at(0.3), func() { c.setFaults("100% SYSTEM_ERROR burst", burst) }},
-		{at(0.3).Add(p.burst), func() { c.setFaults("burst over; commit-fail mode 500", c.base) }},
-		{at(0.4), func() { c.setFaults("commit-fail mode drop", drop) }},
+		}, 0},
+		{at(0.2).Add(p.redisDown), func() { r.redis.Restart(); redisUp = true; c.event("redis restarted from its AOF") }, p.redisDown},
+		{at(0.3), func() { c.setFaults("100% SYSTEM_ERROR burst", burst) }, 0},
+		{at(0.3).Add(p.burst), func() { c.setFaults("burst over; commit-fail mode 500", c.base) }, p.burst},
+		{at(0.4), func() { c.setFaults("commit-fail mode drop", drop) }, 0},
 		{at(0.5), func() {
 			s := drop
 			s.RateLimit = storm.RateLimit
 			c.setFaults(fmt.Sprintf("429 storm: rate_limit %g/s", s.RateLimit), s)
-		}},
-		{at(0.5).Add(p.storm), func() { c.setFaults("storm over; commit-fail mode drop", drop) }},
-		{at(0.7), func() { c.setFaults("commit-fail mode 500 or drop at random", either) }},
-		{at(1), func() { c.setFaults("all faults off", sandbox.Faults{}) }},
+		}, 0},
+		{at(0.5).Add(p.storm), func() { c.setFaults("storm over; commit-fail mode drop", drop) }, p.storm},
+		{at(0.7), func() { c.setFaults("commit-fail mode 500 or drop at random", either) }, 0},
+		{at(1), func() { c.setFaults("all faults off", sandbox.Faults{}) }, 0},
 	}
 
 	kill := nextKill(c.t0)
@@ -366,6 +370,9 @@ func (c *chaos) run(stockB string, topUp int64, deadlineB time.Time) {
 		for len(steps) > 0 && !now.Before(steps[0].when) {
 			steps[0].do()
 			steps = steps[1:]
+			if len(steps) > 0 && steps[0].after > 0 {
+				steps[0].when = time.Now().Add(steps[0].after)
+			}
 		}
 		// Workers: a random one is SIGKILLed and started again at once.
 		if now.Before(c.t0.Add(p.killFor)) && !now.Before(kill) {
