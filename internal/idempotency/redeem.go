@@ -245,3 +245,15 @@ func (r Record) TimeToRedemption() time.Duration {
 	}
 	return r.UsedAt.Sub(r.DoneAt)
 }
+
+// FirstNonce marks a notification's Wechatpay-Nonce as seen for six
+// minutes (the SDK accepts a timestamp up to five minutes off) and reports
+// whether this was the first time: the same signed request again is a
+// replay, since WeChat signs every delivery afresh.
+func (s *Store) FirstNonce(ctx context.Context, nonce string) (bool, error) {
+	ok, err := s.rdb.SetNX(ctx, s.keys.RedeemNonce(nonce), 1, 6*time.Minute).Result()
+	if err != nil {
+		return false, fmt.Errorf("idempotency: marking a notification nonce: %w", err)
+	}
+	return ok, nil
+}

@@ -31,6 +31,7 @@
 //	cf:{spring}:tomb                           hash    what survives a campaign's retention
 //	cf:{spring}:coupons                        hash    coupon_id → <mchid>:<out_request_no>, for redemptions
 //	cf:redeem:seen:{<notification id>}         string  a COUPON.USE notification already handled (48 h TTL)
+//	cf:redeem:nonce:{<Wechatpay-Nonce>}        string  a notification's signature seen (6 min TTL): a replay
 //	cf:redeem:stats                            hash    notifications for coupons not ours, refused ones
 //	cf:campaigns                               set     every campaign's name
 //	cf:user:{<mchid>:<openid>}                 string  the user lock
@@ -115,6 +116,13 @@ func (k Keys) Coupons(campaign string) string { return k.campaign(campaign) + "c
 // record to hold the id. Its own tag: notifications spread over the cluster.
 func (k Keys) RedeemSeen(notificationID string) string {
 	return k.Prefix() + ":redeem:seen:{" + notificationID + "}"
+}
+
+// RedeemNonce marks a notification's Wechatpay-Nonce as seen for as
+// long as its timestamp is accepted (5 minutes): the same signed bytes
+// again are a replay. WeChat signs each delivery afresh.
+func (k Keys) RedeemNonce(nonce string) string {
+	return k.Prefix() + ":redeem:nonce:{" + nonce + "}"
 }
 
 // RedeemStats counts what the receiver handled that belongs to no

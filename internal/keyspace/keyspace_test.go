@@ -53,6 +53,7 @@ func TestLayout(t *testing.T) {
 		{Default, "tomb", Default.Tomb("spring"), "cf:{spring}:tomb", "spring"},
 		{Default, "coupons", Default.Coupons("spring"), "cf:{spring}:coupons", "spring"},
 		{Default, "redeem seen", Default.RedeemSeen("EV-1"), "cf:redeem:seen:{EV-1}", "EV-1"},
+		{Default, "redeem nonce", Default.RedeemNonce("n1"), "cf:redeem:nonce:{n1}", "n1"},
 		{Default, "redeem stats", Default.RedeemStats(), "cf:redeem:stats", ""},
 		{Default, "campaigns", Default.Campaigns(), "cf:campaigns", ""},
 		{Default, "user lock", Default.UserLock("1900", "oU1"), "cf:user:{1900:oU1}", "1900:oU1"},
