@@ -159,14 +159,17 @@ func (rv *Receiver) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	req, err := rv.handler.ParseNotifyRequest(r.Context(), r, &use)
 	if err != nil {
 		outcome, why := metrics.NotifyBadSig, "signature missing or not the WeChat Pay key's"
+		// Classified by the start of the SDK's message only: the rest of a
+		// signature error dumps the request, body included.
 		msg := err.Error()
 		switch {
-		case strings.Contains(msg, "decrypt error"), strings.Contains(msg, "algorithm"):
-			outcome, why = metrics.NotifyDecrypt, "resource does not decrypt under the APIv3 key"
-		case strings.Contains(msg, "parse request body"), strings.Contains(msg, "unmarshal plaintext"):
-			outcome, why = metrics.NotifyMalformed, "body or resource is not the JSON expected"
-		case strings.Contains(msg, "expires"):
+		case strings.HasPrefix(msg, "invalid notification") && strings.Contains(msg, "expires, request-id"):
 			outcome, why = metrics.NotifyStale, "timestamp more than 5 minutes off"
+		case strings.HasPrefix(msg, "invalid notification"), strings.HasPrefix(msg, "unsupported Wechatpay-Signature-Type"):
+		case strings.Contains(msg, " decrypt error"), strings.HasPrefix(msg, "possible invalid notification"):
+			outcome, why = metrics.NotifyDecrypt, "resource does not decrypt under the APIv3 key"
+		default: // parse request body, unmarshal plaintext
+			outcome, why = metrics.NotifyMalformed, "body or resource is not the JSON expected"
 		}
 		rv.refuse(w, r, outcome, http.StatusUnauthorized, why)
 		return
