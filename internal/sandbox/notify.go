@@ -103,6 +103,22 @@ func newNotifier(sched NotifySchedule) *notifier {
 		client: &http.Client{Timeout: sched.Timeout}}
 }
 
+// schedule returns the schedule in force.
+func (n *notifier) schedule() NotifySchedule {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.sched
+}
+
+// SetNotifySchedule changes how notifications queued from now on are
+// delivered (zero fields take WeChat's values).
+func (s *Server) SetNotifySchedule(sched NotifySchedule) {
+	n := s.notifier
+	n.mu.Lock()
+	n.sched = sched.withDefaults()
+	n.mu.Unlock()
+}
+
 func (n *notifier) stop() {
 	n.cancel()
 	n.wg.Wait()
@@ -235,6 +251,7 @@ func newNotificationID() string {
 func (s *Server) deliver(rec *NotificationRecord, plain []byte, f Faults) {
 	n := s.notifier
 	defer n.wg.Done()
+	sched := n.schedule()
 	delay := time.Duration(f.NotifyDelayMS) * time.Millisecond
 	if f.NotifyJitterMS > 0 {
 		s.rngMu.Lock()
@@ -247,13 +264,13 @@ func (s *Server) deliver(rec *NotificationRecord, plain []byte, f Faults) {
 	if !sleepCtx(n.ctx, delay) {
 		return
 	}
-	for attempt := 1; attempt <= n.sched.Attempts; attempt++ {
+	for attempt := 1; attempt <= sched.Attempts; attempt++ {
 		status, ok := s.post(rec, plain)
 		n.mu.Lock()
 		rec.Attempts++
 		rec.LastStatus = status
 		rec.Acked = ok
-		rec.GaveUp = !ok && attempt == n.sched.Attempts
+		rec.GaveUp = !ok && attempt == sched.Attempts
 		n.mu.Unlock()
 		if ok {
 			if s.roll(f.NotifyDuplicateRate) {
@@ -266,7 +283,7 @@ func (s *Server) deliver(rec *NotificationRecord, plain []byte, f Faults) {
 			}
 			return
 		}
-		if attempt < n.sched.Attempts && !sleepCtx(n.ctx, n.sched.Interval) {
+		if attempt < sched.Attempts && !sleepCtx(n.ctx, sched.Interval) {
 			return
 		}
 	}
