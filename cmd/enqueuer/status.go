@@ -321,11 +321,11 @@ func cmdReport(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		w = zw
 	}
 	cw := csv.NewWriter(w)
-	_ = cw.Write(idempotency.ReportHeader)
+	_ = cw.Write(idempotency.ReportHeaderWithRedemptions)
 	n := 0
 	err = store.Each(ctx, *name, func(r idempotency.Record) error {
 		n++
-		return cw.Write(r.ReportRow())
+		return cw.Write(r.ReportRowWithRedemption())
 	})
 	cw.Flush()
 	if err == nil {

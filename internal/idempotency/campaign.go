@@ -296,13 +296,18 @@ func (s *Store) Each(ctx context.Context, campaign string, fn func(Record) error
 	}
 }
 
-// ReportHeader is the header row of a campaign report (enqueuer report, the
-// monitor's CSV download).
+// ReportHeader is the header row of a campaign report's sends (the
+// monitor's CSV download, until it shows redemptions too).
 var ReportHeader = []string{"out_request_no", "openid", "state", "coupon_id", "error_code", "error_message",
-	"attempts", "first_attempt", "last_attempt",
-	// Appended, so that the columns before keep their index: the coupon's
-	// use, empty until it is used.
-	"redeemed_at", "redeemed_amount", "redeemed_mchid", "redeemed_transaction_id"}
+	"attempts", "first_attempt", "last_attempt"}
+
+// RedemptionColumns follow ReportHeader in a report with redemptions
+// (enqueuer report): appended, so that the columns before keep their
+// index. They are empty until the coupon is used.
+var RedemptionColumns = []string{"redeemed_at", "redeemed_amount", "redeemed_mchid", "redeemed_transaction_id"}
+
+// ReportHeaderWithRedemptions is ReportHeader followed by RedemptionColumns.
+var ReportHeaderWithRedemptions = append(append([]string{}, ReportHeader...), RedemptionColumns...)
 
 // ReportRow is the send as a report row: a success carries no error (the
 // record keeps the last one from before it); times are UTC RFC 3339.
@@ -311,13 +316,19 @@ func (r Record) ReportRow() []string {
 	if r.State == Succeeded {
 		code, msg = "", ""
 	}
+	return []string{r.OutRequestNo, r.OpenID, string(r.State), r.CouponID, code, msg,
+		strconv.Itoa(r.Attempts), stamp(r.FirstAttempt), stamp(r.LastAttempt)}
+}
+
+// ReportRowWithRedemption is ReportRow followed by the coupon's use:
+// consume_time (UTC RFC 3339), its value in fen, the merchant and the
+// payment it was used on; empty until it is used.
+func (r Record) ReportRowWithRedemption() []string {
 	amount := ""
 	if !r.UsedAt.IsZero() {
 		amount = strconv.FormatInt(r.UsedAmount, 10)
 	}
-	return []string{r.OutRequestNo, r.OpenID, string(r.State), r.CouponID, code, msg,
-		strconv.Itoa(r.Attempts), stamp(r.FirstAttempt), stamp(r.LastAttempt),
-		stamp(r.UsedAt), amount, r.UsedMchID, r.UsedTransactionID}
+	return append(r.ReportRow(), stamp(r.UsedAt), amount, r.UsedMchID, r.UsedTransactionID)
 }
 
 func stamp(t time.Time) string {
