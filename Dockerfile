@@ -1,4 +1,4 @@
-# One image for every couponflow program: worker, enqueuer, wxsandbox and
+# One image for every couponflow program: worker, enqueuer, wxsandbox, receiver and
 # monitor (every directory under cmd/), each a static binary in
 # /usr/local/bin. docker-compose.yml picks the program per service. See
 # docs/deploy.md.

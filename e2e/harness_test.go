@@ -40,7 +40,7 @@ func TestMain(m *testing.M) {
 			panic(err)
 		}
 		defer os.RemoveAll(dir)
-		cmd := exec.Command("go", "build", "-o", dir+"/", "../cmd/worker", "../cmd/enqueuer", "../cmd/wxsandbox")
+		cmd := exec.Command("go", "build", "-o", dir+"/", "../cmd/worker", "../cmd/enqueuer", "../cmd/wxsandbox", "../cmd/receiver")
 		cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 		if err := cmd.Run(); err != nil {
 			fmt.Println("e2e: building the programs:", err)

@@ -64,7 +64,7 @@ func TestRetentionExpiresACampaignAndItsTombstoneRefusesARerun(t *testing.T) {
 	}
 	rows, err := csv.NewReader(zr).ReadAll()
 	f.Close()
-	if err != nil || len(rows) != 61 || strings.Join(rows[0], ",") != strings.Join(idempotency.ReportHeader, ",") {
+	if err != nil || len(rows) != 61 || strings.Join(rows[0], ",") != strings.Join(idempotency.ReportHeaderWithRedemptions, ",") {
 		t.Fatalf("archive: %d rows, %v", len(rows), err)
 	}
 	for _, row := range rows[1:] {

@@ -41,6 +41,10 @@ commands:
   reconcile  settle a campaign's unknown sends by asking WeChat
   retry      queue a campaign's failed (or unknown, or cancelled) sends
              again under their own out_request_no
+  callbacks  set --url URL | show: where WeChat posts COUPON.USE
+             notifications (the receiver's public URL)
+  redemptions sync --campaign NAME: find the campaign's used coupons that
+             no notification recorded, through the list API
 
 Run "enqueuer <command> -h" for its flags. Every command reads REDIS_ADDR
 and the WECHATPAY_* variables (see the README).
@@ -68,7 +72,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	cmds := map[string]func(context.Context, []string, io.Writer, io.Writer) error{
 		"send": cmdSend, "campaign": cmdCampaign, "status": cmdStatus, "report": cmdReport, "coupons": cmdCoupons, "stock": cmdStock,
-		"reconcile": cmdReconcile, "retry": cmdRetry,
+		"reconcile": cmdReconcile, "retry": cmdRetry, "callbacks": cmdCallbacks, "redemptions": cmdRedemptions,
 	}
 	cmd, ok := cmds[args[0]]
 	if !ok {

@@ -209,6 +209,9 @@ func printStatus(w io.Writer, meta idempotency.Campaign, st idempotency.Status, 
 	for _, code := range codes {
 		fmt.Fprintf(w, "    failed %-22s %d\n", code, st.FailedByCode[code])
 	}
+	if st.Redeemed > 0 || st.ByState[idempotency.Succeeded] > 0 {
+		fmt.Fprintf(w, "  %s\n", redemptionLine(st))
+	}
 	if n := st.ByState[idempotency.Unknown]; n > 0 {
 		fmt.Fprintf(w, "  %d sends are unknown: WeChat never answered them and their coupons may exist; do not resend them elsewhere. Run: enqueuer reconcile --campaign %s\n", n, meta.Name)
 	}
@@ -226,6 +229,22 @@ func printStatus(w io.Writer, meta idempotency.Campaign, st idempotency.Status, 
 	fmt.Fprintf(w, "  %s\n", retentionLine(meta))
 }
 
+// redemptionLine says how many of the campaign's coupons were used.
+func redemptionLine(st idempotency.Status) string {
+	line := fmt.Sprintf("redeemed %d of %d coupons issued (%.1f%%), %s in all", st.Redeemed, st.ByState[idempotency.Succeeded],
+		100*st.RedemptionRate(), yuan(st.RedeemedAmount))
+	if st.Redeemed > 0 {
+		line += fmt.Sprintf(", %s from send to use on average", st.MeanTimeToRedemption().Round(time.Second))
+	}
+	if st.RedeemedBySync > 0 {
+		line += fmt.Sprintf("; %d found by redemptions sync that no notification brought", st.RedeemedBySync)
+	}
+	return line
+}
+
+// yuan writes fen as yuan: 12345 → "123.45 yuan".
+func yuan(fen int64) string { return fmt.Sprintf("%d.%02d yuan", fen/100, fen%100) }
+
 func printStatusJSON(w io.Writer, meta idempotency.Campaign, st idempotency.Status, f fleet, audit []idempotency.Action) {
 	byState := map[string]int64{}
 	for s, n := range st.ByState {
@@ -239,6 +258,8 @@ func printStatusJSON(w io.Writer, meta idempotency.Campaign, st idempotency.Stat
 		"shared_rates": f.Rates, "open_breakers": f.Breakers, "control": string(meta.Control), "actions": audit,
 		"retention": meta.Retention.String(), "finished_at": jsonTime(meta.FinishedAt), "expires_at": jsonTime(meta.ExpiresAt),
 		"report": meta.Report, "start_at": jsonTime(meta.StartAt), "scheduled": scheduled(meta, st),
+		"redeemed": st.Redeemed, "redeemed_amount": st.RedeemedAmount, "redemption_rate": st.RedemptionRate(),
+		"redeemed_by_sync": st.RedeemedBySync, "mean_time_to_redemption_seconds": st.MeanTimeToRedemption().Seconds(),
 	})
 }
 
@@ -300,11 +321,11 @@ func cmdReport(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		w = zw
 	}
 	cw := csv.NewWriter(w)
-	_ = cw.Write(idempotency.ReportHeader)
+	_ = cw.Write(idempotency.ReportHeaderWithRedemptions)
 	n := 0
 	err = store.Each(ctx, *name, func(r idempotency.Record) error {
 		n++
-		return cw.Write(r.ReportRow())
+		return cw.Write(r.ReportRowWithRedemption())
 	})
 	cw.Flush()
 	if err == nil {

@@ -48,6 +48,12 @@ func run(args []string) error {
 	fs.BoolVar(&f.UserConflict, "user-conflict", false, "refuse a send to an openid while another send to it is in flight with a false 403 REQUEST_BLOCKED")
 	fs.Int64Var(&f.MonthlyCapPerUser, "monthly-cap-per-user", 0, "coupons one openid may receive per month, China time, before 400 INVALID_REQUEST 暂时无法领取 (0 = no cap)")
 	fs.BoolVar(&f.SignError, "sign-error", false, "refuse every API request with 401 SIGN_ERROR, as for a merchant whose clock or key is wrong")
+	var ns sandbox.NotifySchedule
+	fs.DurationVar(&ns.Interval, "notify-interval", sandbox.DefaultNotifyInterval, "time between deliveries of an unacknowledged COUPON.USE notification (WeChat: 1m; compress it for tests)")
+	fs.IntVar(&ns.Attempts, "notify-attempts", sandbox.DefaultNotifyAttempts, "deliveries of one notification before giving up (WeChat: 9)")
+	fs.Float64Var(&f.NotifyDuplicateRate, "notify-duplicate-rate", 0, "probability that an acknowledged notification is delivered once more")
+	fs.Int64Var(&f.NotifyDelayMS, "notify-delay-ms", 0, "milliseconds before a notification's first delivery")
+	fs.Int64Var(&f.NotifyJitterMS, "notify-jitter-ms", 0, "a random 0..N more milliseconds before the first delivery, so notifications arrive out of order")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	if err := envflag.Parse(fs, nil, args); err != nil {
 		return err
@@ -55,13 +61,16 @@ func run(args []string) error {
 	if err := validate(fs, *dataDir, *keyBits, f); err != nil {
 		return &envflag.UsageError{Err: err}
 	}
+	if ns.Interval <= 0 || ns.Attempts < 1 {
+		return envflag.Usagef("--notify-interval must be > 0 and --notify-attempts >= 1, got %v and %d", ns.Interval, ns.Attempts)
+	}
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
 		return envflag.Usagef("--log-level: want debug, info, warn or error, got %q", *logLevel)
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 
-	srv, err := sandbox.New(sandbox.Config{DataDir: *dataDir, KeyBits: *keyBits, Faults: f, Logger: log, ListPaging: *paging})
+	srv, err := sandbox.New(sandbox.Config{DataDir: *dataDir, KeyBits: *keyBits, Faults: f, Logger: log, ListPaging: *paging, Notify: ns})
 	if err != nil {
 		return err
 	}
@@ -121,6 +130,7 @@ func validate(fs *flag.FlagSet, dataDir string, keyBits int, f sandbox.Faults) e
 		{"--error-rate", f.ErrorRate}, {"--latency-rate", f.LatencyRate},
 		{"--commit-fail-rate", f.CommitFailRate}, {"--bad-signature-rate", f.BadSignatureRate},
 		{"--accepted-rate", f.AcceptedRate},
+		{"--notify-duplicate-rate", f.NotifyDuplicateRate},
 	} {
 		if !(p.v >= 0 && p.v <= 1) {
 			return fmt.Errorf("%s must be a probability between 0 and 1, got %v", p.flag, p.v)

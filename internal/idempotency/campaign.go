@@ -142,6 +142,31 @@ type Status struct {
 	// ChangedAt is when a send of the campaign last changed state: a
 	// campaign not done whose sends stopped changing may have lost tasks.
 	ChangedAt time.Time
+
+	// Redeemed counts the campaign's coupons used (Redeem), once each;
+	// RedeemedAmount sums their value (fen); RedeemedBySync counts those
+	// that enqueuer redemptions sync found and no notification had
+	// brought; RedeemedWait sums the times from send to redemption.
+	Redeemed, RedeemedAmount, RedeemedBySync int64
+	RedeemedWait                             time.Duration
+}
+
+// RedemptionRate is the share of the campaign's issued coupons that were
+// used, 0 before any was issued.
+func (st Status) RedemptionRate() float64 {
+	if st.ByState[Succeeded] == 0 {
+		return 0
+	}
+	return float64(st.Redeemed) / float64(st.ByState[Succeeded])
+}
+
+// MeanTimeToRedemption is the mean time from send to redemption over the
+// coupons used, 0 before any was. Redemptions gives the distribution.
+func (st Status) MeanTimeToRedemption() time.Duration {
+	if st.Redeemed == 0 {
+		return 0
+	}
+	return st.RedeemedWait / time.Duration(st.Redeemed)
 }
 
 // Done reports whether the workers have nothing left to do: every send
@@ -201,6 +226,14 @@ func (s *Store) Status(ctx context.Context, campaign string) (Status, error) {
 			st.Total = n
 		case k == "changed_ms":
 			st.ChangedAt = time.UnixMilli(n)
+		case k == "redeemed":
+			st.Redeemed = n
+		case k == "redeemed_amount":
+			st.RedeemedAmount = n
+		case k == "redeemed_by_sync":
+			st.RedeemedBySync = n
+		case k == "redeemed_wait_ms":
+			st.RedeemedWait = time.Duration(n) * time.Millisecond
 		case strings.HasPrefix(k, "failed:"):
 			if n != 0 {
 				st.FailedByCode[strings.TrimPrefix(k, "failed:")] = n
@@ -267,10 +300,18 @@ func (s *Store) Each(ctx context.Context, campaign string, fn func(Record) error
 	}
 }
 
-// ReportHeader is the header row of a campaign report (enqueuer report, the
-// monitor's CSV download).
+// ReportHeader is the header row of a campaign report's sends (the
+// monitor's CSV download, until it shows redemptions too).
 var ReportHeader = []string{"out_request_no", "openid", "state", "coupon_id", "error_code", "error_message",
 	"attempts", "first_attempt", "last_attempt"}
+
+// RedemptionColumns follow ReportHeader in a report with redemptions
+// (enqueuer report): appended, so that the columns before keep their
+// index. They are empty until the coupon is used.
+var RedemptionColumns = []string{"redeemed_at", "redeemed_amount", "redeemed_mchid", "redeemed_transaction_id"}
+
+// ReportHeaderWithRedemptions is ReportHeader followed by RedemptionColumns.
+var ReportHeaderWithRedemptions = append(append([]string{}, ReportHeader...), RedemptionColumns...)
 
 // ReportRow is the send as a report row: a success carries no error (the
 // record keeps the last one from before it); times are UTC RFC 3339.
@@ -281,6 +322,17 @@ func (r Record) ReportRow() []string {
 	}
 	return []string{r.OutRequestNo, r.OpenID, string(r.State), r.CouponID, code, msg,
 		strconv.Itoa(r.Attempts), stamp(r.FirstAttempt), stamp(r.LastAttempt)}
+}
+
+// ReportRowWithRedemption is ReportRow followed by the coupon's use:
+// consume_time (UTC RFC 3339), its value in fen, the merchant and the
+// payment it was used on; empty until it is used.
+func (r Record) ReportRowWithRedemption() []string {
+	amount := ""
+	if !r.UsedAt.IsZero() {
+		amount = strconv.FormatInt(r.UsedAmount, 10)
+	}
+	return append(r.ReportRow(), stamp(r.UsedAt), amount, r.UsedMchID, r.UsedTransactionID)
 }
 
 func stamp(t time.Time) string {

@@ -2,7 +2,7 @@
 -- the counters, the member list and the meta get it too, unless the
 -- campaign was reopened or its retention changed meanwhile ('changed'), or
 -- its keys are gone ('gone': nothing is written, least of all a new meta).
--- KEYS: counts, members, meta
+-- KEYS: counts, members, meta, the coupon index
 -- ARGV: the expiry applied to the records (unix ms, or '' for none)
 if redis.call('EXISTS', KEYS[3]) == 0 then
   return 'gone'
@@ -12,7 +12,7 @@ if want ~= ARGV[1] then
   return 'changed'
 end
 redis.call('HSET', KEYS[3], 'expiry_applied', ARGV[1])
-for i = 1, 3 do
+for i = 1, 4 do
   if ARGV[1] == '' then
     redis.call('PERSIST', KEYS[i])
   else

@@ -1,8 +1,9 @@
--- KEYS: record, counts, rate bucket of this second
+-- KEYS: record, counts, rate bucket of this second, the campaign's coupon index
 -- ARGV: owner, new state, coupon_id, code, message, now_ms,
 --       not_called ('1': no call was made), issued ('set': the call may have
 --       issued a coupon, 'clear': WeChat answered and nothing was issued, '': no news),
---       the kept task (stored with an unknown send, for reconcile)
+--       the kept task (stored with an unknown send, for reconcile),
+--       the send as the index names it (<mchid>:<out_request_no>)
 local rec = KEYS[1]
 local new = ARGV[2]
 local st = redis.call('HGET', rec, 'state')
@@ -58,6 +59,11 @@ elseif new == 'succeeded' then
 end
 if new == 'succeeded' then
   redis.call('HSET', rec, 'coupon_id', ARGV[3])
+  -- A redemption notification names only the coupon: the index, written
+  -- in the same step as the success, leads it to this record.
+  if ARGV[3] ~= '' then
+    redis.call('HSET', KEYS[4], ARGV[3], ARGV[10])
+  end
   redis.call('INCR', KEYS[3])
   redis.call('EXPIRE', KEYS[3], 600)
 end

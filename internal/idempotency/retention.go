@@ -161,7 +161,8 @@ func (s *Store) applyExpiry(ctx context.Context, campaign string, tick func()) e
 		if err := s.walkExpiry(ctx, campaign, want, tick); err != nil {
 			return err
 		}
-		res, err := expireScript.Run(ctx, s.rdb, []string{s.countsKey(campaign), s.membersKey(campaign), s.metaKey(campaign)}, want).Text()
+		res, err := expireScript.Run(ctx, s.rdb, []string{s.countsKey(campaign), s.membersKey(campaign), s.metaKey(campaign),
+			s.keys.Coupons(campaign)}, want).Text()
 		if err != nil {
 			return fmt.Errorf("idempotency: setting the expiry of %s: %w", campaign, err)
 		}

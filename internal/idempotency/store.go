@@ -85,6 +85,21 @@ type Record struct {
 	LeaseUntil time.Time
 	// ClaimedFrom is the state the send was in when last claimed.
 	ClaimedFrom State
+	// DoneAt is when the last call's result was recorded: for a
+	// succeeded send, when its coupon was recorded.
+	DoneAt time.Time
+
+	// The coupon's redemption (Redeem), zero until it is used: when
+	// (consume_time), by which merchant, on which payment, for how much
+	// (fen); when it was recorded, and from what (RedeemedByNotify,
+	// RedeemedBySync) and which notification.
+	UsedAt            time.Time
+	UsedMchID         string
+	UsedTransactionID string
+	UsedAmount        int64
+	RedeemedAt        time.Time
+	RedeemSource      string
+	NotificationID    string
 }
 
 // Send names one send and says where it belongs.
@@ -320,8 +335,9 @@ func (s *Store) Finish(ctx context.Context, send Send, owner string, r Result) e
 	now := s.now()
 	res, err := finishScript.Run(ctx, s.rdb,
 		[]string{s.recordKey(send.Campaign, send.MchID, send.OutRequestNo), s.countsKey(send.Campaign),
-			s.rateKey(send.Campaign, now.Unix())},
-		owner, string(r.State), r.CouponID, r.Code, r.Message, now.UnixMilli(), r.NotCalled, r.issued(), r.Task).Text()
+			s.rateKey(send.Campaign, now.Unix()), s.keys.Coupons(send.Campaign)},
+		owner, string(r.State), r.CouponID, r.Code, r.Message, now.UnixMilli(), r.NotCalled, r.issued(), r.Task,
+		send.MchID+":"+send.OutRequestNo).Text()
 	if err != nil {
 		return fmt.Errorf("idempotency: recording %s: %w", send.OutRequestNo, err)
 	}
@@ -361,6 +377,12 @@ func recordFrom(mchID, outRequestNo string, m map[string]string) Record {
 	r.Attempts, _ = strconv.Atoi(m["attempts"])
 	r.FirstAttempt = millis(m["first_at"])
 	r.LastAttempt = millis(m["last_at"])
+	r.DoneAt = millis(m["done_at"])
+	r.UsedAt = millis(m["used_at"])
+	r.UsedMchID, r.UsedTransactionID = m["used_mchid"], m["used_txn"]
+	r.UsedAmount, _ = strconv.ParseInt(m["used_amount"], 10, 64)
+	r.RedeemedAt = millis(m["redeemed_at"])
+	r.RedeemSource, r.NotificationID = m["redeem_src"], m["notify_id"]
 	return r
 }
 

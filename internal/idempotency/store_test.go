@@ -270,7 +270,8 @@ func TestKeysUnderThePrefix(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := map[string]bool{keys.Meta("c1"): true, keys.Campaigns(): true, keys.Counts("c1"): true,
-		keys.Members("c1"): true, keys.Record("c1", "1900000001", "r1"): true, keys.Rate("c1", time.Now().Unix()): true}
+		keys.Members("c1"): true, keys.Record("c1", "1900000001", "r1"): true, keys.Rate("c1", time.Now().Unix()): true,
+		keys.Coupons("c1"): true}
 	for _, k := range rdb.Keys(ctx, "*").Val() {
 		if !want[k] && !strings.HasPrefix(k, "acme:{c1}:rate:") {
 			t.Errorf("unexpected key %q", k)

@@ -29,6 +29,10 @@
 //	cf:{spring}:rate:<unix second>             string  successes in that second (10 min TTL)
 //	cf:{spring}:meta                           hash    mchid, deadline, created_at, retention, …
 //	cf:{spring}:tomb                           hash    what survives a campaign's retention
+//	cf:{spring}:coupons                        hash    coupon_id → <mchid>:<out_request_no>, for redemptions
+//	cf:redeem:seen:{<notification id>}         string  a COUPON.USE notification already handled (48 h TTL)
+//	cf:redeem:nonce:{<Wechatpay-Nonce>}        string  a notification's signature seen (6 min TTL): a replay
+//	cf:redeem:stats                            hash    notifications for coupons not ours, refused ones
 //	cf:campaigns                               set     every campaign's name
 //	cf:user:{<mchid>:<openid>}                 string  the user lock
 //	cf:breaker:{<mchid>}:stock:<stock_id>      hash    a stock's budget breaker
@@ -100,6 +104,30 @@ func (k Keys) NotifyLock(campaign string) string { return k.campaign(campaign) +
 
 // Tomb is what is left of a campaign once its retention has passed.
 func (k Keys) Tomb(campaign string) string { return k.campaign(campaign) + "tomb" }
+
+// Coupons maps a campaign's issued coupon ids to their sends
+// ("<mchid>:<out_request_no>"), written with the success in one script,
+// so that a redemption notification, which names only the coupon, finds
+// its send's record.
+func (k Keys) Coupons(campaign string) string { return k.campaign(campaign) + "coupons" }
+
+// RedeemSeen marks a redemption notification (WeChat's notification id)
+// as handled, for the ones that match no send of ours: those have no
+// record to hold the id. Its own tag: notifications spread over the cluster.
+func (k Keys) RedeemSeen(notificationID string) string {
+	return k.Prefix() + ":redeem:seen:{" + notificationID + "}"
+}
+
+// RedeemNonce marks a notification's Wechatpay-Nonce as seen for as
+// long as its timestamp is accepted (5 minutes): the same signed bytes
+// again are a replay. WeChat signs each delivery afresh.
+func (k Keys) RedeemNonce(nonce string) string {
+	return k.Prefix() + ":redeem:nonce:{" + nonce + "}"
+}
+
+// RedeemStats counts what the receiver handled that belongs to no
+// campaign: notifications for coupons not ours, and refused ones.
+func (k Keys) RedeemStats() string { return k.Prefix() + ":redeem:stats" }
 
 // CampaignPattern matches every key of a campaign (for SCAN).
 func (k Keys) CampaignPattern(campaign string) string { return k.campaign(campaign) + "*" }

@@ -51,6 +51,10 @@ func TestLayout(t *testing.T) {
 		{Default, "rate", Default.Rate("spring", 1700000000), "cf:{spring}:rate:1700000000", "spring"},
 		{Default, "meta", Default.Meta("spring"), "cf:{spring}:meta", "spring"},
 		{Default, "tomb", Default.Tomb("spring"), "cf:{spring}:tomb", "spring"},
+		{Default, "coupons", Default.Coupons("spring"), "cf:{spring}:coupons", "spring"},
+		{Default, "redeem seen", Default.RedeemSeen("EV-1"), "cf:redeem:seen:{EV-1}", "EV-1"},
+		{Default, "redeem nonce", Default.RedeemNonce("n1"), "cf:redeem:nonce:{n1}", "n1"},
+		{Default, "redeem stats", Default.RedeemStats(), "cf:redeem:stats", ""},
 		{Default, "campaigns", Default.Campaigns(), "cf:campaigns", ""},
 		{Default, "user lock", Default.UserLock("1900", "oU1"), "cf:user:{1900:oU1}", "1900:oU1"},
 		{Default, "breaker", Default.Breaker("1900", "160001"), "cf:breaker:{1900}:stock:160001", "1900"},
@@ -87,7 +91,7 @@ func TestSlots(t *testing.T) {
 	k := Default
 	// Every key of one campaign on one slot, whatever the send.
 	camp := []string{k.Record("spring", "1900", "x1"), k.Record("spring", "1901", "y"), k.Counts("spring"),
-		k.Members("spring"), k.Rate("spring", 1), k.Meta("spring"), k.Tomb("spring")}
+		k.Members("spring"), k.Rate("spring", 1), k.Meta("spring"), k.Tomb("spring"), k.Coupons("spring")}
 	for _, key := range camp {
 		if slot(key) != slot(camp[0]) {
 			t.Errorf("%q is on slot %d, the campaign on %d", key, slot(key), slot(camp[0]))

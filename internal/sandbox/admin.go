@@ -131,19 +131,19 @@ func (s *Server) adminRoutes(outer *http.ServeMux) {
 		writeJSON(w, http.StatusOK, f)
 	})
 	mux.HandleFunc("POST /sandbox/coupons/{coupon_id}/use", func(w http.ResponseWriter, r *http.Request) {
-		var body struct {
-			ConsumeMchID  string `json:"consume_mchid"`
-			TransactionID string `json:"transaction_id"`
-		}
+		var body Use
 		if r.ContentLength != 0 && !readJSON(w, r, &body) {
 			return
 		}
-		id := r.PathValue("coupon_id")
-		if err := s.MarkUsed(id, body.ConsumeMchID, body.TransactionID); err != nil {
+		used, err := s.Use(r.PathValue("coupon_id"), body)
+		if err != nil {
 			writeError(w, err)
 			return
 		}
-		writeJSON(w, http.StatusOK, map[string]string{"coupon_id": id, "status": StatusUsed})
+		writeJSON(w, http.StatusOK, used)
+	})
+	mux.HandleFunc("GET /sandbox/notifications", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, s.Notifications())
 	})
 	mux.HandleFunc("/sandbox/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, map[string]string{"error": fmt.Sprintf("no admin endpoint %s %s", r.Method, r.URL.Path)})

@@ -53,6 +53,17 @@ type Faults struct {
 	// SignError refuses every API request with 401 SIGN_ERROR, as WeChat
 	// does when the merchant's clock is off or its key or serial is wrong.
 	SignError bool `json:"sign_error"`
+
+	// COUPON.USE notifications (POST /sandbox/coupons/{id}/use).
+
+	// NotifyDuplicateRate sends an acknowledged notification once more:
+	// WeChat says the same notification may come more than once.
+	NotifyDuplicateRate float64 `json:"notify_duplicate_rate"`
+	// NotifyDelayMS delays a notification's first delivery, and
+	// NotifyJitterMS adds a random 0..NotifyJitterMS to it, so that
+	// notifications arrive out of the order of their coupons' use.
+	NotifyDelayMS  int64 `json:"notify_delay_ms"`
+	NotifyJitterMS int64 `json:"notify_jitter_ms"`
 }
 
 // How the excess over RateLimit is refused (Faults.RateLimitAnswer).
@@ -126,6 +137,7 @@ func (f Faults) Validate() error {
 		{"commit_fail_rate", f.CommitFailRate},
 		{"bad_signature_rate", f.BadSignatureRate},
 		{"accepted_rate", f.AcceptedRate},
+		{"notify_duplicate_rate", f.NotifyDuplicateRate},
 	} {
 		if !(p.v >= 0 && p.v <= 1) {
 			return fmt.Errorf("%s must be a probability in [0, 1], got %v", p.name, p.v)
@@ -146,6 +158,9 @@ func (f Faults) Validate() error {
 	case "", RateLimit429, RateLimitInvalidRequest, RateLimitFrequencyLimited:
 	default:
 		return fmt.Errorf("rate_limit_answer must be %q, %q or %q, got %q", RateLimit429, RateLimitInvalidRequest, RateLimitFrequencyLimited, f.RateLimitAnswer)
+	}
+	if f.NotifyDelayMS < 0 || f.NotifyJitterMS < 0 {
+		return fmt.Errorf("notify_delay_ms and notify_jitter_ms must be >= 0, got %d and %d", f.NotifyDelayMS, f.NotifyJitterMS)
 	}
 	if f.MonthlyCapPerUser < 0 {
 		return fmt.Errorf("monthly_cap_per_user must be >= 0 (0 = no cap), got %d", f.MonthlyCapPerUser)

@@ -49,6 +49,9 @@ type Config struct {
 	// Now is the sandbox's clock for daily budgets and monthly caps
 	// (default time.Now), so that a test can cross midnight, China time.
 	Now func() time.Time
+	// Notify is how COUPON.USE notifications are delivered and retried
+	// (default: WeChat's, one a minute, 9 in all).
+	Notify NotifySchedule
 }
 
 // The two readings of the list API's offset.
@@ -64,6 +67,9 @@ type Server struct {
 	id     identity
 	mchKey *rsa.PrivateKey // the merchant's key: its public half verifies requests
 	wxKey  *rsa.PrivateKey // the WeChat Pay key: signs responses, decrypts fields
+	// apiV3Key is the merchant's APIv3 key: it encrypts notifications.
+	apiV3Key string
+	notifier *notifier
 
 	handler http.Handler
 	paging  string // PagingItems or PagingPages
@@ -127,6 +133,7 @@ func New(cfg Config) (*Server, error) {
 		now:    cfg.Now,
 
 		inflight: map[string]int{},
+		notifier: newNotifier(cfg.Notify),
 	}
 	if s.now == nil {
 		s.now = time.Now
@@ -152,6 +159,9 @@ func New(cfg Config) (*Server, error) {
 		s.dir = dir
 	}
 	if err := s.loadKeys(cfg.KeyBits); err != nil {
+		return nil, err
+	}
+	if err := s.loadAPIv3Key(); err != nil {
 		return nil, err
 	}
 	fresh, err := s.loadIdentity()
@@ -224,6 +234,8 @@ func (s *Server) routes() http.Handler {
 	mux.Handle("GET /v3/marketing/favor/users/{openid}/coupons", s.api(s.listCoupons))
 	mux.Handle("POST /v3/multiuse/users/{openid}/coupons", s.api(s.sendMultiuse))
 	mux.Handle("GET /v3/marketing/favor/stocks/{stock_id}", s.api(s.queryStock))
+	mux.Handle("POST /v3/marketing/favor/callbacks", s.api(s.setCallback))
+	mux.Handle("GET /v3/marketing/favor/callbacks", s.api(s.queryCallback))
 	mux.Handle("/v3/", s.api(notFound))
 	s.adminRoutes(mux)
 	unclean := s.api(uncleanPath)
@@ -309,6 +321,9 @@ func (s *Server) Close() error {
 		if srv != nil {
 			_ = srv.Close()
 		}
+		// Deliveries in flight stop; those not yet acknowledged are lost
+		// with the process (WeChat's are not: sync finds them).
+		s.notifier.stop()
 		if s.stopSaver != nil {
 			close(s.stopSaver)
 			<-s.saverDone
@@ -326,6 +341,7 @@ func (s *Server) Env() map[string]string {
 		"WECHATPAY_MCH_SERIAL":      s.id.MchSerial,
 		"WECHATPAY_PRIVATE_KEY":     "",
 		"WECHATPAY_PUBLIC_KEY":      "",
+		"WECHATPAY_APIV3_KEY":       "",
 		"WECHATPAY_PUBLIC_KEY_ID":   s.id.PublicKeyID,
 		"WECHATPAY_APPID":           s.id.AppID,
 		"WECHATPAY_BASE_URL":        s.URL(),
@@ -335,13 +351,14 @@ func (s *Server) Env() map[string]string {
 	if s.dir != "" {
 		m["WECHATPAY_PRIVATE_KEY"] = s.path(MerchantKeyFile)
 		m["WECHATPAY_PUBLIC_KEY"] = s.path(PublicKeyFile)
+		m["WECHATPAY_APIV3_KEY"] = s.path(APIv3KeyFile)
 	}
 	return m
 }
 
 var envOrder = []string{
 	"WECHATPAY_MCHID", "WECHATPAY_MCH_SERIAL", "WECHATPAY_PRIVATE_KEY", "WECHATPAY_PUBLIC_KEY",
-	"WECHATPAY_PUBLIC_KEY_ID", "WECHATPAY_APPID", "WECHATPAY_BASE_URL",
+	"WECHATPAY_PUBLIC_KEY_ID", "WECHATPAY_APIV3_KEY", "WECHATPAY_APPID", "WECHATPAY_BASE_URL",
 	"SANDBOX_STOCK_ID", "SANDBOX_MULTIUSE_STOCK_ID",
 }
 

@@ -133,10 +133,11 @@ type store struct {
 	coupons    []*coupon // issue order
 	byID       map[string]*coupon
 	byOpenID   map[string][]*coupon
-	byRequest  map[string]*coupon // sender mchid + "\x00" + out_request_no
-	perUser    map[string]int64   // stock id + "\x00" + openid
-	used       map[string]usage   // by coupon id
-	users      map[string]User    // by openid: registered users only
+	byRequest  map[string]*coupon  // sender mchid + "\x00" + out_request_no
+	perUser    map[string]int64    // stock id + "\x00" + openid
+	used       map[string]usage    // by coupon id
+	callbacks  map[string]callback // notification URLs by mchid
+	users      map[string]User     // by openid: registered users only
 	// identities maps the salted hash of a registered id number to the
 	// salted hash of it with its name (identityKey, identityBinding).
 	identities map[string]string
@@ -155,6 +156,7 @@ func newStore() *store {
 		byRequest:  map[string]*coupon{},
 		perUser:    map[string]int64{},
 		used:       map[string]usage{},
+		callbacks:  map[string]callback{},
 		users:      map[string]User{},
 		identities: map[string]string{},
 		requests:   map[string]int64{},
@@ -203,6 +205,8 @@ type snapshot struct {
 	Identities map[string]string `json:"identities,omitempty"`
 	Requests   map[string]int64  `json:"requests"`
 	Faults     map[string]int64  `json:"faults"`
+	// Callbacks are the merchants' notification URLs.
+	Callbacks map[string]callback `json:"callbacks,omitempty"`
 }
 
 func (st *store) snapshot() snapshot {
@@ -216,6 +220,7 @@ func (st *store) snapshot() snapshot {
 		Identities:   maps.Clone(st.identities),
 		Requests:     maps.Clone(st.requests),
 		Faults:       maps.Clone(st.faults),
+		Callbacks:    maps.Clone(st.callbacks),
 	}
 	for _, id := range st.stockOrder {
 		sn.Stocks = append(sn.Stocks, st.stocks[id].view())
@@ -262,6 +267,7 @@ func (s *Server) loadState() error {
 	maps.Copy(st.identities, sn.Identities)
 	maps.Copy(st.requests, sn.Requests)
 	maps.Copy(st.faults, sn.Faults)
+	maps.Copy(st.callbacks, sn.Callbacks)
 	s.st = st
 	return nil
 }
@@ -530,22 +536,57 @@ func (s *Server) updateStock(id string, f func(*Stock) error) error {
 // list API shows its consume_information. Empty arguments take defaults: the
 // sandbox's mchid and a generated transaction id.
 func (s *Server) MarkUsed(couponID, consumeMchID, transactionID string) error {
+	_, err := s.Use(couponID, Use{ConsumeMchID: consumeMchID, TransactionID: transactionID})
+	return err
+}
+
+// Use is how a coupon is used (POST /sandbox/coupons/{id}/use); empty
+// fields take defaults: now, the sandbox's mchid, a generated transaction id.
+type Use struct {
+	ConsumeTime   time.Time `json:"consume_time"`
+	ConsumeMchID  string    `json:"consume_mchid"`
+	TransactionID string    `json:"transaction_id"`
+}
+
+// Used is what Use did.
+type Used struct {
+	CouponID      string `json:"coupon_id"`
+	Status        string `json:"status"`
+	ConsumeTime   string `json:"consume_time"`
+	ConsumeMchID  string `json:"consume_mchid"`
+	TransactionID string `json:"transaction_id"`
+	Amount        int64  `json:"coupon_amount"`
+	// NotificationID is the COUPON.USE notification queued for the stock
+	// creator's notify_url, "" when it has set none.
+	NotificationID string `json:"notification_id,omitempty"`
+}
+
+// Use marks a coupon USED and queues its COUPON.USE notification to the
+// notification URL of the stock's creator, if one is set.
+func (s *Server) Use(couponID string, u Use) (Used, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.st.byID[couponID] == nil {
-		return fmt.Errorf("coupon %s: %w", couponID, ErrNotFound)
+	c := s.st.byID[couponID]
+	if c == nil {
+		return Used{}, fmt.Errorf("coupon %s: %w", couponID, ErrNotFound)
 	}
 	if _, ok := s.st.used[couponID]; ok {
-		return fmt.Errorf("coupon %s is already used", couponID)
+		return Used{}, fmt.Errorf("coupon %s is already used", couponID)
 	}
 	now := time.Now()
-	s.st.used[couponID] = usage{
-		Time:          now,
-		MchID:         cmp.Or(consumeMchID, s.id.MchID),
-		TransactionID: cmp.Or(transactionID, "42000"+now.Format("20060102")+randDigits(15)),
+	if u.ConsumeTime.IsZero() {
+		u.ConsumeTime = now
 	}
+	use := usage{
+		Time:          u.ConsumeTime,
+		MchID:         cmp.Or(u.ConsumeMchID, s.id.MchID),
+		TransactionID: cmp.Or(u.TransactionID, "42000"+now.Format("20060102")+randDigits(15)),
+	}
+	s.st.used[couponID] = use
 	s.st.dirty = true
-	return nil
+	id := s.notifyUsedLocked(c, use)
+	return Used{CouponID: couponID, Status: StatusUsed, ConsumeTime: rfc3339(use.Time), ConsumeMchID: use.MchID,
+		TransactionID: use.TransactionID, Amount: c.Amount, NotificationID: id}, nil
 }
 
 // Ledger is everything the sandbox has issued and answered: the same JSON as
