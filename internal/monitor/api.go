@@ -78,11 +78,11 @@ func (s *Server) apiReport(w http.ResponseWriter, r *http.Request) {
 	h.Set("Cache-Control", "no-store")
 	h.Set("X-Content-Type-Options", "nosniff")
 	cw := csv.NewWriter(w)
-	_ = cw.Write(idempotency.ReportHeader)
+	_ = cw.Write(idempotency.ReportHeaderWithRedemptions)
 	rc := http.NewResponseController(w)
 	n := 0
 	err = s.store.Each(r.Context(), name, func(rec idempotency.Record) error {
-		if err := cw.Write(rec.ReportRow()); err != nil {
+		if err := cw.Write(rec.ReportRowWithRedemption()); err != nil {
 			return err
 		}
 		if n++; n%1000 == 0 {

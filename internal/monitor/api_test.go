@@ -118,8 +118,8 @@ func TestReportCSV(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The same columns as enqueuer report.
-	if got := strings.Join(rows[0], ","); got != "out_request_no,openid,state,coupon_id,error_code,error_message,attempts,first_attempt,last_attempt" {
+	// The same columns as enqueuer report, redemptions last.
+	if got := strings.Join(rows[0], ","); got != "out_request_no,openid,state,coupon_id,error_code,error_message,attempts,first_attempt,last_attempt,"+strings.Join(idempotency.ReportHeaderWithRedemptions[9:], ",") {
 		t.Errorf("header %s", got)
 	}
 	if len(rows) != 6 {
@@ -134,11 +134,14 @@ func TestReportCSV(t *testing.T) {
 	}
 	for i, w := range want {
 		row := rows[i+1]
+		if strings.Join(row[9:], "") != "" {
+			t.Errorf("row %d: redemption columns %q for a coupon never used", i+1, row[9:])
+		}
 		if strings.Join(row[:7], "|") != strings.Join(w, "|") {
 			t.Errorf("row %d: %q, want %q", i+1, row[:7], w)
 		}
 		tried := w[6] != "0"
-		for _, col := range row[7:] {
+		for _, col := range row[7:9] {
 			if tried {
 				if ts, err := time.Parse(time.RFC3339Nano, col); err != nil || time.Since(ts) > time.Minute || !strings.HasSuffix(col, "Z") {
 					t.Errorf("row %d: time %q, want a recent UTC RFC 3339 time", i+1, col)
@@ -360,4 +363,28 @@ func TestUnknownShownApart(t *testing.T) {
 	if strings.Contains(body, `<span class="done">done</span>`) {
 		t.Error("a campaign with an unknown send is shown as done")
 	}
+}
+
+// Redemptions recorded from WeChat's notifications show on the page and
+// in the API: count, rate of those sent, amount, time to use.
+func TestRedemptionsShown(t *testing.T) {
+	r := newRig(t, monitor.WithBasicAuth(testUser, testPassword), monitor.WithMchID(testMchID))
+	sends := r.campaign("autumn", 4)
+	for i, s := range sends {
+		finish(t, r.store, s, succeeded(fmt.Sprintf("C-%d", i)))
+	}
+	if _, err := r.store.Redeem(context.Background(), sends[1], idempotency.Redemption{CouponID: "C-1", NotificationID: "n1",
+		ConsumeTime: time.Now(), ConsumeMchID: testMchID, TransactionID: "4200", Amount: 100, Source: idempotency.RedeemedByNotify}); err != nil {
+		t.Fatal(err)
+	}
+	_, body := r.get("/api/campaigns/autumn", operator)
+	var c monitor.CampaignDetail
+	if err := json.Unmarshal([]byte(body), &c); err != nil {
+		t.Fatal(err)
+	}
+	if c.Redeemed != 1 || c.RedeemedAmount != 100 || c.RedemptionRate != 0.25 || c.MeanToRedemption == "" {
+		t.Errorf("campaign %+v", c.Campaign)
+	}
+	_, body = r.get("/campaigns/autumn", operator)
+	mustContain(t, "the campaign page", body, `data-redeemed="autumn"`, "1 redeemed (25.0% of those sent, 100 fen)")
 }

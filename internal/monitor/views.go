@@ -42,6 +42,14 @@ type Campaign struct {
 	Rate    float64 `json:"rate_per_second"`
 	Rate10s float64 `json:"rate_10s"`
 	Done    bool    `json:"done"`
+	// Redeemed counts the campaign's coupons used (the receiver's
+	// notifications, enqueuer redemptions sync), RedeemedAmount their fen;
+	// RedemptionRate is Redeemed of Succeeded and MeanToRedemption the
+	// mean time from send to use.
+	Redeemed         int64   `json:"redeemed"`
+	RedeemedAmount   int64   `json:"redeemed_amount"`
+	RedemptionRate   float64 `json:"redemption_rate"`
+	MeanToRedemption string  `json:"mean_time_to_redemption,omitempty"`
 	// Expected is how many sends the campaign's last successful enqueue
 	// counted; Missing how many records fewer Redis holds (it lost
 	// writes), and Warning what to do about it, "" when none is missing.
@@ -169,12 +177,16 @@ func (s *Server) view(meta idempotency.Campaign, st idempotency.Status) Campaign
 		Unknown: st.ByState[idempotency.Unknown], Cancelled: st.ByState[idempotency.Cancelled], Waiting: campaignctl.Waiting(st),
 		ByState: map[string]int64{}, FailedByCode: map[string]int64{}, Control: string(meta.Control),
 		Rate: st.Rate, Rate10s: st.Rate10s, Done: st.Done(),
+		Redeemed: st.Redeemed, RedeemedAmount: st.RedeemedAmount, RedemptionRate: st.RedemptionRate(),
 		Expected: st.Expected, Missing: st.Missing(),
 		Retention: meta.Retention.String(), Report: meta.Report,
 	}
 	if !meta.ExpiresAt.IsZero() {
 		at := meta.ExpiresAt.UTC()
 		c.ExpiresAt = &at
+	}
+	if st.Redeemed > 0 {
+		c.MeanToRedemption = st.MeanTimeToRedemption().Round(time.Second).String()
 	}
 	if c.Control == "" {
 		c.Control = "running"
