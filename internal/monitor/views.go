@@ -7,6 +7,7 @@ import (
 	"sort"
 	"time"
 
+	"github.com/couponflow/dispatcher/internal/breaker"
 	"github.com/couponflow/dispatcher/internal/campaignctl"
 	"github.com/couponflow/dispatcher/internal/idempotency"
 	"github.com/couponflow/dispatcher/internal/ratelimit"
@@ -78,6 +79,19 @@ type Campaign struct {
 	// campaign (its page, its API), not in lists.
 	Actions []idempotency.Action `json:"actions,omitempty"`
 
+	// State is whether it is moving and, if not, why (stateOf): State one
+	// of the State* constants, StateReason a sentence. Workers is the
+	// number of live workers serving its queue (-1: unread).
+	campaignState
+	Workers int `json:"live_workers"`
+	// Stocks are the stocks its sends draw on (from the records: on lists
+	// from the first listSample of them), each with its open breaker and
+	// the remedy; only breakers of these stocks (and the merchant's) show.
+	Stocks []Stock `json:"stocks"`
+	// ChangedAt is when a send of it last changed state.
+	ChangedAt  *time.Time `json:"changed_at,omitempty"`
+	ChangedAgo string     `json:"-"`
+
 	// For the pages: the states in status order, the codes sorted.
 	States []Count `json:"-"`
 	Codes  []Count `json:"-"`
@@ -121,9 +135,66 @@ type Breaker struct {
 // endpoints are the sends whose rate the pages show.
 var endpoints = []ratelimit.Endpoint{ratelimit.SendCoupon, ratelimit.SendMultiuse}
 
+// look is what one request reads once for all the campaigns it shows:
+// the live workers and each merchant's open breakers.
+type look struct {
+	now      time.Time
+	workers  int
+	read     bool
+	breakers map[string][]breaker.State
+}
+
+// workerCount counts the live asynq servers (their heartbeat is fresh:
+// asynq drops a server's entry once it stops beating) that serve one of
+// our queues; -1 if the list cannot be read.
+func (s *Server) workerCount() int {
+	servers, err := s.inspector.Servers()
+	if err != nil {
+		s.log.Warn("monitor: listing asynq servers", "err", err)
+		return -1
+	}
+	ours := map[string]bool{tasks.WokenQueue(s.queue): true}
+	for _, q := range tasks.ShardQueues(s.queue, s.queueShards) {
+		ours[q] = true
+	}
+	n := 0
+	for _, srv := range servers {
+		if srv.Status != "active" {
+			continue // stopped: it takes no new task
+		}
+		for q := range srv.Queues {
+			if ours[q] {
+				n++
+				break
+			}
+		}
+	}
+	return n
+}
+
+func (s *Server) newLook() *look {
+	return &look{now: time.Now(), breakers: map[string][]breaker.State{}}
+}
+
+func (s *Server) openBreakers(ctx context.Context, lk *look, mchID string) ([]breaker.State, error) {
+	if b, ok := lk.breakers[mchID]; ok {
+		return b, nil
+	}
+	b, err := s.breakers.Open(ctx, mchID)
+	if err != nil {
+		return nil, err
+	}
+	lk.breakers[mchID] = b
+	return b, nil
+}
+
 // campaign reads one campaign, with its audit trail if detail; ok is
 // false if it is unknown.
 func (s *Server) campaign(ctx context.Context, name string, detail bool) (c Campaign, ok bool, err error) {
+	return s.campaignWith(ctx, s.newLook(), name, detail)
+}
+
+func (s *Server) campaignWith(ctx context.Context, lk *look, name string, detail bool) (c Campaign, ok bool, err error) {
 	if tasks.ValidateCampaign(name) != nil {
 		return Campaign{}, false, nil // no such campaign can exist
 	}
@@ -136,6 +207,22 @@ func (s *Server) campaign(ctx context.Context, name string, detail bool) (c Camp
 		return Campaign{}, false, err
 	}
 	c = s.view(meta, st)
+	if !lk.read {
+		lk.workers, lk.read = s.workerCount(), true
+	}
+	limit := listSample
+	if detail {
+		limit = detailSample
+	}
+	sc, err := s.scan(ctx, name, limit)
+	if err != nil {
+		return Campaign{}, false, err
+	}
+	open, err := s.openBreakers(ctx, lk, meta.MchID)
+	if err != nil {
+		return Campaign{}, false, err
+	}
+	s.judge(&c, st, sc, open, lk)
 	if detail {
 		if c.Actions, err = s.store.Audit(ctx, name); err != nil {
 			return Campaign{}, false, err
@@ -152,8 +239,9 @@ func (s *Server) campaigns(ctx context.Context) ([]Campaign, error) {
 		return nil, err
 	}
 	out := make([]Campaign, 0, len(names))
+	lk := s.newLook()
 	for _, name := range names {
-		c, ok, err := s.campaign(ctx, name, false)
+		c, ok, err := s.campaignWith(ctx, lk, name, false)
 		if err != nil {
 			return nil, err
 		}

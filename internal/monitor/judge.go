@@ -1,0 +1,189 @@
+package monitor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/couponflow/dispatcher/internal/breaker"
+	"github.com/couponflow/dispatcher/internal/idempotency"
+)
+
+// How many records a page reads to find a campaign's stocks and reasons:
+// the list refreshes every campaign every few seconds, so it reads one
+// batch each; the campaign's own page reads more. A campaign larger than
+// that says its reasons are from a sample.
+const (
+	listSample   = 1000
+	detailSample = 20000
+)
+
+// Stock is one of a campaign's stocks, with its breaker if open.
+type Stock struct {
+	StockID string `json:"stock_id"`
+	// Breaker is its open budget breaker (or the merchant's, which holds
+	// every stock), nil while it is sent.
+	Breaker *Breaker `json:"breaker,omitempty"`
+	// NextProbeIn and DeadlineIn are relative ("40 s", "2 days 23 h");
+	// Remedy says what to do, in words.
+	NextProbeIn string `json:"next_probe_in,omitempty"`
+	DeadlineIn  string `json:"deadline_in,omitempty"`
+	Remedy      string `json:"remedy,omitempty"`
+}
+
+// Reason is a group of unfinished or failed sends with the same answer.
+type Reason struct {
+	State   string `json:"state"`
+	Code    string `json:"code"`
+	Message string `json:"message"`
+	N       int64  `json:"sends"`
+}
+
+// scanned is what reading a campaign's records found.
+type scanned struct {
+	stocks  []string
+	reasons []Reason
+	read    int
+	partial bool // the campaign has more records than were read
+}
+
+var errEnough = errors.New("read enough")
+
+// reasonStates are the states whose code and message say why a send is
+// not (or not successfully) done.
+var reasonStates = map[idempotency.State]bool{idempotency.Failed: true, idempotency.Retrying: true,
+	idempotency.WaitingBudget: true, idempotency.WaitingRate: true, idempotency.Unknown: true}
+
+// maxReasons is how many reason groups a page shows: the most frequent.
+const maxReasons = 8
+
+// scan reads up to limit records of a campaign for its stocks and the
+// reasons of its failed, retrying and held sends.
+func (s *Server) scan(ctx context.Context, name string, limit int) (scanned, error) {
+	var sc scanned
+	stocks := map[string]bool{}
+	type key struct{ state, code, msg string }
+	groups := map[key]int64{}
+	err := s.store.Each(ctx, name, func(rec idempotency.Record) error {
+		if sc.read >= limit {
+			sc.partial = true
+			return errEnough
+		}
+		sc.read++
+		if rec.StockID != "" && !stocks[rec.StockID] {
+			stocks[rec.StockID] = true
+			sc.stocks = append(sc.stocks, rec.StockID)
+		}
+		if reasonStates[rec.State] && rec.Code != "" {
+			groups[key{string(rec.State), rec.Code, rec.Message}]++
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, errEnough) {
+		return scanned{}, err
+	}
+	sort.Strings(sc.stocks)
+	for k, n := range groups {
+		sc.reasons = append(sc.reasons, Reason{State: k.state, Code: k.code, Message: k.msg, N: n})
+	}
+	sort.Slice(sc.reasons, func(i, j int) bool {
+		a, b := sc.reasons[i], sc.reasons[j]
+		if a.N != b.N {
+			return a.N > b.N
+		}
+		if a.State != b.State {
+			return a.State < b.State
+		}
+		return a.Code+a.Message < b.Code+b.Message
+	})
+	if len(sc.reasons) > maxReasons {
+		sc.reasons = sc.reasons[:maxReasons]
+	}
+	return sc, nil
+}
+
+// judge fills in what the campaign's counters, its records and the
+// fleet say about it: its stocks and their breakers, its state.
+func (s *Server) judge(c *Campaign, st idempotency.Status, sc scanned, open []breaker.State, lk *look) {
+	c.Workers = lk.workers
+	if !st.ChangedAt.IsZero() {
+		at := st.ChangedAt.UTC()
+		c.ChangedAt = &at
+		c.ChangedAgo = since(lk.now, &at)
+	}
+	byStock := map[string]breaker.State{}
+	var merchant *breaker.State
+	for _, b := range open {
+		if b.StockID == breaker.Merchant {
+			m := b
+			merchant = &m
+			continue
+		}
+		byStock[b.StockID] = b
+	}
+	// The breakers that hold this campaign: its stocks' and the merchant's.
+	var holding []breaker.State
+	c.Stocks = []Stock{}
+	for _, id := range sc.stocks {
+		stock := Stock{StockID: id}
+		b, ok := byStock[id]
+		if !ok && merchant != nil {
+			b, ok = *merchant, true
+		}
+		if ok {
+			holding = append(holding, b)
+			stock.Breaker = breakerView(b)
+			stock.NextProbeIn = ago(b.NextProbe.Sub(lk.now))
+			if b.NextProbe.Before(lk.now) {
+				stock.NextProbeIn = "now (due " + ago(lk.now.Sub(b.NextProbe)) + " ago)"
+			}
+			if !c.Deadline.IsZero() && c.Deadline.After(lk.now) {
+				stock.DeadlineIn = ago(c.Deadline.Sub(lk.now))
+			}
+			stock.Remedy = remedy(b, id, stock.DeadlineIn)
+		}
+		c.Stocks = append(c.Stocks, stock)
+	}
+	if merchant != nil && len(sc.stocks) == 0 {
+		holding = append(holding, *merchant)
+	}
+	var touched int64
+	for _, state := range []idempotency.State{idempotency.InFlight, idempotency.Retrying, idempotency.WaitingRate, idempotency.WaitingBudget} {
+		touched += st.ByState[state]
+	}
+	c.campaignState = stateOf(stateInput{
+		Now: lk.now, Control: c.Control, Done: c.Done, Total: c.Total, Finished: c.Finished,
+		Succeeded: c.Succeeded, Failed: c.Failed, Cancelled: c.Cancelled, Unknown: c.Unknown, Scheduled: c.Scheduled,
+		Touched: touched, WaitingBudget: st.ByState[idempotency.WaitingBudget], WaitingRate: st.ByState[idempotency.WaitingRate],
+		InFlight: st.ByState[idempotency.InFlight], Workers: lk.workers, ChangedAt: st.ChangedAt, Breakers: holding,
+	})
+}
+
+func breakerView(b breaker.State) *Breaker {
+	return &Breaker{StockID: b.StockID, Reason: b.Reason, OpenedAt: b.OpenedAt.UTC(),
+		NextProbe: b.NextProbe.UTC(), Interval: b.Interval.String(), Probes: b.Probes}
+}
+
+// remedy says what an operator does about an open breaker.
+func remedy(b breaker.State, stockID, deadlineIn string) string {
+	if b.StockID == breaker.Merchant {
+		return "WeChat refuses the merchant's signature (" + b.Reason + "): fix the merchant's key or certificate; " +
+			"the breaker probes by itself and closes on the first success"
+	}
+	r := fmt.Sprintf("top up stock %s (or restart it if it was stopped), then run enqueuer stock resume --stock-id %s; "+
+		"the breaker also probes by itself", stockID, stockID)
+	if deadlineIn != "" {
+		r += "; held sends fail NOT_ENOUGH at the campaign's budget deadline, in " + deadlineIn
+	}
+	return r
+}
+
+// since is a past time relative to now, "" if zero.
+func since(now time.Time, t *time.Time) string {
+	if t == nil || t.IsZero() {
+		return ""
+	}
+	return ago(now.Sub(*t))
+}

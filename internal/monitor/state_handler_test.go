@@ -1,0 +1,131 @@
+package monitor_test
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hibiken/asynq"
+
+	"github.com/couponflow/dispatcher/internal/idempotency"
+	"github.com/couponflow/dispatcher/internal/monitor"
+	"github.com/couponflow/dispatcher/internal/tasks"
+)
+
+// startWorker runs a real asynq server on the monitor's queue, as the
+// worker does, so that it is listed among the live servers; its handler
+// is never given a task here. It stops at the end of the test.
+func startWorker(t *testing.T, r *rig) *asynq.Server {
+	t.Helper()
+	w := asynq.NewServerFromRedisClient(r.rdb, asynq.Config{Concurrency: 1,
+		Queues: map[string]int{tasks.DefaultQueue: 1}, LogLevel: asynq.FatalLevel})
+	if err := w.Start(asynq.HandlerFunc(func(context.Context, *asynq.Task) error { return nil })); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(w.Shutdown)
+	insp := asynq.NewInspectorFromRedisClient(r.rdb)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if s, err := insp.Servers(); err == nil && len(s) > 0 {
+			return w
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the worker did not show in asynq's server list within 10s")
+		}
+	}
+}
+
+func detail(t *testing.T, r *rig, name string) monitor.CampaignDetail {
+	t.Helper()
+	resp, body := r.get("/api/campaigns/"+name, operator)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET /api/campaigns/%s: %d\n%s", name, resp.StatusCode, body)
+	}
+	var c monitor.CampaignDetail
+	if err := json.Unmarshal([]byte(body), &c); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// TestCampaignStateWithoutWorker: with no worker alive a campaign is
+// stalled, not running, and says why; once a worker beats it runs.
+func TestCampaignStateWithoutWorker(t *testing.T) {
+	r := newRig(t, monitor.WithBasicAuth(testUser, testPassword), monitor.WithMchID(testMchID))
+	sends := r.campaign("summer", 4)
+	finish(t, r.store, sends[0], succeeded("C-0"))
+
+	c := detail(t, r, "summer")
+	if c.State != monitor.StateStalled || c.Workers != 0 || !strings.Contains(c.StateWhy, "no live worker") {
+		t.Errorf("without a worker: state %q (%s), %d workers; want stalled, 0", c.State, c.StateWhy, c.Workers)
+	}
+	_, body := r.get("/campaigns/summer", operator)
+	mustContain(t, "campaign page without a worker", body, `<span class="bad">stalled</span>`,
+		`data-campaign-state="stalled"`, `<span data-workers="0">0 live workers</span>`)
+
+	startWorker(t, r)
+	c = detail(t, r, "summer")
+	if c.State != monitor.StateRunning || c.Workers != 1 {
+		t.Errorf("with a worker: state %q (%s), %d workers; want running, 1", c.State, c.StateWhy, c.Workers)
+	}
+	_, body = r.get("/", operator)
+	mustContain(t, "index with a worker", body, `<span class="running">running</span>`, `1 live worker</span>`)
+}
+
+// TestCampaignStateAllFailed: a campaign whose every send failed is done
+// with failures, never the green "done".
+func TestCampaignStateAllFailed(t *testing.T) {
+	r := newRig(t, monitor.WithBasicAuth(testUser, testPassword), monitor.WithMchID(testMchID))
+	for _, s := range r.campaign("dud", 3) {
+		finish(t, r.store, s, failed("STOCK_STATUS_ERROR", "stock 16000001 is stopped"))
+	}
+	c := detail(t, r, "dud")
+	if c.State != monitor.StateDoneFailures || !strings.Contains(c.StateWhy, "all 3 sends failed") {
+		t.Errorf("state %q (%s), want done with failures, all 3 failed", c.State, c.StateWhy)
+	}
+	_, body := r.get("/", operator)
+	mustContain(t, "index", body, `<span class="bad">done with failures</span>`)
+	if strings.Contains(body, `<span class="done">`) {
+		t.Error("a campaign whose every send failed is shown green")
+	}
+}
+
+// TestCampaignStateBlocked: sends held by an open breaker of the
+// campaign's stock make it blocked, naming the stock; the breaker shows
+// on that campaign's stock, and not on another campaign's.
+func TestCampaignStateBlocked(t *testing.T) {
+	r := newRig(t, monitor.WithBasicAuth(testUser, testPassword), monitor.WithMchID(testMchID))
+	startWorker(t, r)
+	sends := r.campaign("dry", 2)
+	openBreaker(t, r, "16000001")
+	for _, s := range sends {
+		finish(t, r.store, s, idempotency.Result{State: idempotency.WaitingBudget, Code: "NOT_ENOUGH", Message: "批次预算不足"})
+	}
+	ctx := context.Background()
+	if _, err := r.store.SaveCampaign(ctx, idempotency.Campaign{Name: "other", MchID: testMchID, Deadline: time.Now().Add(time.Hour)}); err != nil {
+		t.Fatal(err)
+	}
+	other := idempotency.Send{MchID: testMchID, OutRequestNo: "other-0", Campaign: "other", OpenID: "o1", StockID: "16000009"}
+	if _, _, err := r.store.Register(ctx, other); err != nil {
+		t.Fatal(err)
+	}
+
+	c := detail(t, r, "dry")
+	if c.State != monitor.StateBlocked || !strings.Contains(c.StateWhy, "stock 16000001") {
+		t.Errorf("state %q (%s), want blocked by stock 16000001", c.State, c.StateWhy)
+	}
+	if len(c.Stocks) != 1 || c.Stocks[0].StockID != "16000001" || c.Stocks[0].Breaker == nil ||
+		!strings.Contains(c.Stocks[0].Remedy, "enqueuer stock resume --stock-id 16000001") ||
+		!strings.Contains(c.Stocks[0].Remedy, "fail NOT_ENOUGH") || c.Stocks[0].NextProbeIn == "" {
+		t.Errorf("stocks %+v, want 16000001 with its breaker, next probe and remedy", c.Stocks)
+	}
+	o := detail(t, r, "other")
+	if len(o.Stocks) != 1 || o.Stocks[0].StockID != "16000009" || o.Stocks[0].Breaker != nil {
+		t.Errorf("other campaign's stocks %+v, want 16000009 without a breaker", o.Stocks)
+	}
+	if o.State != monitor.StateQueued {
+		t.Errorf("other campaign: state %q (%s), want queued", o.State, o.StateWhy)
+	}
+}

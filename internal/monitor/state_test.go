@@ -1,0 +1,100 @@
+package monitor
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/couponflow/dispatcher/internal/breaker"
+)
+
+// TestStateOf tables the campaign states of issue 14: each on-call
+// situation the pages said "running" for, and what they say now.
+func TestStateOf(t *testing.T) {
+	now := time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC)
+	recent := now.Add(-10 * time.Second)
+	dry := breaker.State{StockID: "16000004", Open: true, Reason: "NOT_ENOUGH: 批次预算不足"}
+	stopped := breaker.State{StockID: "16000005", Open: true, Reason: "STOCK_STATUS_ERROR: stock 16000005 is stopped"}
+	merchant := breaker.State{StockID: breaker.Merchant, Open: true, Reason: "SIGN_ERROR: bad signature"}
+	cases := []struct {
+		name      string
+		in        stateInput
+		want      string
+		class     string
+		whyHas    string
+		notGreenT bool
+	}{
+		{"all succeeded", stateInput{Done: true, Total: 400, Finished: 400, Succeeded: 400, Workers: 2},
+			StateDone, "done", "all 400 sends succeeded", false},
+		{"all failed is not green", stateInput{Done: true, Total: 120, Finished: 120, Failed: 120, Workers: 2},
+			StateDoneFailures, "bad", "all 120 sends failed", true},
+		{"some failed", stateInput{Done: true, Total: 10, Finished: 10, Succeeded: 7, Failed: 3},
+			StateDoneFailures, "bad", "3 of 10 sends failed", true},
+		{"done with unknown", stateInput{Done: true, Total: 10, Finished: 9, Succeeded: 9, Unknown: 1},
+			StateDoneFailures, "bad", "1 unknown", true},
+		{"done after a cancel", stateInput{Done: true, Control: "cancelled", Total: 10, Finished: 10, Succeeded: 4, Cancelled: 6},
+			StateDoneFailures, "bad", "6 cancelled", true},
+		{"done needs no worker", stateInput{Done: true, Total: 5, Finished: 5, Succeeded: 5, Workers: 0},
+			StateDone, "done", "succeeded", false},
+		{"paused", stateInput{Control: "paused", Total: 10, Workers: 0},
+			StatePaused, "paused", "paused", false},
+		{"cancelled, calls in flight", stateInput{Control: "cancelled", Total: 10, InFlight: 1, Touched: 1, Workers: 1},
+			StateCancelled, "cancelled", "cancelled", false},
+		{"scheduled", stateInput{Total: 10, Scheduled: 10, Workers: 1},
+			StateScheduled, "running", "start time", false},
+		{"no worker", stateInput{Total: 400, Finished: 100, Succeeded: 100, Workers: 0, ChangedAt: recent},
+			StateStalled, "bad", "no live worker", true},
+		{"no worker beats a breaker", stateInput{Total: 10, WaitingBudget: 10, Touched: 10, Workers: 0, Breakers: []breaker.State{dry}},
+			StateStalled, "bad", "no live worker", true},
+		{"dry stock", stateInput{Total: 10, Finished: 2, Succeeded: 2, WaitingBudget: 8, Touched: 8, Workers: 1,
+			ChangedAt: now.Add(-time.Hour), Breakers: []breaker.State{dry}},
+			StateBlocked, "wait", "breaker of stock 16000004 (NOT_ENOUGH", true},
+		{"stopped stock", stateInput{Total: 10, WaitingBudget: 10, Touched: 10, Workers: 1, Breakers: []breaker.State{stopped}},
+			StateBlocked, "wait", "stock 16000005 is stopped", true},
+		{"merchant breaker", stateInput{Total: 10, WaitingBudget: 10, Touched: 10, Workers: 1, Breakers: []breaker.State{merchant}},
+			StateBlocked, "wait", "breaker of the merchant", true},
+		{"open breaker but nothing held by it", stateInput{Total: 10, Finished: 5, Succeeded: 5, InFlight: 1, Touched: 1,
+			Workers: 1, ChangedAt: recent, Breakers: []breaker.State{dry}},
+			StateRunning, "running", "being called", false},
+		{"rate limit", stateInput{Total: 10, Finished: 3, Succeeded: 3, WaitingRate: 7, Touched: 7, Workers: 1, ChangedAt: recent},
+			StateBlocked, "wait", "rate limit", true},
+		{"rate waits beside calls in flight", stateInput{Total: 10, Finished: 3, Succeeded: 3, WaitingRate: 6, InFlight: 1, Touched: 7,
+			Workers: 1, ChangedAt: recent}, StateRunning, "running", "", false},
+		{"stuck at 399 of 400", stateInput{Total: 400, Finished: 399, Succeeded: 399, Workers: 3, ChangedAt: now.Add(-12 * time.Minute)},
+			StateStalled, "bad", "no send changed state for 12 min although 1 are not done", true},
+		{"queued behind another campaign", stateInput{Total: 400, Workers: 3, ChangedAt: now.Add(-time.Hour)},
+			StateQueued, "wait", "no send taken up yet", true},
+		{"running", stateInput{Total: 400, Finished: 50, Succeeded: 45, Failed: 5, InFlight: 4, Touched: 4, Workers: 3, ChangedAt: recent},
+			StateRunning, "running", "", false},
+		{"workers unreadable", stateInput{Total: 400, Finished: 50, Succeeded: 50, Workers: -1, ChangedAt: recent},
+			StateRunning, "running", "", false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.in.Now = now
+			got := stateOf(tc.in)
+			if got.State != tc.want || got.StateClass != tc.class || !strings.Contains(got.StateWhy, tc.whyHas) {
+				t.Errorf("stateOf = %+v, want %s (class %s) saying %q", got, tc.want, tc.class, tc.whyHas)
+			}
+			if tc.notGreenT && got.StateClass == "done" {
+				t.Errorf("%s is shown green", got.State)
+			}
+		})
+	}
+}
+
+func TestAgo(t *testing.T) {
+	for d, want := range map[time.Duration]string{
+		40 * time.Second:              "40 s",
+		3*time.Minute + time.Second:   "3 min",
+		2*time.Hour + 5*time.Minute:   "2 h 5 min",
+		5 * time.Hour:                 "5 h",
+		71*time.Hour + 10*time.Minute: "2 days 23 h",
+		72 * time.Hour:                "3 days",
+		-40 * time.Second:             "40 s",
+	} {
+		if got := ago(d); got != want {
+			t.Errorf("ago(%v) = %q, want %q", d, got, want)
+		}
+	}
+}
