@@ -137,8 +137,10 @@ type Status struct {
 	FailedByCode map[string]int64
 	// Rate is successes per second over the last minute, and Rate10s over
 	// the last ten seconds; a window younger than that counts from its
-	// first success.
-	Rate, Rate10s float64
+	// first success. FailRate and FailRate10s count permanent failures
+	// the same way.
+	Rate, Rate10s         float64
+	FailRate, FailRate10s float64
 	// ChangedAt is when a send of the campaign last changed state: a
 	// campaign not done whose sends stopped changing may have lost tasks.
 	ChangedAt time.Time
@@ -194,22 +196,25 @@ func (st Status) Settled() bool { return st.Done() && st.ByState[Unknown] == 0 }
 func (s *Store) Status(ctx context.Context, campaign string) (Status, error) {
 	now := s.now().Unix()
 	rateKeys := make([]string, 60)
+	failKeys := make([]string, 60)
 	for i := range rateKeys {
 		// The current second is still filling; count the 60 before it.
 		rateKeys[i] = s.rateKey(campaign, now-1-int64(i))
+		failKeys[i] = s.keys.FailRate(campaign, now-1-int64(i))
 	}
 	var counts *redis.MapStringStringCmd
-	var rates *redis.SliceCmd
+	var rates, fails *redis.SliceCmd
 	var expected *redis.StringCmd
 	_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		counts = p.HGetAll(ctx, s.countsKey(campaign))
 		expected = p.HGet(ctx, s.metaKey(campaign), "expected")
 		rates = p.MGet(ctx, rateKeys...)
+		fails = p.MGet(ctx, failKeys...)
 		return nil
 	})
 	if err != nil && errors.Is(err, redis.Nil) {
 		// No expected count yet; the other reads answered or failed alone.
-		err = errors.Join(counts.Err(), rates.Err())
+		err = errors.Join(counts.Err(), rates.Err(), fails.Err())
 	}
 	if err != nil {
 		return Status{}, fmt.Errorf("idempotency: status of %s: %w", campaign, err)
@@ -242,11 +247,19 @@ func (s *Store) Status(ctx context.Context, campaign string) (Status, error) {
 			st.ByState[State(k)] = n
 		}
 	}
-	// Over a window that starts at the first second with a success, so a
-	// campaign 20s old is not averaged over a minute.
+	st.Rate, st.Rate10s = perSecond(rates.Val())
+	st.FailRate, st.FailRate10s = perSecond(fails.Val())
+	return st, nil
+}
+
+// perSecond sums the last 60 one-second buckets (newest first) over a
+// window that starts at the first second with a count, so a campaign 20s
+// old is not averaged over a minute: per second over the minute and over
+// the last ten seconds.
+func perSecond(buckets []any) (rate, rate10s float64) {
 	var sum60, sum10 int64
 	span := 0
-	for i, v := range rates.Val() {
+	for i, v := range buckets {
 		if sv, ok := v.(string); ok {
 			n, _ := strconv.ParseInt(sv, 10, 64)
 			sum60 += n
@@ -259,10 +272,10 @@ func (s *Store) Status(ctx context.Context, campaign string) (Status, error) {
 		}
 	}
 	if span > 0 {
-		st.Rate = float64(sum60) / float64(span)
-		st.Rate10s = float64(sum10) / float64(min(span, 10))
+		rate = float64(sum60) / float64(span)
+		rate10s = float64(sum10) / float64(min(span, 10))
 	}
-	return st, nil
+	return rate, rate10s
 }
 
 // Each calls fn for every send of a campaign, in the order they were

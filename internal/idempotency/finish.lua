@@ -1,4 +1,5 @@
--- KEYS: record, counts, rate bucket of this second, the campaign's coupon index
+-- KEYS: record, counts, rate bucket of this second, the campaign's coupon index,
+--       failure rate bucket of this second
 -- ARGV: owner, new state, coupon_id, code, message, now_ms,
 --       not_called ('1': no call was made), issued ('set': the call may have
 --       issued a coupon, 'clear': WeChat answered and nothing was issued, '': no news),
@@ -39,6 +40,8 @@ redis.call('HINCRBY', KEYS[2], new, 1)
 redis.call('HSET', KEYS[2], 'changed_ms', ARGV[6])
 if new == 'failed' then
   redis.call('HINCRBY', KEYS[2], 'failed:' .. ARGV[4], 1)
+  redis.call('INCR', KEYS[5])
+  redis.call('EXPIRE', KEYS[5], 600)
 end
 redis.call('HSET', rec, 'state', new, 'code', ARGV[4], 'message', ARGV[5], 'owner', '', 'lease_until', 0,
   'done_at', ARGV[6])

@@ -213,6 +213,7 @@ func (s *Store) walkExpiry(ctx context.Context, campaign, want string, tick func
 		_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for sec := now.Unix() - rateBucketTTL - 10; sec <= now.Unix()+1; sec++ {
 				p.PExpireAt(ctx, s.rateKey(campaign, sec), at)
+				p.PExpireAt(ctx, s.keys.FailRate(campaign, sec), at)
 			}
 			return nil
 		})

@@ -335,7 +335,7 @@ func (s *Store) Finish(ctx context.Context, send Send, owner string, r Result) e
 	now := s.now()
 	res, err := finishScript.Run(ctx, s.rdb,
 		[]string{s.recordKey(send.Campaign, send.MchID, send.OutRequestNo), s.countsKey(send.Campaign),
-			s.rateKey(send.Campaign, now.Unix()), s.keys.Coupons(send.Campaign)},
+			s.rateKey(send.Campaign, now.Unix()), s.keys.Coupons(send.Campaign), s.keys.FailRate(send.Campaign, now.Unix())},
 		owner, string(r.State), r.CouponID, r.Code, r.Message, now.UnixMilli(), r.NotCalled, r.issued(), r.Task,
 		send.MchID+":"+send.OutRequestNo).Text()
 	if err != nil {

@@ -27,6 +27,7 @@
 //	cf:{spring}:counts                         hash    counts by state, failed:<code>, total
 //	cf:{spring}:members                        list    <mchid>:<out_request_no>, in order
 //	cf:{spring}:rate:<unix second>             string  successes in that second (10 min TTL)
+//	cf:{spring}:failrate:<unix second>         string  permanent failures in that second (10 min TTL)
 //	cf:{spring}:meta                           hash    mchid, deadline, created_at, retention, …
 //	cf:{spring}:tomb                           hash    what survives a campaign's retention
 //	cf:{spring}:coupons                        hash    coupon_id → <mchid>:<out_request_no>, for redemptions
@@ -90,6 +91,13 @@ func (k Keys) Members(campaign string) string { return k.campaign(campaign) + "m
 // Rate counts a campaign's successes in one second.
 func (k Keys) Rate(campaign string, unixSecond int64) string {
 	return k.campaign(campaign) + "rate:" + strconv.FormatInt(unixSecond, 10)
+}
+
+// FailRate counts a campaign's permanent failures in one second, beside
+// Rate's successes, so that a campaign failing every send does not read
+// 0.0/s.
+func (k Keys) FailRate(campaign string, unixSecond int64) string {
+	return k.campaign(campaign) + "failrate:" + strconv.FormatInt(unixSecond, 10)
 }
 
 // Meta describes a campaign as its producer declared it.

@@ -159,6 +159,54 @@ func (s *Server) judge(c *Campaign, st idempotency.Status, sc scanned, open []br
 		Touched: touched, WaitingBudget: st.ByState[idempotency.WaitingBudget], WaitingRate: st.ByState[idempotency.WaitingRate],
 		InFlight: st.ByState[idempotency.InFlight], Workers: lk.workers, ChangedAt: st.ChangedAt, Breakers: holding,
 	})
+	timing(c, lk.now)
+}
+
+// timing fills in the rates, elapsed time, duration and ETA.
+func timing(c *Campaign, now time.Time) {
+	start := c.CreatedAt
+	if c.StartAt != nil && c.StartAt.After(start) {
+		start = *c.StartAt
+	}
+	if c.Done {
+		// Nothing is sent any more: a rate still counting the last minute
+		// would say otherwise.
+		c.Rate, c.Rate10s, c.FailRate, c.FailRate10s = 0, 0, 0, 0
+		if c.DoneAt != nil && !start.IsZero() && !c.DoneAt.Before(start) {
+			c.Duration = ago(c.DoneAt.Sub(start))
+		}
+		return
+	}
+	if !start.IsZero() && now.After(start) {
+		c.Elapsed = ago(now.Sub(start))
+	}
+	pace := c.Rate10s + c.FailRate10s
+	if pace == 0 {
+		pace = c.Rate + c.FailRate
+	}
+	var at time.Time
+	c.ETA, at = etaOf(c.State, c.Total-c.Finished-c.Unknown, pace, now)
+	if !at.IsZero() {
+		at = at.UTC()
+		c.ETAAt = &at
+	}
+}
+
+// etaOf says when a campaign in state, with remaining sends to settle at
+// pace per second, finishes: a time while it moves, else why not.
+func etaOf(state string, remaining int64, pace float64, now time.Time) (string, time.Time) {
+	switch state {
+	case StateBlocked, StateStalled, StatePaused, StateCancelled, StateScheduled, StateQueued:
+		return state, time.Time{}
+	}
+	if remaining <= 0 {
+		return "any moment", time.Time{}
+	}
+	if pace <= 0 {
+		return "unknown: no send settled in the last minute", time.Time{}
+	}
+	d := time.Duration(float64(remaining) / pace * float64(time.Second))
+	return "in " + ago(d), now.Add(d)
 }
 
 func breakerView(b breaker.State) *Breaker {

@@ -72,6 +72,40 @@ func TestCampaignStateWithoutWorker(t *testing.T) {
 	}
 	_, body = r.get("/", operator)
 	mustContain(t, "index with a worker", body, `<span class="running">running</span>`, `1 live worker</span>`)
+
+	// A failure counts in the failure rate (finish.lua's bucket), and the
+	// pace of both gives an ETA for the two sends left.
+	finish(t, r.store, sends[1], failed("PARAM_ERROR", "openid, bad"))
+	for deadline := time.Now().Add(3 * time.Second); c.FailRate == 0 && time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		c = detail(t, r, "summer")
+	}
+	if c.FailRate <= 0 || c.FailRate10s <= 0 || c.Rate <= 0 {
+		t.Errorf("rates %v/%v successes, %v/%v failures: want all > 0", c.Rate, c.Rate10s, c.FailRate, c.FailRate10s)
+	}
+	if !strings.HasPrefix(c.ETA, "in ") || c.ETAAt == nil || c.Elapsed == "" {
+		t.Errorf("eta %q at %v, elapsed %q: want a time while it runs", c.ETA, c.ETAAt, c.Elapsed)
+	}
+	_, body = r.get("/campaigns/summer", operator)
+	mustContain(t, "campaign page while running", body, `data-eta="summer">ETA: in `, `data-elapsed="summer">running for `,
+		`data-fail-rate="summer">`)
+
+	// Done: the rates drop to 0 at once and the page says how long it took.
+	finish(t, r.store, sends[2], succeeded("C-2"))
+	finish(t, r.store, sends[3], succeeded("C-3"))
+	// done_at as package notify writes it.
+	if err := r.rdb.HSet(context.Background(), r.store.Keys().Meta("summer"), "done_at", time.Now().UnixMilli()).Err(); err != nil {
+		t.Fatal(err)
+	}
+	c = detail(t, r, "summer")
+	if !c.Done || c.Rate != 0 || c.Rate10s != 0 || c.FailRate != 0 || c.FailRate10s != 0 || c.ETA != "" || c.Duration == "" {
+		t.Errorf("done: rates %v %v %v %v, eta %q, duration %q; want zero rates, no ETA, a duration",
+			c.Rate, c.Rate10s, c.FailRate, c.FailRate10s, c.ETA, c.Duration)
+	}
+	if c.State != monitor.StateDoneFailures {
+		t.Errorf("done with one failure: state %q", c.State)
+	}
+	_, body = r.get("/campaigns/summer", operator)
+	mustContain(t, "campaign page when done", body, `data-duration="summer">took `)
 }
 
 // TestCampaignStateAllFailed: a campaign whose every send failed is done

@@ -98,3 +98,28 @@ func TestAgo(t *testing.T) {
 		}
 	}
 }
+
+func TestETA(t *testing.T) {
+	now := time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC)
+	for _, tc := range []struct {
+		state     string
+		remaining int64
+		pace      float64
+		want      string
+		at        bool
+	}{
+		{StateRunning, 600, 10, "in 1 min", true},
+		{StateRunning, 36000, 5, "in 2 h", true},
+		{StateRunning, 10, 0, "unknown: no send settled in the last minute", false},
+		{StateRunning, 0, 3, "any moment", false},
+		{StateBlocked, 600, 0, "blocked", false},
+		{StateStalled, 600, 2, "stalled", false},
+		{StatePaused, 600, 0, "paused", false},
+		{StateQueued, 600, 0, "queued", false},
+	} {
+		got, at := etaOf(tc.state, tc.remaining, tc.pace, now)
+		if got != tc.want || at.IsZero() == tc.at {
+			t.Errorf("etaOf(%s, %d, %v) = %q, %v; want %q (a time: %v)", tc.state, tc.remaining, tc.pace, got, at, tc.want, tc.at)
+		}
+	}
+}

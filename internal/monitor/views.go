@@ -42,7 +42,20 @@ type Campaign struct {
 	// last ten seconds (idempotency.Status).
 	Rate    float64 `json:"rate_per_second"`
 	Rate10s float64 `json:"rate_10s"`
-	Done    bool    `json:"done"`
+	// FailRate and FailRate10s count permanent failures the same way. All
+	// four are 0 once the campaign is done: nothing is sent any more.
+	FailRate    float64 `json:"failure_rate_per_second"`
+	FailRate10s float64 `json:"failure_rate_10s"`
+	// ETA is when it should finish at the recent pace ("in 3 min"), or why
+	// no time can be given ("blocked", "stalled", …); "" once done.
+	// ETAAt is that time. Elapsed is the time since it started (its
+	// creation, or its scheduled start), Duration the time it took once
+	// done (to DoneAt).
+	ETA      string     `json:"eta,omitempty"`
+	ETAAt    *time.Time `json:"eta_at,omitempty"`
+	Elapsed  string     `json:"elapsed,omitempty"`
+	Duration string     `json:"duration,omitempty"`
+	Done     bool       `json:"done"`
 	// Redeemed counts the campaign's coupons used (the receiver's
 	// notifications, enqueuer redemptions sync), RedeemedAmount their fen;
 	// RedemptionRate is Redeemed of Succeeded and MeanToRedemption the
@@ -264,7 +277,7 @@ func (s *Server) view(meta idempotency.Campaign, st idempotency.Status) Campaign
 		Total: st.Total, Succeeded: st.ByState[idempotency.Succeeded], Failed: st.ByState[idempotency.Failed],
 		Unknown: st.ByState[idempotency.Unknown], Cancelled: st.ByState[idempotency.Cancelled], Waiting: campaignctl.Waiting(st),
 		ByState: map[string]int64{}, FailedByCode: map[string]int64{}, Control: string(meta.Control),
-		Rate: st.Rate, Rate10s: st.Rate10s, Done: st.Done(),
+		Rate: st.Rate, Rate10s: st.Rate10s, FailRate: st.FailRate, FailRate10s: st.FailRate10s, Done: st.Done(),
 		Redeemed: st.Redeemed, RedeemedAmount: st.RedeemedAmount, RedemptionRate: st.RedemptionRate(),
 		Expected: st.Expected, Missing: st.Missing(),
 		Retention: meta.Retention.String(), Report: meta.Report,
