@@ -108,6 +108,10 @@ func (s *Server) scan(ctx context.Context, name string, limit int) (scanned, err
 // fleet say about it: its stocks and their breakers, its state.
 func (s *Server) judge(c *Campaign, st idempotency.Status, sc scanned, open []breaker.State, lk *look) {
 	c.Workers = lk.workers
+	c.Reasons, c.ReasonsFrom = sc.reasons, sc.read
+	if c.Reasons == nil {
+		c.Reasons = []Reason{}
+	}
 	if !st.ChangedAt.IsZero() {
 		at := st.ChangedAt.UTC()
 		c.ChangedAt = &at

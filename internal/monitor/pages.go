@@ -26,6 +26,7 @@ var pages = template.Must(template.New("").Funcs(template.FuncMap{
 	"refreshSeconds": func(ms int64) int64 { return max(1, (ms+999)/1000) },
 	"rate":           func(r float64) string { return fmt.Sprintf("%.1f", r) },
 	"mul100":         func(r float64) float64 { return 100 * r },
+	"int64":          func(n int) int64 { return int64(n) },
 	"when": func(t time.Time) string {
 		if t.IsZero() || t.Unix() == 0 {
 			return "–"

@@ -163,3 +163,36 @@ func TestCampaignStateBlocked(t *testing.T) {
 		t.Errorf("other campaign: state %q (%s), want queued", o.State, o.StateWhy)
 	}
 }
+
+// TestCampaignReasons: the codes with WeChat's messages of failed,
+// retrying and held sends come from the records, most frequent first, on
+// the API and on the card.
+func TestCampaignReasons(t *testing.T) {
+	r := newRig(t, monitor.WithBasicAuth(testUser, testPassword), monitor.WithMchID(testMchID))
+	sends := r.campaign("why", 6)
+	finish(t, r.store, sends[0], succeeded("C-0"))
+	finish(t, r.store, sends[1], failed("STOCK_STATUS_ERROR", "stock 16000004 is stopped"))
+	finish(t, r.store, sends[2], failed("STOCK_STATUS_ERROR", "stock 16000004 is stopped"))
+	finish(t, r.store, sends[3], failed("PARAM_ERROR", "openid, bad"))
+	finish(t, r.store, sends[4], idempotency.Result{State: idempotency.Retrying, Code: "SYSTEM_ERROR", Message: "系统错误"})
+	finish(t, r.store, sends[5], idempotency.Result{State: idempotency.WaitingBudget, Code: "NOT_ENOUGH", Message: "批次预算不足"})
+
+	c := detail(t, r, "why")
+	want := []monitor.Reason{
+		{State: "failed", Code: "STOCK_STATUS_ERROR", Message: "stock 16000004 is stopped", N: 2},
+		{State: "failed", Code: "PARAM_ERROR", Message: "openid, bad", N: 1},
+		{State: "retrying", Code: "SYSTEM_ERROR", Message: "系统错误", N: 1},
+		{State: "waiting_budget", Code: "NOT_ENOUGH", Message: "批次预算不足", N: 1},
+	}
+	if len(c.Reasons) != len(want) || c.ReasonsFrom != 6 {
+		t.Fatalf("reasons %+v from %d records, want %+v from 6", c.Reasons, c.ReasonsFrom, want)
+	}
+	for i := range want {
+		if c.Reasons[i] != want[i] {
+			t.Errorf("reason %d: %+v, want %+v", i, c.Reasons[i], want[i])
+		}
+	}
+	_, body := r.get("/", operator)
+	mustContain(t, "index", body, `<tr data-reason="STOCK_STATUS_ERROR"><td>failed</td><td>STOCK_STATUS_ERROR</td><td>stock 16000004 is stopped</td><td class="n">2</td></tr>`,
+		`<td>retrying</td><td>SYSTEM_ERROR</td><td>系统错误</td>`)
+}
