@@ -52,7 +52,7 @@ func (s *Server) apiCampaign(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, CampaignDetail{Campaign: c, Merchant: m})
+	writeJSON(w, http.StatusOK, CampaignDetail{Campaign: c, Merchant: holding(m, c)})
 }
 
 // apiReport streams the report as enqueuer report writes it. A failure

@@ -138,11 +138,8 @@ func (s *Server) judge(c *Campaign, st idempotency.Status, sc scanned, open []br
 		}
 		if ok {
 			holding = append(holding, b)
-			stock.Breaker = breakerView(b)
-			stock.NextProbeIn = ago(b.NextProbe.Sub(lk.now))
-			if b.NextProbe.Before(lk.now) {
-				stock.NextProbeIn = "now (due " + ago(lk.now.Sub(b.NextProbe)) + " ago)"
-			}
+			stock.Breaker = breakerView(b, lk.now)
+			stock.NextProbeIn = stock.Breaker.NextProbeIn
 			if !c.Deadline.IsZero() && c.Deadline.After(lk.now) {
 				stock.DeadlineIn = ago(c.Deadline.Sub(lk.now))
 			}
@@ -213,9 +210,13 @@ func etaOf(state string, remaining int64, pace float64, now time.Time) (string, 
 	return "in " + ago(d), now.Add(d)
 }
 
-func breakerView(b breaker.State) *Breaker {
-	return &Breaker{StockID: b.StockID, Reason: b.Reason, OpenedAt: b.OpenedAt.UTC(),
-		NextProbe: b.NextProbe.UTC(), Interval: b.Interval.String(), Probes: b.Probes}
+func breakerView(b breaker.State, now time.Time) *Breaker {
+	v := &Breaker{StockID: b.StockID, Reason: b.Reason, OpenedAt: b.OpenedAt.UTC(),
+		NextProbe: b.NextProbe.UTC(), Interval: b.Interval.String(), Probes: b.Probes, NextProbeIn: "now"}
+	if b.NextProbe.After(now) {
+		v.NextProbeIn = ago(b.NextProbe.Sub(now))
+	}
+	return v
 }
 
 // remedy says what an operator does about an open breaker.

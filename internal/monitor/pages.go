@@ -108,7 +108,7 @@ func (s *Server) campaignPage(w http.ResponseWriter, r *http.Request) {
 		d.Campaigns = []Campaign{c}
 		var m Merchant
 		if m, err = s.merchant(r.Context(), c.MchID); err == nil {
-			d.Merchants = []Merchant{m}
+			d.Merchants = []Merchant{holding(m, c)}
 		}
 	}
 	s.render(w, "campaign", d, err)

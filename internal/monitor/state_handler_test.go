@@ -162,6 +162,20 @@ func TestCampaignStateBlocked(t *testing.T) {
 	if o.State != monitor.StateQueued {
 		t.Errorf("other campaign: state %q (%s), want queued", o.State, o.StateWhy)
 	}
+	if len(o.Merchant.OpenBreakers) != 0 || o.Merchant.OtherBreakers != 1 || len(c.Merchant.OpenBreakers) != 1 {
+		t.Errorf("breakers: other campaign %+v, dry %+v; want 16000001's only on dry", o.Merchant, c.Merchant.OpenBreakers)
+	}
+
+	_, body := r.get("/campaigns/dry", operator)
+	mustContain(t, "dry campaign page", body, `<span class="wait">blocked</span>`, `data-stock="16000001"`,
+		`What to do: top up stock 16000001 (or restart it if it was stopped), then run enqueuer stock resume --stock-id 16000001`,
+		`held sends fail NOT_ENOUGH at the campaign&#39;s budget deadline, in 2 days 23 h`, `next probe in `, `ETA: blocked`)
+	_, body = r.get("/campaigns/other", operator)
+	mustContain(t, "other campaign page", body, `<span class="wait">queued</span>`, `being sent (no open breaker)`,
+		`data-other-breakers="1"`)
+	if strings.Contains(body, `class="breakers"`) {
+		t.Error("another campaign's page shows 16000001's breaker")
+	}
 }
 
 // TestCampaignReasons: the codes with WeChat's messages of failed,

@@ -138,6 +138,30 @@ type Merchant struct {
 	Rates        map[ratelimit.Endpoint]float64 `json:"shared_rates"`
 	Limits       map[ratelimit.Endpoint]float64 `json:"limits"`
 	OpenBreakers []Breaker                      `json:"open_breakers"`
+	// OtherBreakers, on one campaign's page and API, counts the merchant's
+	// open breakers left out of OpenBreakers because they hold none of its
+	// stocks.
+	OtherBreakers int `json:"other_open_breakers,omitempty"`
+}
+
+// holding keeps in m only the breakers that hold c: its stocks' and the
+// merchant's own, so that a dry stock of another campaign does not show
+// on this one's page.
+func holding(m Merchant, c Campaign) Merchant {
+	mine := map[string]bool{breaker.Merchant: true}
+	for _, st := range c.Stocks {
+		mine[st.StockID] = true
+	}
+	kept := []Breaker{}
+	for _, b := range m.OpenBreakers {
+		if mine[b.StockID] {
+			kept = append(kept, b)
+		} else {
+			m.OtherBreakers++
+		}
+	}
+	m.OpenBreakers = kept
+	return m
 }
 
 // Breaker is an open breaker: a stock's, or (StockID "") the merchant's,
@@ -149,6 +173,8 @@ type Breaker struct {
 	NextProbe time.Time `json:"next_probe"`
 	Interval  string    `json:"interval"`
 	Probes    int       `json:"probes"`
+	// NextProbeIn is NextProbe from now, "40 s" ("now" once due).
+	NextProbeIn string `json:"next_probe_in"`
 }
 
 // endpoints are the sends whose rate the pages show.
@@ -364,8 +390,7 @@ func (s *Server) merchant(ctx context.Context, mchID string) (Merchant, error) {
 	}
 	sort.Slice(open, func(i, j int) bool { return open[i].StockID < open[j].StockID })
 	for _, b := range open {
-		m.OpenBreakers = append(m.OpenBreakers, Breaker{StockID: b.StockID, Reason: b.Reason, OpenedAt: b.OpenedAt.UTC(),
-			NextProbe: b.NextProbe.UTC(), Interval: b.Interval.String(), Probes: b.Probes})
+		m.OpenBreakers = append(m.OpenBreakers, *breakerView(b, time.Now()))
 	}
 	return m, nil
 }
