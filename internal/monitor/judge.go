@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"sync"
 	"time"
 
 	"github.com/couponflow/dispatcher/internal/breaker"
@@ -58,6 +59,43 @@ var reasonStates = map[idempotency.State]bool{idempotency.Failed: true, idempote
 
 // maxReasons is how many reason groups a page shows: the most frequent.
 const maxReasons = 8
+
+// scanCache keeps each campaign's last scan with the counters' ChangedAt
+// it was made at: records change only with the counters, so a campaign
+// whose sends did not move (every done one) is not read again at each
+// refresh of the page.
+type scanCache struct {
+	mu sync.Mutex
+	m  map[string]cachedScan
+}
+
+type cachedScan struct {
+	changed time.Time
+	limit   int
+	sc      scanned
+}
+
+// scanCached is scan, reusing the last scan of the campaign while its
+// ChangedAt is the same and that scan read at least as far.
+func (s *Server) scanCached(ctx context.Context, name string, changed time.Time, limit int) (scanned, error) {
+	s.scans.mu.Lock()
+	c, ok := s.scans.m[name]
+	s.scans.mu.Unlock()
+	if ok && !changed.IsZero() && c.changed.Equal(changed) && (c.limit >= limit || !c.sc.partial) {
+		return c.sc, nil
+	}
+	sc, err := s.scan(ctx, name, limit)
+	if err != nil {
+		return sc, err
+	}
+	s.scans.mu.Lock()
+	if s.scans.m == nil {
+		s.scans.m = map[string]cachedScan{}
+	}
+	s.scans.m[name] = cachedScan{changed: changed, limit: limit, sc: sc}
+	s.scans.mu.Unlock()
+	return sc, nil
+}
 
 // scan reads up to limit records of a campaign for its stocks and the
 // reasons of its failed, retrying and held sends.

@@ -95,6 +95,8 @@ type Server struct {
 	tokenKey   [32]byte
 	refresh    time.Duration
 	collectors []prometheus.Collector
+	// scans caches each campaign's records scan (judge.go).
+	scans scanCache
 }
 
 // Option configures a Server.

@@ -259,7 +259,7 @@ func (s *Server) campaignWith(ctx context.Context, lk *look, name string, detail
 	if detail {
 		limit = detailSample
 	}
-	sc, err := s.scan(ctx, name, limit)
+	sc, err := s.scanCached(ctx, name, st.ChangedAt, limit)
 	if err != nil {
 		return Campaign{}, false, err
 	}
