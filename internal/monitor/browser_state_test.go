@@ -68,4 +68,26 @@ func TestCampaignStatesInBrowser(t *testing.T) {
 		t.Fatal(err)
 	}
 	saveScreenshot(t, "states.png", shot)
+
+	// On a phone, 400 px wide, with a breaker, its remedy and the reasons
+	// on the page: the header wraps, wide tables scroll inside their card,
+	// and the page itself never scrolls sideways.
+	openBreaker(t, r, "16000001")
+	for _, path := range []string{"/", "/campaigns/dud"} {
+		if _, err := chromedp.Run(tctx, chromedp.EmulateViewport(400, 800)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := chromedp.Run(tctx, chromedp.Navigate(r.url+path)); err != nil {
+			t.Fatal(err)
+		}
+		w, err := chromedp.Run(tctx, chromedp.Evaluate[int](`document.documentElement.scrollWidth`))
+		if err != nil || w > 400 {
+			t.Errorf("%s at 400 px is %d px wide (%v): it scrolls sideways", path, w, err)
+		}
+		shot, err := chromedp.Run(tctx, chromedp.CaptureScreenshot())
+		if err != nil {
+			t.Fatal(err)
+		}
+		saveScreenshot(t, "400px"+strings.ReplaceAll(path, "/", "-")+".png", shot)
+	}
 }

@@ -36,7 +36,7 @@ func chromium() string {
 	return ""
 }
 
-var progressRE = regexp.MustCompile(`^(\d+) of (\d+) done \(`)
+var progressRE = regexp.MustCompile(`^([\d,]+) of ([\d,]+) done \(`)
 
 // TestCampaignPageInBrowser drives headless Chromium through the Chrome
 // DevTools Protocol: the campaign page updates itself while sends finish,
@@ -204,8 +204,9 @@ func parseProgress(t *testing.T, s string) (done, total int) {
 	if m == nil {
 		t.Fatalf("progress %q is not \"N of M done (…)\"", s)
 	}
-	done, _ = strconv.Atoi(m[1])
-	total, _ = strconv.Atoi(m[2])
+	// Numbers have thousands separators (1,234).
+	done, _ = strconv.Atoi(strings.ReplaceAll(m[1], ",", ""))
+	total, _ = strconv.Atoi(strings.ReplaceAll(m[2], ",", ""))
 	return done, total
 }
 
