@@ -1,12 +1,15 @@
 package monitor_test
 
 import (
+	"context"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/chromedp/chromedp"
 
+	"github.com/couponflow/dispatcher/internal/breaker"
+	"github.com/couponflow/dispatcher/internal/idempotency"
 	"github.com/couponflow/dispatcher/internal/monitor"
 )
 
@@ -89,5 +92,71 @@ func TestCampaignStatesInBrowser(t *testing.T) {
 			t.Fatal(err)
 		}
 		saveScreenshot(t, "400px"+strings.ReplaceAll(path, "/", "-")+".png", shot)
+	}
+}
+
+// A dry stock seen in Chromium: the campaign is blocked, its card names
+// the stock, its breaker and the remedy; the ETA says blocked. Once done
+// the card says how long it took, and its rates are 0.
+func TestBlockedAndDoneInBrowser(t *testing.T) {
+	tctx := browserTab(t)
+	r := newRig(t, monitor.WithBasicAuth(testUser, testPassword), monitor.WithMchID(testMchID),
+		monitor.WithRefresh(300*time.Millisecond))
+	startWorker(t, r)
+	sends := r.campaign("dry", 2)
+	finish(t, r.store, sends[0], succeeded("C-0"))
+	openBreaker(t, r, "16000001")
+	finish(t, r.store, sends[1], idempotency.Result{State: idempotency.WaitingBudget, Code: "NOT_ENOUGH", Message: "批次预算不足"})
+
+	if resp, err := chromedp.Run(tctx, chromedp.NavigateResponse(r.url+"/campaigns/dry")); err != nil || resp.Status != 200 {
+		t.Fatalf("campaign page: %v, %v", resp, err)
+	}
+	text := func(sel string) string {
+		t.Helper()
+		s, err := chromedp.Run(tctx, chromedp.Text(chromedp.CSS(sel)))
+		if err != nil {
+			t.Fatalf("%s: %v", sel, err)
+		}
+		return s
+	}
+	if s := text(`[data-campaign="dry"] h3`); !strings.Contains(s, "blocked") {
+		t.Errorf("heading %q, want blocked", s)
+	}
+	if s := text(`[data-state-of="dry"]`); !strings.Contains(s, "stock 16000001") || !strings.Contains(s, "1 live worker") {
+		t.Errorf("state line %q, want the stock and 1 live worker", s)
+	}
+	if s := text(`[data-stock="16000001"]`); !strings.Contains(s, "breaker OPEN") || !strings.Contains(s, "next probe in") ||
+		!strings.Contains(s, "enqueuer stock resume --stock-id 16000001") || !strings.Contains(s, "fail NOT_ENOUGH") {
+		t.Errorf("stock %q, want its open breaker, next probe and remedy", s)
+	}
+	if s := text(`[data-eta="dry"]`); s != "ETA: blocked" {
+		t.Errorf("ETA %q, want blocked", s)
+	}
+	shot, err := chromedp.Run(tctx, chromedp.CaptureScreenshot())
+	if err != nil {
+		t.Fatal(err)
+	}
+	saveScreenshot(t, "blocked.png", shot)
+
+	// Topped up: the held send succeeds, notify marks the campaign done,
+	// and the page (refreshing itself) shows the duration and rates of 0.
+	if err := breaker.New(r.rdb).Resume(context.Background(), testMchID, "16000001"); err != nil {
+		t.Fatal(err)
+	}
+	finish(t, r.store, sends[1], succeeded("C-1"))
+	if err := r.rdb.HSet(context.Background(), r.store.Keys().Meta("dry"), "done_at", time.Now().UnixMilli()).Err(); err != nil {
+		t.Fatal(err)
+	}
+	took, err := chromedp.Run(tctx, chromedp.Poll[string](
+		`(function () { var e = document.querySelector('[data-duration="dry"]'); return e && e.textContent; })()`,
+		chromedp.WithPollingTimeout(10*time.Second), chromedp.WithPollingInterval(100*time.Millisecond)))
+	if err != nil || !strings.HasPrefix(took, "took ") {
+		t.Fatalf("duration %q (%v), want took …", took, err)
+	}
+	if s := text(`[data-campaign="dry"] h3`); !strings.Contains(s, "done") || strings.Contains(s, "failures") {
+		t.Errorf("heading %q, want done", s)
+	}
+	if s := text(`[data-rate="dry"]`); !strings.HasPrefix(s, "0.0 sends/s over the last minute, 0.0/s") {
+		t.Errorf("rate %q once done, want 0.0", s)
 	}
 }

@@ -51,9 +51,11 @@ type pageData struct {
 	Monitor   string // asynqmon's root
 	ReadOnly  bool
 	Updated   time.Time
-	Error     string
-	Single    bool // the page of one campaign
-	Form      bool // a confirmation form, which does not refresh
+	// StallAfter is how long without a change makes a campaign stalled.
+	StallAfter string
+	Error      string
+	Single     bool // the page of one campaign
+	Form       bool // a confirmation form, which does not refresh
 	// Did is the action just taken, on the page the browser is sent back
 	// to; nil otherwise.
 	Did *didData
@@ -122,7 +124,7 @@ func (s *Server) newPage(title string) *pageData {
 	return &pageData{
 		Title: title, Nonce: base64.RawURLEncoding.EncodeToString(nonce[:]),
 		RefreshMS: s.refresh.Milliseconds(), QueueLink: s.queueLink(s.queue), Monitor: RootPath + "/",
-		ReadOnly: s.readOnly, Updated: time.Now(),
+		ReadOnly: s.readOnly, Updated: time.Now(), StallAfter: ago(StallAfter),
 	}
 }
 

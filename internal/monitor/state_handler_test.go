@@ -63,7 +63,8 @@ func TestCampaignStateWithoutWorker(t *testing.T) {
 	}
 	_, body := r.get("/campaigns/summer", operator)
 	mustContain(t, "campaign page without a worker", body, `<span class="bad">stalled</span>`,
-		`data-campaign-state="stalled"`, `<span data-workers="0">0 live workers</span>`)
+		`data-campaign-state="stalled"`, `<span data-workers="0">0 live workers</span>`,
+		`<summary>What the states mean</summary>`, `<dt>stalled</dt><dd>nothing will move it: no live worker serves the queue, or no send changed state for 5 min`)
 
 	startWorker(t, r)
 	c = detail(t, r, "summer")
