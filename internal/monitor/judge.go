@@ -198,6 +198,7 @@ func (s *Server) judge(c *Campaign, st idempotency.Status, sc scanned, open []br
 		Touched: touched, WaitingBudget: st.ByState[idempotency.WaitingBudget], WaitingRate: st.ByState[idempotency.WaitingRate],
 		InFlight: st.ByState[idempotency.InFlight], Workers: lk.workers, ChangedAt: st.ChangedAt, Breakers: holding,
 	})
+	c.ReasonsPartial = sc.partial && c.Failed+c.Unknown+touched-st.ByState[idempotency.InFlight] > 0
 	timing(c, lk.now)
 }
 

@@ -211,3 +211,29 @@ func TestCampaignReasons(t *testing.T) {
 	mustContain(t, "index", body, `<tr data-reason="STOCK_STATUS_ERROR"><td>failed</td><td>STOCK_STATUS_ERROR</td><td>stock 16000004 is stopped</td><td class="n">2</td></tr>`,
 		`<td>retrying</td><td>SYSTEM_ERROR</td><td>系统错误</td>`)
 }
+
+// TestReasonsSample: the list reads the first 1,000 records of a campaign
+// for its reasons and says so; the campaign's own page reads them all (up
+// to 20,000).
+func TestReasonsSample(t *testing.T) {
+	r := newRig(t, monitor.WithBasicAuth(testUser, testPassword), monitor.WithMchID(testMchID))
+	sends := r.campaign("big", 1001)
+	finish(t, r.store, sends[1000], failed("PARAM_ERROR", "openid, bad"))
+
+	resp, body := r.get("/api/campaigns", operator)
+	var list monitor.CampaignList
+	if err := json.Unmarshal([]byte(body), &list); err != nil || resp.StatusCode != http.StatusOK || len(list.Campaigns) != 1 {
+		t.Fatalf("list: %d %v %s", resp.StatusCode, err, tail(body, 500))
+	}
+	if c := list.Campaigns[0]; c.ReasonsFrom != 1000 || len(c.Reasons) != 0 {
+		t.Errorf("list: reasons %+v from %d records, want none from the first 1000", c.Reasons, c.ReasonsFrom)
+	}
+	_, body = r.get("/", operator)
+	mustContain(t, "index", body, `data-progress="big">1 of 1,001 done`,
+		"No failed, retrying or held send in the first 1,000 of 1,001 sends; the campaign's page reads more")
+
+	c := detail(t, r, "big")
+	if c.ReasonsFrom != 1001 || c.ReasonsPartial || len(c.Reasons) != 1 || c.Reasons[0].Code != "PARAM_ERROR" {
+		t.Errorf("page: reasons %+v from %d records, want PARAM_ERROR from 1001", c.Reasons, c.ReasonsFrom)
+	}
+}

@@ -101,15 +101,18 @@ type Campaign struct {
 	// from the first listSample of them), each with its open breaker and
 	// the remedy; only breakers of these stocks (and the merchant's) show.
 	Stocks []Stock `json:"stocks"`
-	// ChangedAt is when a send of it last changed state.
 	// Reasons are the most frequent answers (state, code, message) of its
 	// failed, retrying, held and unknown sends, read from the records:
 	// ReasonsFrom of them (fewer than Total when the campaign is larger
 	// than a page reads, see listSample and detailSample).
-	Reasons     []Reason   `json:"reasons"`
-	ReasonsFrom int        `json:"reasons_from_records"`
-	ChangedAt   *time.Time `json:"changed_at,omitempty"`
-	ChangedAgo  string     `json:"-"`
+	Reasons     []Reason `json:"reasons"`
+	ReasonsFrom int      `json:"reasons_from_records"`
+	// ReasonsPartial: the records read were a sample and some sends have
+	// a reason, so the reasons shown may miss some.
+	ReasonsPartial bool `json:"reasons_partial,omitempty"`
+	// ChangedAt is when a send of it last changed state.
+	ChangedAt  *time.Time `json:"changed_at,omitempty"`
+	ChangedAgo string     `json:"-"`
 
 	// For the pages: the states in status order, the codes sorted.
 	States []Count `json:"-"`
