@@ -72,9 +72,29 @@ func (s *Server) apiReport(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, map[string]string{"error": "no campaign " + name})
 		return
 	}
+	// ?state=failed (repeatable) keeps only the sends in those states, so
+	// that the failed or held ones of a large campaign come without the
+	// rest.
+	var only map[idempotency.State]bool
+	if states := r.URL.Query()["state"]; len(states) > 0 {
+		only = map[idempotency.State]bool{}
+		for _, st := range states {
+			if !validState(st) {
+				writeJSON(w, http.StatusBadRequest, map[string]string{"error": "no state " + st})
+				return
+			}
+			only[idempotency.State(st)] = true
+		}
+	}
+	file := safeFilename(name) + "-report.csv"
+	if len(only) == 1 {
+		for st := range only {
+			file = safeFilename(name) + "-" + string(st) + ".csv"
+		}
+	}
 	h := w.Header()
 	h.Set("Content-Type", "text/csv; charset=utf-8")
-	h.Set("Content-Disposition", `attachment; filename="`+safeFilename(name)+`-report.csv"`)
+	h.Set("Content-Disposition", `attachment; filename="`+file+`"`)
 	h.Set("Cache-Control", "no-store")
 	h.Set("X-Content-Type-Options", "nosniff")
 	cw := csv.NewWriter(w)
@@ -82,6 +102,9 @@ func (s *Server) apiReport(w http.ResponseWriter, r *http.Request) {
 	rc := http.NewResponseController(w)
 	n := 0
 	err = s.store.Each(r.Context(), name, func(rec idempotency.Record) error {
+		if only != nil && !only[rec.State] {
+			return nil
+		}
 		if err := cw.Write(rec.ReportRowWithRedemption()); err != nil {
 			return err
 		}
@@ -100,6 +123,15 @@ func (s *Server) apiReport(w http.ResponseWriter, r *http.Request) {
 		s.log.Warn("monitor: report aborted", "campaign", name, "rows", n, "err", err)
 		panic(http.ErrAbortHandler)
 	}
+}
+
+func validState(s string) bool {
+	for _, st := range idempotency.States {
+		if string(st) == s {
+			return true
+		}
+	}
+	return false
 }
 
 // safeFilename keeps a campaign name (letters, digits, '_', '.', '-') as

@@ -198,6 +198,12 @@ func (s *Server) judge(c *Campaign, st idempotency.Status, sc scanned, open []br
 		Touched: touched, WaitingBudget: st.ByState[idempotency.WaitingBudget], WaitingRate: st.ByState[idempotency.WaitingRate],
 		InFlight: st.ByState[idempotency.InFlight], Workers: lk.workers, ChangedAt: st.ChangedAt, Breakers: holding,
 	})
+	for _, state := range []idempotency.State{idempotency.Failed, idempotency.Unknown, idempotency.Retrying,
+		idempotency.WaitingBudget, idempotency.WaitingRate, idempotency.InFlight, idempotency.Cancelled} {
+		if st.ByState[state] > 0 {
+			c.CSVStates = append(c.CSVStates, string(state))
+		}
+	}
 	c.ReasonsPartial = sc.partial && c.Failed+c.Unknown+touched-st.ByState[idempotency.InFlight] > 0
 	timing(c, lk.now)
 }

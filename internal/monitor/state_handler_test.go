@@ -2,6 +2,7 @@ package monitor_test
 
 import (
 	"context"
+	"encoding/csv"
 	"encoding/json"
 	"net/http"
 	"strings"
@@ -235,5 +236,34 @@ func TestReasonsSample(t *testing.T) {
 	c := detail(t, r, "big")
 	if c.ReasonsFrom != 1001 || c.ReasonsPartial || len(c.Reasons) != 1 || c.Reasons[0].Code != "PARAM_ERROR" {
 		t.Errorf("page: reasons %+v from %d records, want PARAM_ERROR from 1001", c.Reasons, c.ReasonsFrom)
+	}
+}
+
+// TestReportByState: the report of only some states (the card links to
+// those its sends are in), and a state that does not exist refused.
+func TestReportByState(t *testing.T) {
+	r := newRig(t, monitor.WithBasicAuth(testUser, testPassword))
+	sends := spring(t, r)
+
+	resp, body := r.get("/api/campaigns/spring/report.csv?state=failed", operator)
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Disposition") != `attachment; filename="spring-failed.csv"` {
+		t.Fatalf("failed report: %d %q\n%s", resp.StatusCode, resp.Header.Get("Content-Disposition"), body)
+	}
+	rows, err := csv.NewReader(strings.NewReader(body)).ReadAll()
+	if err != nil || len(rows) != 2 || rows[1][0] != sends[2].OutRequestNo || rows[1][4] != "PARAM_ERROR" {
+		t.Errorf("failed report: %v %q, want the header and %s", err, rows, sends[2].OutRequestNo)
+	}
+	_, body = r.get("/api/campaigns/spring/report.csv?state=failed&state=waiting_rate", operator)
+	if rows, err := csv.NewReader(strings.NewReader(body)).ReadAll(); err != nil || len(rows) != 3 {
+		t.Errorf("failed and waiting_rate: %v %q, want the header and 2 rows", err, rows)
+	}
+	if resp, _ := r.get("/api/campaigns/spring/report.csv?state=lost", operator); resp.StatusCode != http.StatusBadRequest {
+		t.Errorf("state=lost: %d, want 400", resp.StatusCode)
+	}
+	_, body = r.get("/campaigns/spring", operator)
+	mustContain(t, "campaign page", body, `<a href="/api/campaigns/spring/report.csv?state=failed" download data-csv-state="failed">failed</a>`,
+		`data-csv-state="waiting_rate"`)
+	if strings.Contains(body, `data-csv-state="succeeded"`) || strings.Contains(body, `data-csv-state="retrying"`) {
+		t.Error("a CSV link for succeeded, or for a state no send is in")
 	}
 }

@@ -110,6 +110,10 @@ type Campaign struct {
 	// ReasonsPartial: the records read were a sample and some sends have
 	// a reason, so the reasons shown may miss some.
 	ReasonsPartial bool `json:"reasons_partial,omitempty"`
+	// CSVStates are the states, other than succeeded and pending, that
+	// some of its sends are in: the card links to the report of each
+	// (report.csv?state=…).
+	CSVStates []string `json:"-"`
 	// ChangedAt is when a send of it last changed state.
 	ChangedAt  *time.Time `json:"changed_at,omitempty"`
 	ChangedAgo string     `json:"-"`
