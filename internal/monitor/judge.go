@@ -71,17 +71,27 @@ type scanCache struct {
 
 type cachedScan struct {
 	changed time.Time
+	at      time.Time
 	limit   int
 	sc      scanned
 }
 
-// scanCached is scan, reusing the last scan of the campaign while its
-// ChangedAt is the same and that scan read at least as far.
+// rescanAfter is the least time between two scans of a campaign that
+// keeps changing: a running campaign's page, refreshing every 2 s, would
+// otherwise read up to detailSample records at each refresh. Its reasons
+// and stocks are at most this old; its counters and state are read anew
+// every time.
+const rescanAfter = 10 * time.Second
+
+// scanCached is scan, reusing the last scan of the campaign, if it read
+// at least as far, while its ChangedAt is the same or for rescanAfter.
 func (s *Server) scanCached(ctx context.Context, name string, changed time.Time, limit int) (scanned, error) {
 	s.scans.mu.Lock()
 	c, ok := s.scans.m[name]
 	s.scans.mu.Unlock()
-	if ok && !changed.IsZero() && c.changed.Equal(changed) && (c.limit >= limit || !c.sc.partial) {
+	far := c.limit >= limit || !c.sc.partial
+	same := !changed.IsZero() && c.changed.Equal(changed)
+	if ok && far && (same || time.Since(c.at) < rescanAfter) {
 		return c.sc, nil
 	}
 	sc, err := s.scan(ctx, name, limit)
@@ -92,7 +102,7 @@ func (s *Server) scanCached(ctx context.Context, name string, changed time.Time,
 	if s.scans.m == nil {
 		s.scans.m = map[string]cachedScan{}
 	}
-	s.scans.m[name] = cachedScan{changed: changed, limit: limit, sc: sc}
+	s.scans.m[name] = cachedScan{changed: changed, at: time.Now(), limit: limit, sc: sc}
 	s.scans.mu.Unlock()
 	return sc, nil
 }
