@@ -143,3 +143,45 @@ func parseDeadline(s string) (time.Time, error) {
 	}
 	return t, nil
 }
+
+// caller is what a command that calls WeChat for one campaign's sends
+// (reconcile, redemptions sync) sets up: the client, Redis, the store and
+// the shared rate limiter under the merchant's limits.
+type caller struct {
+	wx      *wechat.Client
+	rdb     redis.UniversalClient
+	store   *idempotency.Store
+	limiter *ratelimit.Limiter
+}
+
+// openCaller checks --campaign, --concurrency and --rate-limits, then
+// opens what the command calls with; the caller closes rdb.
+func (c *common) openCaller(ctx context.Context, name string, concurrency int, rateLimits string) (*caller, error) {
+	if err := need("--campaign", name); err != nil {
+		return nil, err
+	}
+	if concurrency < 1 {
+		return nil, &exitError{code: 2, err: fmt.Errorf("--concurrency must be at least 1, got %d", concurrency)}
+	}
+	limits, err := ratelimit.ParseLimits(rateLimits)
+	if err != nil {
+		return nil, &exitError{code: 2, err: fmt.Errorf("--rate-limits: %w", err)}
+	}
+	if err := c.wx.Validate(); err != nil {
+		return nil, &exitError{code: 2, err: fmt.Errorf("WeChat Pay configuration:\n%w", err)}
+	}
+	wx, err := wechat.New(ctx, c.wx, wechat.WithConcurrency(concurrency))
+	if err != nil {
+		return nil, err
+	}
+	rdb, err := c.redis(ctx, concurrency*2+4)
+	if err != nil {
+		return nil, err
+	}
+	store := c.store(rdb)
+	if _, err := campaignOf(ctx, store, name); err != nil {
+		rdb.Close()
+		return nil, err
+	}
+	return &caller{wx: wx, rdb: rdb, store: store, limiter: c.limiter(rdb, ratelimit.WithLimits(limits))}, nil
+}

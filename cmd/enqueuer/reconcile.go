@@ -10,8 +10,6 @@ import (
 	"github.com/couponflow/dispatcher/internal/dispatch"
 	"github.com/couponflow/dispatcher/internal/idempotency"
 	"github.com/couponflow/dispatcher/internal/logging"
-	"github.com/couponflow/dispatcher/internal/ratelimit"
-	"github.com/couponflow/dispatcher/internal/wechat"
 )
 
 // cmdReconcile settles every unknown send of a campaign: the send's
@@ -28,40 +26,18 @@ func cmdReconcile(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if err := c.parse(args); err != nil {
 		return err
 	}
-	if err := need("--campaign", *name); err != nil {
-		return err
-	}
-	if *concurrency < 1 {
-		return &exitError{code: 2, err: fmt.Errorf("--concurrency must be at least 1, got %d", *concurrency)}
-	}
-	limits, err := ratelimit.ParseLimits(*rateLimits)
-	if err != nil {
-		return &exitError{code: 2, err: fmt.Errorf("--rate-limits: %w", err)}
-	}
-	if err := c.wx.Validate(); err != nil {
-		return &exitError{code: 2, err: fmt.Errorf("WeChat Pay configuration:\n%w", err)}
-	}
-	wx, err := wechat.New(ctx, c.wx, wechat.WithConcurrency(*concurrency))
+	cl, err := c.openCaller(ctx, *name, *concurrency, *rateLimits)
 	if err != nil {
 		return err
 	}
-	rdb, err := c.redis(ctx, *concurrency*2+4)
-	if err != nil {
-		return err
-	}
-	defer rdb.Close()
-	store := c.store(rdb)
-	if camp, err := store.Campaign(ctx, *name); err != nil {
-		return err
-	} else if camp.Name == "" {
-		return &exitError{code: 2, err: fmt.Errorf("no campaign %q in Redis", *name)}
-	}
+	defer cl.rdb.Close()
+	wx, store := cl.wx, cl.store
 	log, err := logging.New(stderr, "text", "warn")
 	if err != nil {
 		return err
 	}
 	h := dispatch.New(dispatch.WeChat(wx), store, dispatch.WithLogger(log),
-		dispatch.WithLimiter(c.limiter(rdb, ratelimit.WithLimits(limits)), time.Minute))
+		dispatch.WithLimiter(cl.limiter, time.Minute))
 
 	var (
 		mu     sync.Mutex

@@ -6,7 +6,6 @@ import (
 	"io"
 	"time"
 
-	"github.com/couponflow/dispatcher/internal/ratelimit"
 	"github.com/couponflow/dispatcher/internal/redeem"
 	"github.com/couponflow/dispatcher/internal/wechat"
 )
@@ -66,34 +65,14 @@ func cmdRedemptions(ctx context.Context, args []string, stdout, stderr io.Writer
 	if err := c.parse(args[1:]); err != nil {
 		return err
 	}
-	if err := need("--campaign", *name); err != nil {
-		return err
-	}
-	if *concurrency < 1 {
-		return &exitError{code: 2, err: fmt.Errorf("--concurrency must be at least 1, got %d", *concurrency)}
-	}
-	limits, err := ratelimit.ParseLimits(*rateLimits)
-	if err != nil {
-		return &exitError{code: 2, err: fmt.Errorf("--rate-limits: %w", err)}
-	}
-	if err := c.wx.Validate(); err != nil {
-		return &exitError{code: 2, err: fmt.Errorf("WeChat Pay configuration:\n%w", err)}
-	}
-	wx, err := wechat.New(ctx, c.wx, wechat.WithConcurrency(*concurrency))
+	cl, err := c.openCaller(ctx, *name, *concurrency, *rateLimits)
 	if err != nil {
 		return err
 	}
-	rdb, err := c.redis(ctx, *concurrency*2+4)
-	if err != nil {
-		return err
-	}
-	defer rdb.Close()
-	store := c.store(rdb)
-	if _, err := campaignOf(ctx, store, *name); err != nil {
-		return err
-	}
+	defer cl.rdb.Close()
+	wx, store := cl.wx, cl.store
 	start := time.Now()
-	res, err := redeem.Sync(ctx, *name, redeem.SyncConfig{Store: store, Lister: wx, Limiter: c.limiter(rdb, ratelimit.WithLimits(limits)),
+	res, err := redeem.Sync(ctx, *name, redeem.SyncConfig{Store: store, Lister: wx, Limiter: cl.limiter,
 		MchID: c.wx.MchID, Concurrency: *concurrency})
 	if err != nil {
 		return err
