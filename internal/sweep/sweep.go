@@ -151,7 +151,9 @@ func (s *Sweeper) Once(ctx context.Context) (Result, error) {
 		if err != nil {
 			return total, err
 		}
-		if err := s.rdb.HSet(ctx, s.sweptKey(), name, now.UnixMilli()).Err(); err != nil {
+		// From the sweep's end: a slow sweep does not shorten the wait
+		// before the next one.
+		if err := s.rdb.HSet(ctx, s.sweptKey(), name, s.now().UnixMilli()).Err(); err != nil {
 			return total, err
 		}
 		s.log.Info("swept a stalled campaign", "campaign", name, "unchanged_for_s", int(now.Sub(st.ChangedAt).Seconds()),

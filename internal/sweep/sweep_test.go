@@ -63,8 +63,10 @@ func TestStalledCampaignGetsItsLostTasksBack(t *testing.T) {
 	if res, err := s.Once(ctx); err != nil || res.Campaigns != 0 {
 		t.Fatalf("a campaign that changed just now was swept: %+v %v", res, err)
 	}
-	time.Sleep(150 * time.Millisecond)
-	s = newSweeper(rdb, 100*time.Millisecond)
+	// Stalled for 300ms: long beside the pauses below, so that a loaded
+	// machine does not stretch them past it.
+	time.Sleep(350 * time.Millisecond)
+	s = newSweeper(rdb, 300*time.Millisecond)
 	res, err := s.Once(ctx)
 	if err != nil {
 		t.Fatal(err)
