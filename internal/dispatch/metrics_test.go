@@ -41,7 +41,9 @@ func TestMetricsMatchTheSandboxLedger(t *testing.T) {
 		func(rdb *redis.Client) dispatch.Option {
 			return dispatch.WithBreakers(breaker.New(rdb, breaker.WithProbeInterval(time.Minute, time.Minute)))
 		})
-	w.sb.SetFaults(sandbox.Faults{ErrorRate: 0.25, RateLimit: 20})
+	// 10/s: even a loaded machine, whose calls take 400 ms, makes more
+	// than 10 a second with 8 at a time, so some are answered 429.
+	w.sb.SetFaults(sandbox.Faults{ErrorRate: 0.25, RateLimit: 10})
 
 	const n = 40
 	var sends []tasks.SendCoupon
@@ -54,7 +56,7 @@ func TestMetricsMatchTheSandboxLedger(t *testing.T) {
 	scarce := w.stock(sandbox.StockSpec{Budget: 1})
 	// Long enough that a NOT_ENOUGH comes before it even on a loaded
 	// machine: the 40 sends ahead take seconds at 20/s with faults.
-	deadline := time.Now().Add(6 * time.Second)
+	deadline := time.Now().Add(8 * time.Second)
 	for i := 0; i < 3; i++ {
 		sends = append(sends, w.send(scarce, fmt.Sprintf("s%d", i), fmt.Sprintf("r-s-%d", i), deadline))
 	}
