@@ -46,18 +46,7 @@ func TestCrossMerchantStockIsHeldUntilAuthorised(t *testing.T) {
 	}
 	held := send("o1", "r-cross-1", far())
 	late := send("o2", "r-cross-2", time.Now().Add(2*time.Second))
-	if rec := w.waitState(held, idempotency.WaitingBudget, 10*time.Second); rec.Code != "REQUEST_BLOCKED" {
-		t.Fatalf("record %+v", rec)
-	}
-	if rec := w.waitState(late, idempotency.Failed, 10*time.Second); rec.Code != "REQUEST_BLOCKED" || !strings.Contains(rec.Message, "deadline") || !strings.Contains(rec.Message, "批次不支持跨商户发券") {
-		t.Fatalf("at the deadline: %+v", rec)
-	}
-	if err := w.sb.AuthorizeMchID(stock, w.mchID); err != nil {
-		t.Fatal(err)
-	}
-	if rec := w.waitState(held, idempotency.Succeeded, 15*time.Second); rec.CouponID == "" {
-		t.Fatalf("record %+v", rec)
-	}
+	w.heldUntilMended(held, late, "REQUEST_BLOCKED", "批次不支持跨商户发券", func() error { return w.sb.AuthorizeMchID(stock, w.mchID) })
 }
 
 // An abnormal user (403 USER_ACCOUNT_ABNORMAL) fails that recipient for

@@ -288,17 +288,25 @@ func TestPausedStockIsHeldUntilActive(t *testing.T) {
 	stock := w.stock(sandbox.StockSpec{Budget: 10, State: sandbox.StatePaused})
 	held := w.send(stock, "o1", "r-paused-1", far())
 	late := w.send(stock, "o2", "r-paused-2", time.Now().Add(2*time.Second))
-	if rec := w.waitState(held, idempotency.WaitingBudget, 10*time.Second); rec.Code != "INVALID_REQUEST" {
-		t.Fatalf("record %+v", rec)
+	w.heldUntilMended(held, late, "INVALID_REQUEST", "活动已结束或未激活", func() error { return w.sb.SetStockState(stock, sandbox.StateActive) })
+}
+
+// heldUntilMended checks the life of sends whose stock cannot issue until
+// an operator mends it: held (code), failed at its deadline saying why
+// (phrase) for late, and sent once mend has run for held.
+func (w *world) heldUntilMended(held, late tasks.SendCoupon, code, phrase string, mend func() error) {
+	w.t.Helper()
+	if rec := w.waitState(held, idempotency.WaitingBudget, 10*time.Second); rec.Code != code {
+		w.t.Fatalf("record %+v", rec)
 	}
-	if rec := w.waitState(late, idempotency.Failed, 10*time.Second); rec.Code != "INVALID_REQUEST" || !strings.Contains(rec.Message, "deadline") || !strings.Contains(rec.Message, "活动已结束或未激活") {
-		t.Fatalf("at the deadline: %+v", rec)
+	if rec := w.waitState(late, idempotency.Failed, 10*time.Second); rec.Code != code || !strings.Contains(rec.Message, "deadline") || !strings.Contains(rec.Message, phrase) {
+		w.t.Fatalf("at the deadline: %+v", rec)
 	}
-	if err := w.sb.SetStockState(stock, sandbox.StateActive); err != nil {
-		t.Fatal(err)
+	if err := mend(); err != nil {
+		w.t.Fatal(err)
 	}
 	if rec := w.waitState(held, idempotency.Succeeded, 15*time.Second); rec.CouponID == "" {
-		t.Fatalf("record %+v", rec)
+		w.t.Fatalf("record %+v", rec)
 	}
 }
 
