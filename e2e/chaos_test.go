@@ -17,6 +17,7 @@ import (
 
 	"github.com/couponflow/dispatcher/internal/idempotency"
 	"github.com/couponflow/dispatcher/internal/sandbox"
+	"github.com/couponflow/dispatcher/internal/tasks"
 )
 
 // chaosPlan sizes one chaos run. The short plan is what CI runs; CHAOS_LONG=1
@@ -612,10 +613,11 @@ func archivedTask(m map[string]any) (string, bool) {
 	if !ok && strings.HasPrefix(msg, "task archived") {
 		id, ok = m["task_id"].(string)
 	}
-	if !ok || !strings.HasPrefix(id, "send:") {
+	if !ok {
 		return "", false
 	}
-	return id[strings.LastIndexByte(id, ':')+1:], true
+	k, ok := tasks.ParseTaskID(id)
+	return k.OutRequestNo, ok
 }
 
 func isArchived(m map[string]any) bool {

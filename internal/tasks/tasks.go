@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"regexp"
+	"strings"
 	"time"
 
 	"github.com/hibiken/asynq"
@@ -194,8 +195,29 @@ type Key struct {
 }
 
 // TaskID is the asynq task id of a send, so that enqueueing the same send
-// twice is reported as a conflict instead of queued twice.
-func (k Key) TaskID() string { return "send:" + k.MchID + ":" + k.OutRequestNo }
+// twice is reported as a conflict instead of queued twice:
+// "send:<mchid>:<out_request_no>" with each "-" of the out_request_no
+// written ".". asynqmon shows a task id only up to its first "-" (it
+// takes ids for UUIDs), which made every row read "send:<mchid>:<mchid>";
+// "." never occurs in an out_request_no (wechat.ValidateOutRequestNo), so
+// the id still names exactly one send (ParseTaskID).
+func (k Key) TaskID() string {
+	return "send:" + k.MchID + ":" + strings.ReplaceAll(k.OutRequestNo, "-", ".")
+}
+
+// ParseTaskID is the Key a TaskID names; ok is false for an id of
+// another form.
+func ParseTaskID(id string) (k Key, ok bool) {
+	rest, ok := strings.CutPrefix(id, "send:")
+	if !ok {
+		return Key{}, false
+	}
+	mch, no, ok := strings.Cut(rest, ":")
+	if !ok || mch == "" || no == "" {
+		return Key{}, false
+	}
+	return Key{MchID: mch, OutRequestNo: strings.ReplaceAll(no, ".", "-")}, true
+}
 
 // DeriveOutRequestNo gives a recipient of a campaign the same
 // out_request_no on every run: the merchant id, then a hash of the

@@ -43,7 +43,7 @@ func TestNewTaskCarriesIDQueueAndRetryBound(t *testing.T) {
 			t.Errorf("payload lacks %q: %s", k, task.Payload())
 		}
 	}
-	if got := coupon().Key().TaskID(); got != "send:1900000001:1900000001-abc" {
+	if got := coupon().Key().TaskID(); got != "send:1900000001:1900000001.abc" {
 		t.Fatalf("task id %q", got)
 	}
 }
@@ -174,6 +174,26 @@ func TestMultiuseAmountMayBeLeftToTheStock(t *testing.T) {
 		mutate(&b)
 		if _, err := NewTask(b); err == nil || !strings.Contains(err.Error(), field) {
 			t.Errorf("%s: %v", field, err)
+		}
+	}
+}
+
+// asynqmon shows an id up to its first "-": a send's id has none, and
+// names its send both ways, whatever WeChat's charset allows.
+func TestTaskIDShownWholeAndParsed(t *testing.T) {
+	for _, no := range []string{"1900000001-4f3a9c", "a-b-c", "A_b|c*d", "x", strings.Repeat("-", 128)} {
+		k := Key{MchID: "1900000001", OutRequestNo: no}
+		id := k.TaskID()
+		if strings.Contains(id, "-") {
+			t.Errorf("%q: task id %q has a '-': asynqmon would cut it", no, id)
+		}
+		if got, ok := ParseTaskID(id); !ok || got != k {
+			t.Errorf("ParseTaskID(%q) = %+v, %v; want %+v", id, got, ok, k)
+		}
+	}
+	for _, id := range []string{"", "send:", "send:1900", "send::x", "notify:1900:x"} {
+		if _, ok := ParseTaskID(id); ok {
+			t.Errorf("ParseTaskID(%q) accepted", id)
 		}
 	}
 }
