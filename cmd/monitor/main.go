@@ -52,7 +52,8 @@ func run(ctx context.Context, argv []string, stderr io.Writer, ready func(net.Ad
 	redisAddr := fs.String("redis-addr", redisconn.DefaultAddr, "Redis host:port")
 	redisURL := fs.String("redis-url", "", "Redis URL, for TLS, Sentinel or Cluster (see README); wins over --redis-addr")
 	mchID := fs.String("mchid", "", "merchant whose shared rate and budget breakers are shown (those of the campaigns are shown too)")
-	readOnly := fs.Bool("readonly", false, "read-only: asynqmon's queues and tasks can be looked at, not changed, and the campaign pages offer no pause, resume or cancel")
+	readOnly := fs.Bool("readonly", false, "read-only: the campaign pages offer no pause, resume or cancel, and asynqmon is read-only even with --asynqmon-writes")
+	monWrites := fs.Bool("asynqmon-writes", false, "let asynqmon change queues and tasks (by default it is read-only: a task deleted there strands its send until the sweeper queues it again)")
 	queue := fs.String("queue", tasks.DefaultQueue, "queue the pages link to in asynqmon, where a resume or a cancel wakes the campaign's waiting tasks")
 	queueShards := fs.Int("queue-shards", 1, "the queue's shards, as the workers' and the enqueuer's --queue-shards: a resume or a cancel wakes the campaign's tasks in each")
 	refresh := fs.Duration("refresh", 2*time.Second, "how often a page refreshes while a campaign is running")
@@ -67,7 +68,7 @@ func run(ctx context.Context, argv []string, stderr io.Writer, ready func(net.Ad
 	}
 	err := envflag.Parse(fs, map[string]string{
 		"addr": "MONITOR_ADDR", "redis-addr": redisconn.EnvAddr, "redis-url": redisconn.EnvURL,
-		"mchid": "WECHATPAY_MCHID", "readonly": "MONITOR_READONLY", "queue": "QUEUE", "queue-shards": "QUEUE_SHARDS",
+		"mchid": "WECHATPAY_MCHID", "readonly": "MONITOR_READONLY", "asynqmon-writes": "MONITOR_ASYNQMON_WRITES", "queue": "QUEUE", "queue-shards": "QUEUE_SHARDS",
 		"refresh": "MONITOR_REFRESH", "rate-limits": "WORKER_RATE_LIMITS",
 		"log-format": "LOG_FORMAT", "log-level": "LOG_LEVEL", "key-prefix": keyspace.EnvPrefix,
 	}, argv)
@@ -113,7 +114,7 @@ func run(ctx context.Context, argv []string, stderr io.Writer, ready func(net.Ad
 	limiter := ratelimit.New(rdb, ratelimit.WithLimits(limits), ratelimit.WithKeys(keys))
 	breakers := breaker.New(rdb, breaker.WithKeys(keys))
 	opts := []monitor.Option{
-		monitor.WithLogger(log), monitor.WithMchID(*mchID), monitor.WithReadOnly(*readOnly),
+		monitor.WithLogger(log), monitor.WithMchID(*mchID), monitor.WithReadOnly(*readOnly), monitor.WithAsynqmonWrites(*monWrites),
 		monitor.WithQueue(*queue), monitor.WithQueueShards(*queueShards), monitor.WithRefresh(*refresh),
 		monitor.WithStore(store), monitor.WithLimiter(limiter), monitor.WithBreakers(breakers),
 		monitor.WithCollectors(fleetCollector(store, limiter, breakers, *mchID)),
@@ -139,7 +140,7 @@ func run(ctx context.Context, argv []string, stderr io.Writer, ready func(net.Ad
 			"set", monitor.EnvUser+"+"+monitor.EnvPassword+" or "+monitor.EnvToken)
 	}
 	log.Info("monitor listening", "url", "http://"+l.Addr().String()+"/", "asynqmon", monitor.RootPath+"/",
-		"redis", spec, "auth", srv.AuthMode(), "readonly", *readOnly, "mchid", *mchID)
+		"redis", spec, "auth", srv.AuthMode(), "readonly", *readOnly, "asynqmon_read_only", srv.AsynqmonReadOnly(), "mchid", *mchID)
 	if ready != nil {
 		ready(l.Addr())
 	}

@@ -33,7 +33,7 @@ const (
 // env clears every variable the monitor reads, then sets kv.
 func env(t *testing.T, kv ...string) {
 	t.Helper()
-	for _, v := range []string{"MONITOR_ADDR", "MONITOR_USER", "MONITOR_PASSWORD", "MONITOR_TOKEN", "MONITOR_READONLY",
+	for _, v := range []string{"MONITOR_ADDR", "MONITOR_USER", "MONITOR_PASSWORD", "MONITOR_TOKEN", "MONITOR_READONLY", "MONITOR_ASYNQMON_WRITES",
 		"QUEUE", "MONITOR_REFRESH", "REDIS_ADDR", "REDIS_URL", "WECHATPAY_MCHID", "WORKER_RATE_LIMITS",
 		"LOG_FORMAT", "LOG_LEVEL"} {
 		t.Setenv(v, "")

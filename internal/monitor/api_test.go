@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/csv"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"regexp"
@@ -214,7 +215,7 @@ func TestMetrics(t *testing.T) {
 }
 
 func TestAsynqmonThroughOurMount(t *testing.T) {
-	r := newRig(t, monitor.WithBasicAuth(testUser, testPassword))
+	r := newRig(t, monitor.WithBasicAuth(testUser, testPassword), monitor.WithAsynqmonWrites(true))
 	client := asynq.NewClientFromRedisClient(r.rdb)
 	if _, err := client.Enqueue(asynq.NewTask(tasks.TypeSendCoupon, []byte(`{"v":1}`)), asynq.Queue("coupons"), asynq.TaskID("t1")); err != nil {
 		t.Fatal(err)
@@ -257,7 +258,7 @@ func TestAsynqmonThroughOurMount(t *testing.T) {
 		t.Errorf("/monitoring: %d to %q, want a redirect to /monitoring/", resp.StatusCode, resp.Header.Get("Location"))
 	}
 
-	// Not read-only: the operator can pause the queue, from our origin.
+	// Writes asked for: the operator can pause the queue, from our origin.
 	resp, body = r.do(http.MethodPost, "/monitoring/api/queues/coupons:pause", operator, "Origin", r.url, "Sec-Fetch-Site", "same-origin")
 	if resp.StatusCode != http.StatusNoContent && resp.StatusCode != http.StatusOK {
 		t.Errorf("pause from our origin: %d %s", resp.StatusCode, body)
@@ -269,21 +270,41 @@ func TestAsynqmonThroughOurMount(t *testing.T) {
 	}
 }
 
+// asynqmon is read-only unless the operator asks for writes (deleting a
+// task there strands its send), and read-only mode wins over the ask.
 func TestAsynqmonReadOnly(t *testing.T) {
-	r := newRig(t, monitor.WithBasicAuth(testUser, testPassword), monitor.WithReadOnly(true))
-	client := asynq.NewClientFromRedisClient(r.rdb)
-	if _, err := client.Enqueue(asynq.NewTask(tasks.TypeSendCoupon, nil), asynq.Queue("coupons")); err != nil {
-		t.Fatal(err)
+	for _, tc := range []struct {
+		name     string
+		opts     []monitor.Option
+		readOnly bool
+	}{
+		{"by default", nil, true},
+		{"writes asked for", []monitor.Option{monitor.WithAsynqmonWrites(true)}, false},
+		{"read-only mode wins", []monitor.Option{monitor.WithAsynqmonWrites(true), monitor.WithReadOnly(true)}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRig(t, append([]monitor.Option{monitor.WithBasicAuth(testUser, testPassword)}, tc.opts...)...)
+			client := asynq.NewClientFromRedisClient(r.rdb)
+			info, err := client.Enqueue(asynq.NewTask(tasks.TypeSendCoupon, nil), asynq.Queue("coupons"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			same := []string{"Origin", r.url, "Sec-Fetch-Site", "same-origin"}
+			resp, _ := r.do(http.MethodDelete, "/monitoring/api/queues/coupons/pending_tasks/"+info.ID, operator, same...)
+			_, gone := asynq.NewInspectorFromRedisClient(r.rdb).GetTaskInfo("coupons", info.ID)
+			if tc.readOnly && (resp.StatusCode != http.StatusMethodNotAllowed || gone != nil) {
+				t.Errorf("delete: %d (task lookup: %v), want 405 and the task kept", resp.StatusCode, gone)
+			}
+			if !tc.readOnly && (resp.StatusCode/100 != 2 || !errors.Is(gone, asynq.ErrTaskNotFound)) {
+				t.Errorf("delete: %d (task lookup: %v), want 2xx and the task gone", resp.StatusCode, gone)
+			}
+			if resp, _ := r.get("/monitoring/api/queues", operator); resp.StatusCode != http.StatusOK {
+				t.Errorf("list: %d", resp.StatusCode)
+			}
+			_, body := r.get("/monitoring/", operator)
+			mustContain(t, "asynqmon's page", body, fmt.Sprintf(`window.FLAG_READ_ONLY="%t"`, tc.readOnly))
+		})
 	}
-	resp, _ := r.do(http.MethodPost, "/monitoring/api/queues/coupons:pause", operator)
-	if resp.StatusCode != http.StatusMethodNotAllowed {
-		t.Errorf("pause in read-only mode: %d, want 405", resp.StatusCode)
-	}
-	if resp, _ := r.get("/monitoring/api/queues", operator); resp.StatusCode != http.StatusOK {
-		t.Errorf("list in read-only mode: %d", resp.StatusCode)
-	}
-	_, body := r.get("/monitoring/", operator)
-	mustContain(t, "asynqmon's page", body, `window.FLAG_READ_ONLY="true"`)
 }
 
 func TestPages(t *testing.T) {

@@ -87,6 +87,7 @@ type Server struct {
 
 	mchID       string
 	readOnly    bool
+	monWrites   bool
 	queue       string
 	queueShards int
 	// ctl pauses, resumes and cancels campaigns (actions.go); tokenKey
@@ -118,11 +119,20 @@ func WithToken(token string) Option { return func(s *Server) { s.token = token }
 // as well.
 func WithMchID(mchID string) Option { return func(s *Server) { s.mchID = mchID } }
 
-// WithReadOnly is the monitor's read-only mode (MONITOR_READONLY): asynqmon's
-// API refuses every request that is not a GET, so queues and tasks can be
-// looked at, not changed, and the campaign pages offer no pause, resume or
-// cancel and refuse them if asked.
+// WithReadOnly is the monitor's read-only mode (MONITOR_READONLY): the
+// campaign pages offer no pause, resume or cancel and refuse them if
+// asked, and asynqmon stays read-only whatever WithAsynqmonWrites says.
 func WithReadOnly(readOnly bool) Option { return func(s *Server) { s.readOnly = readOnly } }
+
+// WithAsynqmonWrites lets asynqmon change queues and tasks
+// (MONITOR_ASYNQMON_WRITES). Without it asynqmon's API refuses every
+// request that is not a GET: deleting or archiving a task there strands
+// its send, whose record then waits for a task that is gone (an orphan,
+// which the campaign page shows and the workers' sweeper queues again,
+// but only after the campaign has stalled). Campaigns are paused,
+// resumed and cancelled on our pages instead, which keep the record and
+// the queue in step.
+func WithAsynqmonWrites(writes bool) Option { return func(s *Server) { s.monWrites = writes } }
 
 // WithQueue names the queue the pages link to in asynqmon (default
 // tasks.DefaultQueue, "coupons"), where a resume or a cancel wakes the
@@ -208,10 +218,14 @@ func New(rdb redis.UniversalClient, conn asynq.RedisConnOpt, opts ...Option) (*S
 		}
 	}
 
-	s.mon = asynqmon.New(asynqmon.Options{RootPath: RootPath, RedisConnOpt: conn, ReadOnly: s.readOnly})
+	s.mon = asynqmon.New(asynqmon.Options{RootPath: RootPath, RedisConnOpt: conn, ReadOnly: s.AsynqmonReadOnly()})
 	s.handler = s.routes()
 	return s, nil
 }
+
+// AsynqmonReadOnly reports whether asynqmon refuses changes: unless
+// WithAsynqmonWrites asked for them, and always in read-only mode.
+func (s *Server) AsynqmonReadOnly() bool { return s.readOnly || !s.monWrites }
 
 // Authenticated reports whether the server requires credentials.
 func (s *Server) Authenticated() bool { return s.user != "" || s.token != "" }

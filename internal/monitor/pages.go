@@ -50,7 +50,9 @@ type pageData struct {
 	QueueLink string
 	Monitor   string // asynqmon's root
 	ReadOnly  bool
-	Updated   time.Time
+	// MonReadOnly: asynqmon refuses changes (Server.AsynqmonReadOnly).
+	MonReadOnly bool
+	Updated     time.Time
 	// StallAfter is how long without a change makes a campaign stalled.
 	StallAfter string
 	Error      string
@@ -124,7 +126,7 @@ func (s *Server) newPage(title string) *pageData {
 	return &pageData{
 		Title: title, Nonce: base64.RawURLEncoding.EncodeToString(nonce[:]),
 		RefreshMS: s.refresh.Milliseconds(), QueueLink: s.queueLink(s.queue), Monitor: RootPath + "/",
-		ReadOnly: s.readOnly, Updated: time.Now(), StallAfter: ago(StallAfter),
+		ReadOnly: s.readOnly, MonReadOnly: s.AsynqmonReadOnly(), Updated: time.Now(), StallAfter: ago(StallAfter),
 	}
 }
 
