@@ -290,7 +290,7 @@ func TestCampaignScheduleAndDone(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, body := r.get("/campaigns/later", noAuth)
-	mustContain(t, "scheduled campaign page", body, `<span data-start="later">3 sends scheduled to start at `+start.UTC().Format("2006-01-02 15:04:05 UTC")+`</span>`,
+	mustContain(t, "scheduled campaign page", body, `<span data-start="later">3 sends scheduled to start at `+shownTime(start)+`</span>`,
 		`<span class="running">scheduled</span>`)
 
 	sends := r.campaign("over", 2)
@@ -302,7 +302,7 @@ func TestCampaignScheduleAndDone(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, body = r.get("/campaigns/over", noAuth)
-	mustContain(t, "done campaign page", body, `<span data-done-at="over">done at `+doneAt.UTC().Format("2006-01-02 15:04:05 UTC")+`</span>`)
+	mustContain(t, "done campaign page", body, `<span data-done-at="over">done at `+shownTime(doneAt)+`</span>`)
 	_, body = r.get("/api/campaigns/over", noAuth)
 	var c monitor.CampaignDetail
 	if err := json.Unmarshal([]byte(body), &c); err != nil {

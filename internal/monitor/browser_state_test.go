@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chromedp/cdproto/emulation"
 	"github.com/chromedp/chromedp"
 
 	"github.com/couponflow/dispatcher/internal/breaker"
@@ -108,6 +109,11 @@ func TestBlockedAndDoneInBrowser(t *testing.T) {
 	openBreaker(t, r, "16000001")
 	finish(t, r.store, sends[1], idempotency.Result{State: idempotency.WaitingBudget, Code: "NOT_ENOUGH", Message: "批次预算不足"})
 
+	// An on-call engineer in Shanghai: each UTC time has their local
+	// time beside it.
+	if _, err := chromedp.Call(tctx, emulation.SetTimezoneOverride, emulation.SetTimezoneOverrideParams{TimezoneID: "Asia/Shanghai"}); err != nil {
+		t.Fatal(err)
+	}
 	if resp, err := chromedp.Run(tctx, chromedp.NavigateResponse(r.url+"/campaigns/dry")); err != nil || resp.Status != 200 {
 		t.Fatalf("campaign page: %v, %v", resp, err)
 	}
@@ -131,6 +137,23 @@ func TestBlockedAndDoneInBrowser(t *testing.T) {
 	}
 	if s := text(`[data-eta="dry"]`); s != "ETA: blocked" {
 		t.Errorf("ETA %q, want blocked", s)
+	}
+	type shown struct {
+		UTC   string `json:"utc"`
+		At    string `json:"at"`
+		Local string `json:"local"`
+	}
+	opened, err := chromedp.Run(tctx, chromedp.Evaluate[shown](`(function () {
+		var el = document.querySelector('[data-stock="16000001"] time');
+		var local = el.nextElementSibling;
+		return {utc: el.textContent, at: el.getAttribute('datetime'), local: local && local.className === 'local' ? local.textContent : ''};
+	})()`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if at, err := time.Parse(time.RFC3339, opened.At); err != nil || !strings.HasSuffix(opened.UTC, " UTC") ||
+		!strings.Contains(opened.Local, at.In(time.FixedZone("", 8*3600)).Format("15:04:05")) || !strings.Contains(opened.Local, "GMT+8") {
+		t.Errorf("breaker opened at %+v (%v): want UTC, then Shanghai's time with GMT+8 beside it", opened, err)
 	}
 	shot, err := chromedp.Run(tctx, chromedp.CaptureScreenshot())
 	if err != nil {

@@ -12,6 +12,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/couponflow/dispatcher/internal/ratelimit"
 )
 
 //go:embed templates/*.html
@@ -29,12 +31,8 @@ var pages = template.Must(template.New("").Funcs(template.FuncMap{
 	"mul100":         func(r float64) float64 { return 100 * r },
 	"int64":          func(n int) int64 { return int64(n) },
 	"num":            thousands,
-	"when": func(t time.Time) string {
-		if t.IsZero() || t.Unix() == 0 {
-			return "–"
-		}
-		return t.UTC().Format("2006-01-02 15:04:05 UTC")
-	},
+	"per":            ratePer,
+	"when":           func(t time.Time) template.HTML { return when(t, time.Now()) },
 }).ParseFS(templateFS, "templates/*.html"))
 
 // pageData is what both pages render.
@@ -162,6 +160,37 @@ func (s *Server) renderData(w http.ResponseWriter, name string, data any, d *pag
 	h.Set("Content-Security-Policy", "default-src 'self'; script-src 'nonce-"+d.Nonce+"'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 	w.WriteHeader(code)
 	_, _ = w.Write(buf.Bytes())
+}
+
+// when writes t short, in UTC, inside a <time> element whose datetime
+// the page's script reads to add the reader's local time beside it.
+func when(t, now time.Time) template.HTML {
+	if t.IsZero() || t.Unix() == 0 {
+		return "–"
+	}
+	return template.HTML(`<time datetime="` + t.UTC().Format(time.RFC3339) + `">` +
+		template.HTMLEscapeString(shortTime(t, now)) + `</time>`)
+}
+
+// shortTime is t in UTC without what the reader knows already: the year
+// when it is this year's. Seconds stay, as a breaker's next probe is
+// often seconds away.
+func shortTime(t, now time.Time) string {
+	t = t.UTC()
+	if t.Year() == now.UTC().Year() {
+		return t.Format("Jan 2 15:04:05 UTC")
+	}
+	return t.Format("2006-01-02 15:04 UTC")
+}
+
+// ratePer writes a rate of ep, given per second, in the period WeChat
+// states its limit in: consumer funds are limited per minute (1,000/min),
+// and "16.67/s" would hide that.
+func ratePer(ep ratelimit.Endpoint, perSecond float64) string {
+	if ratelimit.Defaults[ep].Per == time.Minute {
+		return strconv.FormatFloat(perSecond*60, 'f', 1, 64) + "/min"
+	}
+	return strconv.FormatFloat(perSecond, 'f', 2, 64) + "/s"
 }
 
 // thousands writes n with a comma every three digits, "1,234,567", so

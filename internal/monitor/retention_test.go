@@ -34,6 +34,6 @@ func TestRetentionShown(t *testing.T) {
 		t.Fatalf("expires %v, retention %q, report %q\n%s", c.ExpiresAt, c.Retention, c.Report, body)
 	}
 	_, page := r.get("/campaigns/kept", operator)
-	mustContain(t, "/campaigns/kept", page, `data-expires="kept"`, "records kept until "+c.ExpiresAt.Format("2006-01-02 15:04:05 UTC"),
+	mustContain(t, "/campaigns/kept", page, `data-expires="kept"`, "records kept until "+shownTime(*c.ExpiresAt),
 		"report archived to /srv/archive/kept.csv.gz on ops-1")
 }

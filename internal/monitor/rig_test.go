@@ -170,3 +170,13 @@ func openBreaker(t *testing.T, r *rig, stockID string) {
 		t.Fatal(err)
 	}
 }
+
+// shownTime is how the pages write a time: short, in UTC, in a <time>
+// element the page's script adds the reader's local time beside.
+func shownTime(t time.Time) string {
+	layout := "Jan 2 15:04:05 UTC"
+	if t.UTC().Year() != time.Now().UTC().Year() {
+		layout = "2006-01-02 15:04 UTC"
+	}
+	return `<time datetime="` + t.UTC().Format(time.RFC3339) + `">` + t.UTC().Format(layout) + `</time>`
+}

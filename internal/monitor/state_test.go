@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/couponflow/dispatcher/internal/breaker"
+	"github.com/couponflow/dispatcher/internal/ratelimit"
 )
 
 // TestStateOf tables the campaign states of issue 14: each on-call
@@ -128,6 +129,48 @@ func TestThousands(t *testing.T) {
 	for n, want := range map[int64]string{0: "0", 999: "999", 1000: "1,000", 120000: "120,000", 1234567: "1,234,567", -45000: "-45,000"} {
 		if got := thousands(n); got != want {
 			t.Errorf("thousands(%d) = %q, want %q", n, got, want)
+		}
+	}
+}
+
+// Times are short: no year when it is this year's, seconds kept; always
+// UTC, in a <time> the page's script localises.
+func TestShortTime(t *testing.T) {
+	now := time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC)
+	cst := time.FixedZone("CST", 8*3600)
+	for _, tc := range []struct {
+		at   time.Time
+		want string
+	}{
+		{time.Date(2026, 11, 30, 15, 4, 5, 0, time.UTC), "Nov 30 15:04:05 UTC"},
+		{time.Date(2026, 12, 1, 7, 4, 5, 0, cst), "Nov 30 23:04:05 UTC"}, // in UTC whatever the zone
+		{time.Date(2027, 1, 2, 3, 4, 5, 0, time.UTC), "2027-01-02 03:04 UTC"},
+	} {
+		if got := shortTime(tc.at, now); got != tc.want {
+			t.Errorf("shortTime(%v) = %q, want %q", tc.at, got, tc.want)
+		}
+	}
+	if got := string(when(time.Date(2026, 11, 30, 15, 4, 5, 0, time.UTC), now)); got != `<time datetime="2026-11-30T15:04:05Z">Nov 30 15:04:05 UTC</time>` {
+		t.Errorf("when: %s", got)
+	}
+	if got := string(when(time.Time{}, now)); got != "–" {
+		t.Errorf("when(zero) = %q", got)
+	}
+}
+
+// Consumer funds read per minute, as WeChat states their limit.
+func TestRatePer(t *testing.T) {
+	for _, tc := range []struct {
+		ep   ratelimit.Endpoint
+		r    float64
+		want string
+	}{
+		{ratelimit.SendCoupon, 500, "500.00/s"},
+		{ratelimit.SendMultiuse, 1000.0 / 60, "1000.0/min"},
+		{ratelimit.SendMultiuse, 2.5, "150.0/min"},
+	} {
+		if got := ratePer(tc.ep, tc.r); got != tc.want {
+			t.Errorf("ratePer(%s, %g) = %q, want %q", tc.ep, tc.r, got, tc.want)
 		}
 	}
 }
