@@ -255,3 +255,39 @@ func TestAsynqmonPagesCannotBeFramed(t *testing.T) {
 		}
 	}
 }
+
+// The two pages an on-call engineer may meet first: no campaign yet (what
+// to run), and Redis down (what it means, what to check; no "no
+// campaign" beside it), which mends itself once Redis is back.
+func TestPagesWithoutCampaignAndWithRedisDown(t *testing.T) {
+	r := newRig(t, monitor.WithBasicAuth(testUser, testPassword))
+	resp, body := r.get("/", operator)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("empty index: %d", resp.StatusCode)
+	}
+	mustContain(t, "empty index", body, `id="no-campaign"`, "enqueuer campaign --campaign spring --file users.csv", "make demo")
+	if strings.Contains(body, `id="error"`) {
+		t.Errorf("empty index shows an error:\n%s", body)
+	}
+
+	r.redis.Kill()
+	for _, path := range []string{"/", "/campaigns/spring"} {
+		resp, body = r.get(path, operator)
+		if resp.StatusCode != http.StatusServiceUnavailable {
+			t.Errorf("%s with Redis down: %d, want 503", path, resp.StatusCode)
+		}
+		mustContain(t, path+" with Redis down", body, `id="error"`, "Redis does not answer", "REDIS_ADDR", "tries again every")
+		if strings.Contains(body, `id="no-campaign"`) {
+			t.Errorf("%s with Redis down says there is no campaign", path)
+		}
+	}
+	resp, body = r.get("/api/campaigns", operator)
+	if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(body, `"error"`) {
+		t.Errorf("API with Redis down: %d %s", resp.StatusCode, body)
+	}
+
+	r.redis.Restart()
+	if resp, body = r.get("/", operator); resp.StatusCode != http.StatusOK || strings.Contains(body, `id="error"`) {
+		t.Errorf("index once Redis is back: %d\n%s", resp.StatusCode, tail(body, 400))
+	}
+}

@@ -2,15 +2,20 @@ package monitor
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"embed"
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"html/template"
+	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/couponflow/dispatcher/internal/ratelimit"
@@ -53,7 +58,9 @@ type pageData struct {
 	Updated     time.Time
 	// StallAfter is how long without a change makes a campaign stalled.
 	StallAfter string
+	// Error is why Redis could not be read, ErrorTitle that in a line.
 	Error      string
+	ErrorTitle string
 	Single     bool // the page of one campaign
 	Form       bool // a confirmation form, which does not refresh
 	// Did is the action just taken, on the page the browser is sent back
@@ -137,7 +144,7 @@ func (s *Server) renderData(w http.ResponseWriter, name string, data any, d *pag
 	code := http.StatusOK
 	if err != nil {
 		s.log.Warn("monitor: reading Redis", "page", name, "err", err)
-		d.Error = err.Error()
+		d.Error, d.ErrorTitle = err.Error(), troubleTitle(err)
 		code = http.StatusServiceUnavailable
 	}
 	for _, c := range d.Campaigns {
@@ -181,6 +188,18 @@ func shortTime(t, now time.Time) string {
 		return t.Format("Jan 2 15:04:05 UTC")
 	}
 	return t.Format("2006-01-02 15:04 UTC")
+}
+
+// troubleTitle says in a line why a page could not be read: Redis not
+// answering is the usual cause, and says so; anything else is named as
+// a failed read.
+func troubleTitle(err error) string {
+	var op *net.OpError
+	if errors.As(err, &op) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, io.EOF) ||
+		errors.Is(err, syscall.ECONNREFUSED) || strings.Contains(err.Error(), "connection refused") {
+		return "Redis does not answer: nothing can be shown until it is back."
+	}
+	return "Reading Redis failed: nothing can be shown until it reads again."
 }
 
 // ratePer writes a rate of ep, given per second, in the period WeChat
