@@ -206,7 +206,7 @@ func (s *Server) judge(c *Campaign, st idempotency.Status, sc scanned, open []br
 		Now: lk.now, Control: c.Control, Done: c.Done, Total: c.Total, Finished: c.Finished,
 		Succeeded: c.Succeeded, Failed: c.Failed, Cancelled: c.Cancelled, Unknown: c.Unknown, Scheduled: c.Scheduled,
 		Touched: touched, WaitingBudget: st.ByState[idempotency.WaitingBudget], WaitingRate: st.ByState[idempotency.WaitingRate],
-		InFlight: st.ByState[idempotency.InFlight], Workers: lk.workers, ChangedAt: st.ChangedAt, Breakers: holding,
+		InFlight: st.ByState[idempotency.InFlight], Settled10s: st.Rate10s + st.FailRate10s, Workers: lk.workers, ChangedAt: st.ChangedAt, Breakers: holding,
 	})
 	for _, state := range []idempotency.State{idempotency.Failed, idempotency.Unknown, idempotency.Retrying,
 		idempotency.WaitingBudget, idempotency.WaitingRate, idempotency.InFlight, idempotency.Cancelled} {

@@ -50,6 +50,9 @@ type stateInput struct {
 	WaitingBudget int64
 	WaitingRate   int64
 	InFlight      int64
+	// Settled10s is sends settled (succeeded or failed) per second over
+	// the last ten seconds.
+	Settled10s float64
 	// Workers is the number of live asynq servers serving the queue, -1
 	// if it could not be read.
 	Workers   int
@@ -116,7 +119,10 @@ func stateOf(in stateInput) campaignState {
 		}
 		return campaignState{StateBlocked, "wait", why}
 	}
-	if in.WaitingRate > 0 && in.InFlight == 0 && in.Touched == in.WaitingRate {
+	// Held by the rate: every send taken up waits for it, or some do and
+	// nothing settled for ten seconds (the calls in flight are answered
+	// 429 again); a campaign that moves at the limit is running.
+	if in.WaitingRate > 0 && (in.InFlight == 0 && in.Touched == in.WaitingRate || in.Settled10s == 0) {
 		return campaignState{StateBlocked, "wait", fmt.Sprintf("%d sends wait for WeChat's rate limit (FREQUENCY_LIMIT): they go out as it allows", in.WaitingRate)}
 	}
 	if !in.ChangedAt.IsZero() && in.Now.Sub(in.ChangedAt) >= StallAfter && (in.Finished > 0 || in.Touched > 0) {
