@@ -61,6 +61,11 @@ func TestBadInputIsReportedAndSkipped(t *testing.T) {
 	if st, _ := r.store.Status(context.Background(), "mixed"); st.Total != 3 || r.pending() != 3 {
 		t.Fatalf("%d recorded, %d queued; want the 3 valid rows", st.Total, r.pending())
 	}
+	// The campaign remembers what it skipped, for the monitor's card.
+	if c, err := r.store.Campaign(context.Background(), "mixed"); err != nil || c.Skipped != 6 ||
+		len(c.SkippedRows) != idempotency.MaxSkippedRows || !strings.HasPrefix(c.SkippedRows[0], "line 3: openid") {
+		t.Errorf("skipped rows recorded: %d %q (%v), want 6, the first %d from line 3", c.Skipped, c.SkippedRows, err, idempotency.MaxSkippedRows)
+	}
 
 	// Files that are not recipient files at all: refused whole, exit 2,
 	// nothing queued.

@@ -172,6 +172,8 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		// many, so that status can tell when Redis loses some.
 		if _, err := store.RecordExpected(ctx, *name); err != nil {
 			runErr = err
+		} else if err := store.RecordSkipped(ctx, *name, stats.Invalid.Load(), stats.InvalidRows()); err != nil {
+			runErr = err
 		} else if err := ack.Acknowledge(ctx); err != nil {
 			runErr = fmt.Errorf("the campaign's count was written but %w; run the same command again", err)
 		}

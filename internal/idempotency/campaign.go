@@ -35,6 +35,11 @@ type Campaign struct {
 	// (package notify, said once across the fleet); zero before, and again
 	// after sends are queued into it anew (ClearDone).
 	DoneAt time.Time
+	// Skipped is how many rows the campaign's last complete enqueue
+	// skipped as invalid, SkippedRows the first few of them ("line 7:
+	// openid … has a character outside …"); see RecordSkipped.
+	Skipped     int64
+	SkippedRows []string
 }
 
 func (s *Store) metaKey(campaign string) string { return s.keys.Meta(campaign) }
@@ -78,6 +83,10 @@ func (s *Store) Campaign(ctx context.Context, name string) (Campaign, error) {
 	c := Campaign{Name: name, MchID: m["mchid"], Deadline: time.Unix(deadline, 0), CreatedAt: time.Unix(created, 0),
 		Retention: DefaultRetention, FinishedAt: millis(m["finished_at"]), ExpiresAt: millis(m["expires_at"]), Report: m["report"],
 		Control: Control(m["control"]), StartAt: millis(m["start_at"]), DoneAt: millis(m["done_at"])}
+	c.Skipped, _ = strconv.ParseInt(m["skipped"], 10, 64)
+	if rows := m["skipped_rows"]; rows != "" {
+		c.SkippedRows = strings.Split(rows, "\n")
+	}
 	if r, err := strconv.ParseInt(m["retention"], 10, 64); err == nil && r > 0 {
 		c.Retention = time.Duration(r) * time.Millisecond
 	}
@@ -107,6 +116,33 @@ func (s *Store) RecordExpected(ctx context.Context, campaign string) (int64, err
 		return 0, fmt.Errorf("idempotency: recording the expected count of %s: %w", campaign, err)
 	}
 	return n, nil
+}
+
+// MaxSkippedRows is how many invalid rows RecordSkipped keeps, each cut
+// to maxSkippedRow bytes: enough for the page to show what is wrong with
+// the file; the enqueuer's summary and --dry-run list more.
+const (
+	MaxSkippedRows = 5
+	maxSkippedRow  = 240
+)
+
+// RecordSkipped notes how many rows a complete enqueue of the campaign
+// skipped as invalid, and the first of them, so that the monitor can
+// show them beside the counts they are missing from. A later run's count
+// replaces it: each run reads the whole file.
+func (s *Store) RecordSkipped(ctx context.Context, campaign string, n int64, rows []string) error {
+	kept := make([]string, 0, min(len(rows), MaxSkippedRows))
+	for _, r := range rows[:min(len(rows), MaxSkippedRows)] {
+		r = strings.ReplaceAll(r, "\n", " ")
+		if len(r) > maxSkippedRow {
+			r = strings.ToValidUTF8(r[:maxSkippedRow], "") + "…"
+		}
+		kept = append(kept, r)
+	}
+	if err := s.rdb.HSet(ctx, s.metaKey(campaign), "skipped", n, "skipped_rows", strings.Join(kept, "\n")).Err(); err != nil {
+		return fmt.Errorf("idempotency: recording the invalid rows of %s: %w", campaign, err)
+	}
+	return nil
 }
 
 // BeginEnqueue marks a campaign as being enqueued, until RecordExpected:

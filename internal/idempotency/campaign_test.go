@@ -4,6 +4,7 @@ import (
 	"context"
 	"strings"
 	"testing"
+	"time"
 )
 
 func loseRecord(t *testing.T, s *Store, send Send) {
@@ -52,5 +53,34 @@ func TestExpectedAndMissing(t *testing.T) {
 	st = wantCounts(t, s, map[State]int64{Pending: 6})
 	if st.Missing() != 0 {
 		t.Fatalf("missing %d after the re-run", st.Missing())
+	}
+}
+
+// The rows a run skipped are kept (a few, cut short) for the monitor; a
+// later run's count replaces the earlier one.
+func TestRecordSkipped(t *testing.T) {
+	st := newStore(t)
+	ctx := context.Background()
+	if _, err := st.SaveCampaign(ctx, Campaign{Name: "spring", MchID: "1900", Deadline: time.Now().Add(time.Hour)}); err != nil {
+		t.Fatal(err)
+	}
+	long := "line 9: openid \"" + strings.Repeat("x", 400) + "\" is too long"
+	rows := []string{"line 2: openid \"a b\" has a character outside letters", "line 3: two\nlines", long, "line 4", "line 5", "line 6"}
+	if err := st.RecordSkipped(ctx, "spring", 6, rows); err != nil {
+		t.Fatal(err)
+	}
+	c, err := st.Campaign(ctx, "spring")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Skipped != 6 || len(c.SkippedRows) != MaxSkippedRows || c.SkippedRows[0] != rows[0] || c.SkippedRows[1] != "line 3: two lines" ||
+		len(c.SkippedRows[2]) > maxSkippedRow+len("…") || !strings.HasPrefix(c.SkippedRows[2], "line 9") {
+		t.Fatalf("skipped %d, rows %q", c.Skipped, c.SkippedRows)
+	}
+	if err := st.RecordSkipped(ctx, "spring", 0, nil); err != nil {
+		t.Fatal(err)
+	}
+	if c, _ = st.Campaign(ctx, "spring"); c.Skipped != 0 || c.SkippedRows != nil {
+		t.Fatalf("after a clean run: skipped %d, rows %q", c.Skipped, c.SkippedRows)
 	}
 }

@@ -45,3 +45,24 @@ func TestMissingRecords(t *testing.T) {
 		mustContain(t, path, body, `data-missing="2"`, advice)
 	}
 }
+
+// The rows the enqueuer skipped as invalid are in no count: the card says
+// how many, shows the first, and what to do.
+func TestSkippedRowsShown(t *testing.T) {
+	r := newRig(t, monitor.WithBasicAuth(testUser, testPassword))
+	r.campaign("typos", 2)
+	if err := r.store.RecordSkipped(context.Background(), "typos", 1234, []string{`line 4: openid "bad id" has a character outside letters, digits, _ and -`}); err != nil {
+		t.Fatal(err)
+	}
+	for _, path := range []string{"/campaigns/typos", "/"} {
+		_, body := r.get(path, operator)
+		mustContain(t, path, body, `data-skipped="1234"`, "1,234 rows of its file skipped as invalid",
+			`<code>line 4: openid &#34;bad id&#34; has a character outside letters, digits, _ and -</code>`, "The first 1 shown", "--dry-run")
+	}
+	_, body := r.get("/api/campaigns/typos", operator)
+	mustContain(t, "API", body, `"skipped_invalid_rows": 1234`, `"line 4: openid`)
+	r.campaign("clean", 1)
+	if _, body := r.get("/campaigns/clean", operator); strings.Contains(body, "data-skipped") {
+		t.Errorf("a campaign with no skipped row shows some")
+	}
+}

@@ -70,6 +70,10 @@ type Campaign struct {
 	Expected int64  `json:"expected"`
 	Missing  int64  `json:"missing"`
 	Warning  string `json:"warning,omitempty"`
+	// Skipped is how many rows of its file the last complete enqueue
+	// skipped as invalid (they are in no count), SkippedRows the first.
+	Skipped     int64    `json:"skipped_invalid_rows"`
+	SkippedRows []string `json:"skipped_rows,omitempty"`
 	// Retention is how long the records are kept once the campaign has
 	// settled; ExpiresAt, once it has, when they go (then only its
 	// tombstone is left); Report where its report was archived.
@@ -318,7 +322,7 @@ func (s *Server) view(meta idempotency.Campaign, st idempotency.Status) Campaign
 		ByState: map[string]int64{}, FailedByCode: map[string]int64{}, Control: string(meta.Control),
 		Rate: st.Rate, Rate10s: st.Rate10s, FailRate: st.FailRate, FailRate10s: st.FailRate10s, Done: st.Done(),
 		Redeemed: st.Redeemed, RedeemedAmount: st.RedeemedAmount, RedemptionRate: st.RedemptionRate(),
-		Expected: st.Expected, Missing: st.Missing(),
+		Expected: st.Expected, Missing: st.Missing(), Skipped: meta.Skipped, SkippedRows: meta.SkippedRows,
 		Retention: meta.Retention.String(), Report: meta.Report,
 	}
 	if !meta.ExpiresAt.IsZero() {
