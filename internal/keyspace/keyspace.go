@@ -206,3 +206,11 @@ func Validate(prefix string) error {
 	}
 	return nil
 }
+
+// AsynqTask is the key of asynq's hash for a task, "asynq:{<queue>}:t:<id>",
+// whose field "state" says where asynq holds it (pending, active,
+// scheduled, retry, archived, completed). It is asynq's layout, not ours
+// (asynq's internal/base.TaskKey), read by the monitor to find sends
+// whose task is gone in one pipeline instead of an Inspector call each;
+// TestAsynqTaskKey fails if an asynq upgrade moves it.
+func AsynqTask(queue, id string) string { return "asynq:{" + queue + "}:t:" + id }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/couponflow/dispatcher/internal/breaker"
 	"github.com/couponflow/dispatcher/internal/idempotency"
+	"github.com/couponflow/dispatcher/internal/tasks"
 )
 
 // How many records a page reads to find a campaign's stocks and reasons:
@@ -48,6 +49,16 @@ type scanned struct {
 	reasons []Reason
 	read    int
 	partial bool // the campaign has more records than were read
+	// waiting are the sends read that wait for a delivery asynq must hold
+	// (sweep's rule): those an orphan check looks for in asynq.
+	waiting []taskRef
+}
+
+// taskRef is a waiting send's task id and the queues that may hold it.
+type taskRef struct {
+	outRequestNo string
+	id           string
+	queues       []string
 }
 
 var errEnough = errors.New("read enough")
@@ -114,6 +125,7 @@ func (s *Server) scan(ctx context.Context, name string, limit int) (scanned, err
 	stocks := map[string]bool{}
 	type key struct{ state, code, msg string }
 	groups := map[key]int64{}
+	now := time.Now()
 	err := s.store.Each(ctx, name, func(rec idempotency.Record) error {
 		if sc.read >= limit {
 			sc.partial = true
@@ -126,6 +138,10 @@ func (s *Server) scan(ctx context.Context, name string, limit int) (scanned, err
 		}
 		if reasonStates[rec.State] && rec.Code != "" {
 			groups[key{string(rec.State), rec.Code, rec.Message}]++
+		}
+		if waitsForTask(rec, now) {
+			sc.waiting = append(sc.waiting, taskRef{outRequestNo: rec.OutRequestNo,
+				id: tasks.Key{MchID: rec.MchID, OutRequestNo: rec.OutRequestNo}.TaskID(), queues: s.taskQueues(rec.Queue)})
 		}
 		return nil
 	})
@@ -206,7 +222,7 @@ func (s *Server) judge(c *Campaign, st idempotency.Status, sc scanned, open []br
 		Now: lk.now, Control: c.Control, Done: c.Done, Total: c.Total, Finished: c.Finished,
 		Succeeded: c.Succeeded, Failed: c.Failed, Cancelled: c.Cancelled, Unknown: c.Unknown, Scheduled: c.Scheduled,
 		Touched: touched, WaitingBudget: st.ByState[idempotency.WaitingBudget], WaitingRate: st.ByState[idempotency.WaitingRate],
-		InFlight: st.ByState[idempotency.InFlight], Settled10s: st.Rate10s + st.FailRate10s, Workers: lk.workers, ChangedAt: st.ChangedAt, Breakers: holding,
+		Orphans: c.Orphans, InFlight: st.ByState[idempotency.InFlight], Settled10s: st.Rate10s + st.FailRate10s, Workers: lk.workers, ChangedAt: st.ChangedAt, Breakers: holding,
 	})
 	for _, state := range []idempotency.State{idempotency.Failed, idempotency.Unknown, idempotency.Retrying,
 		idempotency.WaitingBudget, idempotency.WaitingRate, idempotency.InFlight, idempotency.Cancelled} {

@@ -96,8 +96,10 @@ type Server struct {
 	tokenKey   [32]byte
 	refresh    time.Duration
 	collectors []prometheus.Collector
-	// scans caches each campaign's records scan (judge.go).
-	scans scanCache
+	// scans caches each campaign's records scan (judge.go), orphaned its
+	// orphan checks (orphans.go).
+	scans    scanCache
+	orphaned orphanCache
 }
 
 // Option configures a Server.

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hibiken/asynq"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/couponflow/dispatcher/internal/breaker"
@@ -17,6 +18,7 @@ import (
 	"github.com/couponflow/dispatcher/internal/monitor"
 	"github.com/couponflow/dispatcher/internal/redisconn"
 	"github.com/couponflow/dispatcher/internal/redistest"
+	"github.com/couponflow/dispatcher/internal/tasks"
 )
 
 const (
@@ -34,6 +36,7 @@ type rig struct {
 	store *idempotency.Store
 	mon   *monitor.Server
 	url   string
+	asynq *asynq.Client
 }
 
 func newRig(t *testing.T, opts ...monitor.Option) *rig {
@@ -51,7 +54,9 @@ func newRig(t *testing.T, opts ...monitor.Option) *rig {
 	t.Cleanup(func() { _ = m.Close() })
 	hs := httptest.NewServer(m.Handler())
 	t.Cleanup(hs.Close)
-	return &rig{t: t, redis: srv, rdb: rdb, store: idempotency.New(rdb), mon: m, url: hs.URL}
+	client := asynq.NewClientFromRedisClient(rdb)
+	t.Cleanup(func() { _ = client.Close() })
+	return &rig{t: t, redis: srv, rdb: rdb, store: idempotency.New(rdb), mon: m, url: hs.URL, asynq: client}
 }
 
 // auth sets credentials on a request.
@@ -117,8 +122,20 @@ func (r *rig) campaign(name string, n int) []idempotency.Send {
 		if _, _, err := r.store.Register(ctx, sends[i]); err != nil {
 			r.t.Fatal(err)
 		}
+		r.queueTask(sends[i])
 	}
 	return sends
+}
+
+// queueTask has asynq hold a send's task, as the producer leaves it, a
+// day ahead so that startWorker's server never takes it: a record
+// without a task is an orphan (orphans.go).
+func (r *rig) queueTask(send idempotency.Send) {
+	r.t.Helper()
+	if _, err := r.asynq.Enqueue(asynq.NewTask(tasks.TypeSendCoupon, nil), asynq.Queue(tasks.DefaultQueue),
+		asynq.TaskID(tasks.Key{MchID: send.MchID, OutRequestNo: send.OutRequestNo}.TaskID()), asynq.ProcessIn(24*time.Hour)); err != nil {
+		r.t.Fatal(err)
+	}
 }
 
 // finish claims a send and records a result, as a worker would.

@@ -50,6 +50,8 @@ type stateInput struct {
 	WaitingBudget int64
 	WaitingRate   int64
 	InFlight      int64
+	// Orphans are sends waiting for a task asynq no longer holds.
+	Orphans int64
 	// Settled10s is sends settled (succeeded or failed) per second over
 	// the last ten seconds.
 	Settled10s float64
@@ -106,6 +108,12 @@ func stateOf(in stateInput) campaignState {
 	}
 	if in.Workers == 0 {
 		return campaignState{StateStalled, "bad", "no live worker serves the queue: start a worker (nothing moves until one runs)"}
+	}
+	// Sends whose task is gone move only once the sweeper queues them
+	// again: when they are all that is left, nothing else will.
+	if left := in.Total - in.Finished - in.Unknown; in.Orphans > 0 && in.Orphans >= left-in.InFlight && in.InFlight == 0 {
+		return campaignState{StateStalled, "bad", fmt.Sprintf("the %d sends left wait for tasks asynq no longer holds (deleted or archived in asynqmon?): "+
+			"the workers' sweeper queues them again once the campaign has not changed for WORKER_SWEEP_STALL (15 min by default)", in.Orphans)}
 	}
 	if len(in.Breakers) > 0 && in.WaitingBudget > 0 {
 		b := in.Breakers[0]

@@ -74,6 +74,13 @@ type Campaign struct {
 	// skipped as invalid (they are in no count), SkippedRows the first.
 	Skipped     int64    `json:"skipped_invalid_rows"`
 	SkippedRows []string `json:"skipped_rows,omitempty"`
+	// Orphans counts its sends whose record waits while asynq holds no
+	// live task for them (deleted or archived in asynqmon, or lost): no
+	// worker will run them until the sweeper queues them again. Among the
+	// records read (ReasonsFrom); OrphanSample lists the first few
+	// out_request_nos.
+	Orphans      int64    `json:"orphans"`
+	OrphanSample []string `json:"orphan_sample,omitempty"`
 	// Retention is how long the records are kept once the campaign has
 	// settled; ExpiresAt, once it has, when they go (then only its
 	// tombstone is left); Report where its report was archived.
@@ -277,6 +284,14 @@ func (s *Server) campaignWith(ctx context.Context, lk *look, name string, detail
 	open, err := s.openBreakers(ctx, lk, meta.MchID)
 	if err != nil {
 		return Campaign{}, false, err
+	}
+	if !c.Done {
+		orphans, err := s.orphans(ctx, name, sc.waiting, lk.now)
+		if err != nil {
+			return Campaign{}, false, err
+		}
+		c.Orphans = int64(len(orphans))
+		c.OrphanSample = orphans[:min(len(orphans), maxOrphanSample)]
 	}
 	s.judge(&c, st, sc, open, lk)
 	if detail {
