@@ -8,6 +8,7 @@ import (
 
 	"github.com/hibiken/asynq"
 
+	"github.com/couponflow/dispatcher/internal/idempotency"
 	"github.com/couponflow/dispatcher/internal/keyspace"
 	"github.com/couponflow/dispatcher/internal/monitor"
 	"github.com/couponflow/dispatcher/internal/tasks"
@@ -80,4 +81,26 @@ func TestOrphansShown(t *testing.T) {
 	if c = detail(t, r, "holes"); c.Orphans != 0 || c.State == monitor.StateStalled {
 		t.Fatalf("after the sweep: orphans %d, state %s (%s)", c.Orphans, c.State, c.StateWhy)
 	}
+}
+
+// The index sets the campaigns' waiting sends beside asynq's live tasks,
+// and says why they differ.
+func TestTallyShown(t *testing.T) {
+	r := newRig(t, monitor.WithBasicAuth(testUser, testPassword))
+	sends := r.campaign("even", 3)
+	finish(t, r.store, sends[0], succeeded("C-0"))
+	// The settled send's task: asynq lets it go once the worker is done.
+	if err := asynq.NewInspectorFromRedisClient(r.rdb).DeleteTask(tasks.DefaultQueue,
+		tasks.Key{MchID: testMchID, OutRequestNo: sends[0].OutRequestNo}.TaskID()); err != nil {
+		t.Fatal(err)
+	}
+	_, body := r.get("/", operator)
+	mustContain(t, "index", body, `id="tally" data-waiting="2" data-tasks="2"`, "They agree")
+	r.queueTask(idempotencySend("stray"))
+	_, body = r.get("/", operator)
+	mustContain(t, "index", body, `data-waiting="2" data-tasks="3"`, `id="tally-why">asynq holds 1 more tasks than sends wait`)
+}
+
+func idempotencySend(no string) idempotency.Send {
+	return idempotency.Send{MchID: testMchID, OutRequestNo: no}
 }

@@ -50,6 +50,9 @@ type pageData struct {
 	Campaigns []Campaign
 	Merchants []Merchant
 	Queues    []Queue
+	// Tally sets the campaigns' waiting sends beside asynq's live tasks
+	// (index page only).
+	Tally     *Tally
 	QueueLink string
 	Monitor   string // asynqmon's root
 	ReadOnly  bool
@@ -99,6 +102,10 @@ func (s *Server) indexPage(w http.ResponseWriter, r *http.Request) {
 	}
 	if err == nil {
 		d.Queues, err = s.queues()
+	}
+	if err == nil {
+		t := s.tally(d.Campaigns, d.Queues)
+		d.Tally = &t
 	}
 	s.render(w, "index", d, err)
 }

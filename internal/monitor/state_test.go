@@ -180,3 +180,22 @@ func TestRatePer(t *testing.T) {
 		}
 	}
 }
+
+// The campaigns' waiting sends and asynq's live tasks: equal, or a
+// sentence that says which way they differ and why.
+func TestTallyWhy(t *testing.T) {
+	for _, tc := range []struct {
+		t    Tally
+		want string
+	}{
+		{Tally{Waiting: 400, Tasks: 400}, ""},
+		{Tally{Waiting: 400, Tasks: 398, Orphans: 2}, "2 more sends wait than asynq holds tasks: 2 are orphans"},
+		{Tally{Waiting: 1400, Tasks: 200}, "1,200 more sends wait than asynq holds tasks: sends registered a moment before"},
+		{Tally{Waiting: 10, Tasks: 15}, "asynq holds 5 more tasks than sends wait: copies queued by a resume or the sweeper"},
+	} {
+		got := tallyWhy(tc.t)
+		if tc.want == "" && got != "" || !strings.HasPrefix(got, tc.want) {
+			t.Errorf("tallyWhy(%+v) = %q, want %q…", tc.t, got, tc.want)
+		}
+	}
+}

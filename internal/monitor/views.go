@@ -2,6 +2,7 @@ package monitor
 
 import (
 	"context"
+	"fmt"
 	"math"
 	"net/url"
 	"sort"
@@ -484,4 +485,61 @@ func (s *Server) queues() ([]Queue, error) {
 		out = append(out, q)
 	}
 	return out, nil
+}
+
+// Tally sets the campaigns' sends not yet settled beside the tasks asynq
+// holds in our queues, so that the two counts an on-call engineer sees
+// (ours and asynqmon's) can be told apart: they are equal when every send
+// that waits has exactly one task.
+type Tally struct {
+	// Waiting is every campaign's sends not settled and not unknown
+	// (pending, in flight, retrying, held); Orphans those among them whose
+	// task asynq no longer holds.
+	Waiting int64 `json:"waiting_sends"`
+	Orphans int64 `json:"orphans"`
+	// Tasks is what asynq holds live in our queues (pending, active,
+	// scheduled, retry); Archived what it gave up on, apart.
+	Tasks    int64 `json:"live_tasks"`
+	Archived int64 `json:"archived_tasks"`
+	// Why says, in words, why the two differ ("" when they do not).
+	Why string `json:"why,omitempty"`
+}
+
+// tally compares cs with qs, our queues among asynq's.
+func (s *Server) tally(cs []Campaign, qs []Queue) Tally {
+	var t Tally
+	for _, c := range cs {
+		if !c.Done {
+			t.Waiting += max(0, c.Total-c.Finished-c.Unknown)
+		}
+		t.Orphans += c.Orphans
+	}
+	ours := map[string]bool{}
+	for _, q := range tasks.ShardQueues(s.queue, s.queueShards) {
+		ours[q], ours[tasks.WokenQueue(q)] = true, true
+	}
+	for _, q := range qs {
+		if ours[q.Name] {
+			t.Tasks += int64(q.Pending + q.Active + q.Scheduled + q.Retry)
+			t.Archived += int64(q.Archive)
+		}
+	}
+	t.Why = tallyWhy(t)
+	return t
+}
+
+// tallyWhy explains a difference between sends waiting and live tasks.
+func tallyWhy(t Tally) string {
+	switch d := t.Waiting - t.Tasks; {
+	case d > 0 && t.Orphans > 0:
+		return fmt.Sprintf("%s more sends wait than asynq holds tasks: %s are orphans (their task was deleted or lost; see their campaigns), "+
+			"the rest are registered a moment before their task is queued, or orphans not yet confirmed", thousands(d), thousands(t.Orphans))
+	case d > 0:
+		return fmt.Sprintf("%s more sends wait than asynq holds tasks: sends registered a moment before their task is queued, "+
+			"or orphans (a task deleted or lost) that the campaign pages show once confirmed", thousands(d))
+	case d < 0:
+		return fmt.Sprintf("asynq holds %s more tasks than sends wait: copies queued by a resume or the sweeper (the record lets one call through), "+
+			"tasks of sends already settled that asynq has not let go yet (a dead worker's, until asynq's recoverer), or tasks of campaigns whose records expired", thousands(-d))
+	}
+	return ""
 }
