@@ -1,65 +1,23 @@
 package monitor_test
 
 import (
-	"context"
-	"encoding/base64"
-	"os"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/chromedp/cdproto/network"
 	"github.com/chromedp/chromedp"
 
+	"github.com/couponflow/dispatcher/internal/browsertest"
 	"github.com/couponflow/dispatcher/internal/idempotency"
 	"github.com/couponflow/dispatcher/internal/monitor"
 )
-
-// browserTab starts headless Chromium and returns a tab that sends basic
-// auth with every request, as a browser does once its user has logged
-// in. It skips without Chromium, or fails under CI=true (see
-// TestCampaignPageInBrowser).
-func browserTab(t *testing.T) context.Context {
-	t.Helper()
-	bin := chromium()
-	if bin == "" && os.Getenv("CI") == "true" {
-		t.Fatal("Chromium is not installed and CI=true: .ci/run installs it, so a missing one is a broken CI machine, not a test to skip")
-	}
-	if bin == "" {
-		t.Skip("Chromium is not installed (no /usr/bin/chromium, no chromium on PATH); as root: apt-get update && apt-get install -y chromium")
-	}
-	opts := append(chromedp.DefaultExecAllocatorOptions[:],
-		chromedp.ExecPath(bin),
-		chromedp.NoSandbox,
-		chromedp.DisableGPU,
-		chromedp.Flag("disable-quic", true),
-		chromedp.Flag("disable-component-update", true),
-		chromedp.UserDataDir(t.TempDir()),
-		chromedp.WindowSize(1280, 900),
-	)
-	allocCtx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
-	t.Cleanup(cancelAlloc)
-	bctx, cancelBrowser := chromedp.NewContext(allocCtx)
-	t.Cleanup(cancelBrowser)
-	if err := chromedp.Do(bctx); err != nil {
-		t.Fatalf("starting Chromium (%s): %v", bin, err)
-	}
-	tctx, cancel := context.WithTimeout(bctx, 40*time.Second)
-	t.Cleanup(cancel)
-	cred := base64.StdEncoding.EncodeToString([]byte(testUser + ":" + testPassword))
-	if _, err := chromedp.Call(tctx, network.SetExtraHTTPHeaders,
-		network.SetExtraHTTPHeadersParams{Headers: network.Headers{"Authorization": "Basic " + cred}}); err != nil {
-		t.Fatal(err)
-	}
-	return tctx
-}
 
 // An operator pauses a campaign from its page: the button leads to a
 // confirmation that counts the sends, the confirmation posts the form, and
 // the page comes back showing the campaign paused and the action in its
 // audit trail; the record says paused. Read-only, the page shows no action.
 func TestCampaignActionsInBrowser(t *testing.T) {
-	tctx := browserTab(t)
+	tctx := browsertest.Tab(t, testUser, testPassword, 40*time.Second)
 	r := newRig(t, monitor.WithBasicAuth(testUser, testPassword), monitor.WithRefresh(300*time.Millisecond))
 	sends := r.campaign("autumn", 40)
 	finish(t, r.store, sends[0], succeeded("C-0"))
@@ -84,7 +42,7 @@ func TestCampaignActionsInBrowser(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	saveScreenshot(t, "confirm-pause.png", shot)
+	browsertest.SaveScreenshot(t, "confirm-pause.png", shot)
 
 	resp, err = chromedp.RunResponse(tctx, chromedp.Click(chromedp.CSS(`#confirm-button`)))
 	if err != nil || resp.Status != 200 {
@@ -112,7 +70,7 @@ func TestCampaignActionsInBrowser(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	saveScreenshot(t, "paused.png", shot)
+	browsertest.SaveScreenshot(t, "paused.png", shot)
 
 	// Read-only: the same campaign, no action on its page.
 	ro := newRig(t, monitor.WithBasicAuth(testUser, testPassword), monitor.WithReadOnly(true))

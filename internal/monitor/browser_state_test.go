@@ -10,6 +10,7 @@ import (
 	"github.com/chromedp/chromedp"
 
 	"github.com/couponflow/dispatcher/internal/breaker"
+	"github.com/couponflow/dispatcher/internal/browsertest"
 	"github.com/couponflow/dispatcher/internal/idempotency"
 	"github.com/couponflow/dispatcher/internal/monitor"
 )
@@ -18,7 +19,7 @@ import (
 // whose every send failed is not green, and one with no worker alive
 // says stalled and why.
 func TestCampaignStatesInBrowser(t *testing.T) {
-	tctx := browserTab(t)
+	tctx := browsertest.Tab(t, testUser, testPassword, 40*time.Second)
 	r := newRig(t, monitor.WithBasicAuth(testUser, testPassword), monitor.WithMchID(testMchID),
 		monitor.WithRefresh(300*time.Millisecond))
 	for _, s := range r.campaign("dud", 3) {
@@ -71,7 +72,7 @@ func TestCampaignStatesInBrowser(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	saveScreenshot(t, "states.png", shot)
+	browsertest.SaveScreenshot(t, "states.png", shot)
 
 	// On a phone, 400 px wide, with a breaker, its remedy and the reasons
 	// on the page: the header wraps, wide tables scroll inside their card,
@@ -92,7 +93,7 @@ func TestCampaignStatesInBrowser(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		saveScreenshot(t, "400px"+strings.ReplaceAll(path, "/", "-")+".png", shot)
+		browsertest.SaveScreenshot(t, "400px"+strings.ReplaceAll(path, "/", "-")+".png", shot)
 	}
 }
 
@@ -100,7 +101,7 @@ func TestCampaignStatesInBrowser(t *testing.T) {
 // the stock, its breaker and the remedy; the ETA says blocked. Once done
 // the card says how long it took, and its rates are 0.
 func TestBlockedAndDoneInBrowser(t *testing.T) {
-	tctx := browserTab(t)
+	tctx := browsertest.Tab(t, testUser, testPassword, 40*time.Second)
 	r := newRig(t, monitor.WithBasicAuth(testUser, testPassword), monitor.WithMchID(testMchID),
 		monitor.WithRefresh(300*time.Millisecond))
 	startWorker(t, r)
@@ -159,7 +160,7 @@ func TestBlockedAndDoneInBrowser(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	saveScreenshot(t, "blocked.png", shot)
+	browsertest.SaveScreenshot(t, "blocked.png", shot)
 
 	// Topped up: the held send succeeds, notify marks the campaign done,
 	// and the page (refreshing itself) shows the duration and rates of 0.

@@ -1,15 +1,8 @@
 package monitor_test
 
 import (
-	"bytes"
 	"context"
-	"encoding/base64"
 	"fmt"
-	"image"
-	"image/png"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -17,24 +10,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/chromedp/cdproto/network"
 	"github.com/chromedp/chromedp"
 	"github.com/hibiken/asynq"
 
+	"github.com/couponflow/dispatcher/internal/browsertest"
 	"github.com/couponflow/dispatcher/internal/monitor"
 	"github.com/couponflow/dispatcher/internal/tasks"
 )
-
-// chromium finds Debian's Chromium: /usr/bin/chromium, or chromium on PATH.
-func chromium() string {
-	if _, err := os.Stat("/usr/bin/chromium"); err == nil {
-		return "/usr/bin/chromium"
-	}
-	if p, err := exec.LookPath("chromium"); err == nil {
-		return p
-	}
-	return ""
-}
 
 var progressRE = regexp.MustCompile(`^([\d,]+) of ([\d,]+) done \(`)
 
@@ -43,15 +25,7 @@ var progressRE = regexp.MustCompile(`^([\d,]+) of ([\d,]+) done \(`)
 // its link leads into asynqmon, and the screenshots are not blank (they
 // are kept with go test -artifacts).
 func TestCampaignPageInBrowser(t *testing.T) {
-	bin := chromium()
-	if bin == "" && os.Getenv("CI") == "true" {
-		t.Fatal("Chromium is not installed and CI=true: .ci/run installs it, so a missing one is a broken CI machine, not a test to skip")
-	}
-	if bin == "" {
-		t.Skip("Chromium is not installed (no /usr/bin/chromium, no chromium on PATH), so the page is not tried in a browser: " +
-			".ci/run installs Debian's chromium package with apt-get when it is missing and CI runs as root; " +
-			"here, as root: apt-get update && apt-get install -y chromium")
-	}
+	tctx := browsertest.Tab(t, testUser, testPassword, 25*time.Second)
 	r := newRig(t, monitor.WithBasicAuth(testUser, testPassword), monitor.WithMchID(testMchID),
 		monitor.WithRefresh(300*time.Millisecond))
 	client := asynq.NewClientFromRedisClient(r.rdb)
@@ -86,34 +60,6 @@ func TestCampaignPageInBrowser(t *testing.T) {
 		}
 	})
 
-	opts := append(chromedp.DefaultExecAllocatorOptions[:],
-		chromedp.ExecPath(bin),
-		chromedp.NoSandbox, // as root, and in containers
-		chromedp.DisableGPU,
-		chromedp.Flag("disable-quic", true),
-		chromedp.Flag("disable-component-update", true),
-		chromedp.UserDataDir(t.TempDir()),
-		chromedp.WindowSize(1280, 900),
-	)
-	allocCtx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
-	defer cancelAlloc()
-	bctx, cancelBrowser := chromedp.NewContext(allocCtx)
-	defer cancelBrowser()
-	start := time.Now()
-	if err := chromedp.Do(bctx); err != nil { // starts the browser
-		t.Fatalf("starting Chromium (%s): %v", bin, err)
-	}
-	t.Logf("Chromium started in %s", time.Since(start).Round(time.Millisecond))
-	tctx, cancel := context.WithTimeout(bctx, 25*time.Second)
-	defer cancel()
-
-	// Basic auth on every request of the tab, as a browser sends it once
-	// the user has logged in.
-	cred := base64.StdEncoding.EncodeToString([]byte(testUser + ":" + testPassword))
-	if _, err := chromedp.Call(tctx, network.SetExtraHTTPHeaders,
-		network.SetExtraHTTPHeadersParams{Headers: network.Headers{"Authorization": "Basic " + cred}}); err != nil {
-		t.Fatal(err)
-	}
 	resp, err := chromedp.Run(tctx, chromedp.NavigateResponse(r.url+"/campaigns/summer"))
 	if err != nil {
 		t.Fatal(err)
@@ -153,7 +99,7 @@ func TestCampaignPageInBrowser(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	saveScreenshot(t, "campaign-page.png", shot)
+	browsertest.SaveScreenshot(t, "campaign-page.png", shot)
 
 	// Follow the page's link into asynqmon.
 	resp, err = chromedp.RunResponse(tctx, chromedp.Click(chromedp.CSS(`#campaign-summer a.queue-link`)))
@@ -181,7 +127,7 @@ func TestCampaignPageInBrowser(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	saveScreenshot(t, "asynqmon-queue.png", shot)
+	browsertest.SaveScreenshot(t, "asynqmon-queue.png", shot)
 
 	// The index page lists the campaign and the queue.
 	if err := chromedp.Do(tctx, chromedp.Navigate(r.url+"/")); err != nil {
@@ -195,7 +141,7 @@ func TestCampaignPageInBrowser(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	saveScreenshot(t, "index.png", shot)
+	browsertest.SaveScreenshot(t, "index.png", shot)
 }
 
 func parseProgress(t *testing.T, s string) (done, total int) {
@@ -208,41 +154,4 @@ func parseProgress(t *testing.T, s string) (done, total int) {
 	done, _ = strconv.Atoi(strings.ReplaceAll(m[1], ",", ""))
 	total, _ = strconv.Atoi(strings.ReplaceAll(m[2], ",", ""))
 	return done, total
-}
-
-// saveScreenshot checks that a PNG shows something (many colours, a fair
-// share of pixels that are not white) and keeps it in the test's artifact
-// directory.
-func saveScreenshot(t *testing.T, name string, data []byte) {
-	t.Helper()
-	img, err := png.Decode(bytes.NewReader(data))
-	if err != nil {
-		t.Fatalf("screenshot %s is not a PNG: %v", name, err)
-	}
-	colours, nonWhite, all := census(img)
-	path := filepath.Join(t.ArtifactDir(), name)
-	if err := os.WriteFile(path, data, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("screenshot %s: %dx%d, %d colours, %.1f%% not white", path, img.Bounds().Dx(), img.Bounds().Dy(),
-		colours, 100*float64(nonWhite)/float64(all))
-	if colours < 16 || float64(nonWhite) < 0.02*float64(all) {
-		t.Errorf("screenshot %s looks blank: %d colours, %d of %d pixels not white", path, colours, nonWhite, all)
-	}
-}
-
-func census(img image.Image) (colours, nonWhite, all int) {
-	seen := map[[3]uint32]bool{}
-	b := img.Bounds()
-	for y := b.Min.Y; y < b.Max.Y; y++ {
-		for x := b.Min.X; x < b.Max.X; x++ {
-			r, g, bl, _ := img.At(x, y).RGBA()
-			seen[[3]uint32{r >> 8, g >> 8, bl >> 8}] = true
-			if r>>8 < 245 || g>>8 < 245 || bl>>8 < 245 {
-				nonWhite++
-			}
-			all++
-		}
-	}
-	return len(seen), nonWhite, all
 }
