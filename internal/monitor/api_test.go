@@ -337,14 +337,17 @@ func TestPages(t *testing.T) {
 	}
 	mustContain(t, "the campaign page", body, `data-progress="spring">3 of 5 done (60.0%)`, `data-active="true"`)
 
-	// Done: the page stops refreshing.
+	// Done: the campaign's page stops refreshing; the list does not, as
+	// a new campaign may appear at any moment.
 	finish(t, r.store, sends[3], succeeded("C-3"))
 	finish(t, r.store, sends[4], failed("USER_ACCOUNT_ABNORMAL", "abnormal"))
-	_, body = r.get("/", operator)
-	mustContain(t, "the index page when done", body, `data-progress="spring">5 of 5 done (100.0%)`, `data-active="false"`, `data-done="true"`)
+	_, body = r.get("/campaigns/spring", operator)
+	mustContain(t, "the campaign page when done", body, `data-progress="spring">5 of 5 done (100.0%)`, `data-active="false"`, `data-done="true"`)
 	if strings.Contains(body, `http-equiv="refresh"`) {
-		t.Error("a page of finished campaigns still refreshes")
+		t.Error("the page of a finished campaign still refreshes")
 	}
+	_, body = r.get("/", operator)
+	mustContain(t, "the index page when every campaign is done", body, `data-done="true"`, `data-active="true"`)
 }
 
 func TestOpenBreakerShown(t *testing.T) {

@@ -265,7 +265,8 @@ func TestPagesWithoutCampaignAndWithRedisDown(t *testing.T) {
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("empty index: %d", resp.StatusCode)
 	}
-	mustContain(t, "empty index", body, `id="no-campaign"`, "enqueuer campaign --campaign spring --file users.csv", "make demo")
+	mustContain(t, "empty index", body, `id="no-campaign"`, "enqueuer campaign --campaign spring --file users.csv", "make demo",
+		`data-active="true"`) // it refreshes until a campaign appears
 	if strings.Contains(body, `id="error"`) {
 		t.Errorf("empty index shows an error:\n%s", body)
 	}

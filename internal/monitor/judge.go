@@ -244,8 +244,14 @@ func timing(c *Campaign, now time.Time) {
 		// Nothing is sent any more: a rate still counting the last minute
 		// would say otherwise.
 		c.Rate, c.Rate10s, c.FailRate, c.FailRate10s = 0, 0, 0, 0
-		if c.DoneAt != nil && !start.IsZero() && !c.DoneAt.Before(start) {
-			c.Duration = ago(c.DoneAt.Sub(start))
+		// Finished when the fleet said so (DoneAt), or, before a worker's
+		// notifier has noticed, when its last send settled.
+		end := c.DoneAt
+		if end == nil {
+			end = c.ChangedAt
+		}
+		if end != nil && !start.IsZero() && !end.Before(start) {
+			c.Duration = ago(end.Sub(start))
 		}
 		return
 	}

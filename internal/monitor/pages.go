@@ -98,6 +98,10 @@ func (s *Server) indexPage(w http.ResponseWriter, r *http.Request) {
 	cs, err := s.campaigns(r.Context())
 	if err == nil {
 		d.Campaigns = cs
+		// The list always refreshes: a new campaign may appear at any
+		// moment (the empty page says it will). A done campaign's own
+		// page stops.
+		d.Active = true
 		d.Merchants, err = s.merchants(r.Context(), cs)
 	}
 	if err == nil {
