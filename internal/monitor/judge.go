@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"regexp"
 	"sort"
 	"sync"
 	"time"
@@ -137,7 +138,7 @@ func (s *Server) scan(ctx context.Context, name string, limit int) (scanned, err
 			sc.stocks = append(sc.stocks, rec.StockID)
 		}
 		if reasonStates[rec.State] && rec.Code != "" {
-			groups[key{string(rec.State), rec.Code, rec.Message}]++
+			groups[key{string(rec.State), rec.Code, reasonMessage(rec.Message)}]++
 		}
 		if waitsForTask(rec, now) {
 			sc.waiting = append(sc.waiting, taskRef{outRequestNo: rec.OutRequestNo,
@@ -166,6 +167,17 @@ func (s *Server) scan(ctx context.Context, name string, limit int) (scanned, err
 		sc.reasons = sc.reasons[:maxReasons]
 	}
 	return sc, nil
+}
+
+// stampRE matches the times the worker writes into a held send's message
+// ("held: the stock's breaker is open until 2026-11-30T16:25:52Z").
+var stampRE = regexp.MustCompile(`\b\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})`)
+
+// reasonMessage is a message as reasons group it: one reason held until
+// different times is still one reason (the card shows the breaker's next
+// probe beside it).
+func reasonMessage(msg string) string {
+	return stampRE.ReplaceAllString(msg, "…")
 }
 
 // judge fills in what the campaign's counters, its records and the
@@ -290,7 +302,7 @@ func etaOf(state string, remaining int64, pace float64, now time.Time) (string, 
 func breakerView(b breaker.State, now time.Time) *Breaker {
 	v := &Breaker{StockID: b.StockID, Reason: b.Reason, OpenedAt: b.OpenedAt.UTC(),
 		NextProbe: b.NextProbe.UTC(), Interval: b.Interval.String(), Probes: b.Probes, NextProbeIn: "now"}
-	if b.NextProbe.After(now) {
+	if b.NextProbe.Sub(now) >= time.Second {
 		v.NextProbeIn = ago(b.NextProbe.Sub(now))
 	}
 	return v

@@ -37,7 +37,13 @@ var pages = template.Must(template.New("").Funcs(template.FuncMap{
 	"int64":          func(n int) int64 { return int64(n) },
 	"num":            thousands,
 	"per":            ratePer,
-	"when":           func(t time.Time) template.HTML { return when(t, time.Now()) },
+	"span": func(s string) string {
+		if d, err := time.ParseDuration(s); err == nil {
+			return ago(d)
+		}
+		return s
+	},
+	"when": func(t time.Time) template.HTML { return when(t, time.Now()) },
 }).ParseFS(templateFS, "templates/*.html"))
 
 // pageData is what both pages render.

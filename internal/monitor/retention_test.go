@@ -15,7 +15,7 @@ func TestRetentionShown(t *testing.T) {
 	r := newRig(t, monitor.WithBasicAuth(testUser, testPassword), monitor.WithMchID(testMchID))
 	ctx := context.Background()
 	sends := r.campaign("kept", 2)
-	mustContain(t, "/", func() string { _, b := r.get("/", operator); return b }(), "records kept 720h0m0s once settled")
+	mustContain(t, "/", func() string { _, b := r.get("/", operator); return b }(), "records kept 30 days once settled")
 	for _, s := range sends {
 		finish(t, r.store, s, succeeded("cp-"+s.OutRequestNo))
 	}

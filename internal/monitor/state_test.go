@@ -199,3 +199,16 @@ func TestTallyWhy(t *testing.T) {
 		}
 	}
 }
+
+// Held sends' messages carry the time they are held until: one reason
+// all the same.
+func TestReasonMessage(t *testing.T) {
+	a := reasonMessage("held: the stock's breaker is open until 2026-11-30T16:25:52Z (批次预算不足)")
+	b := reasonMessage("held: the stock's breaker is open until 2026-11-30T16:25:44.123+08:00 (批次预算不足)")
+	if a != b || a != "held: the stock's breaker is open until … (批次预算不足)" {
+		t.Errorf("%q and %q", a, b)
+	}
+	if m := "stock 16000004 is stopped"; reasonMessage(m) != m {
+		t.Errorf("a message without a time changed: %q", reasonMessage(m))
+	}
+}
