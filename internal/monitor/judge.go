@@ -11,6 +11,7 @@ import (
 
 	"github.com/couponflow/dispatcher/internal/breaker"
 	"github.com/couponflow/dispatcher/internal/idempotency"
+	"github.com/couponflow/dispatcher/internal/sweep"
 	"github.com/couponflow/dispatcher/internal/tasks"
 )
 
@@ -51,7 +52,7 @@ type scanned struct {
 	read    int
 	partial bool // the campaign has more records than were read
 	// waiting are the sends read that wait for a delivery asynq must hold
-	// (sweep's rule): those an orphan check looks for in asynq.
+	// (sweep.WaitsForTask): those an orphan check looks for in asynq.
 	waiting []taskRef
 }
 
@@ -140,7 +141,7 @@ func (s *Server) scan(ctx context.Context, name string, limit int) (scanned, err
 		if reasonStates[rec.State] && rec.Code != "" {
 			groups[key{string(rec.State), rec.Code, reasonMessage(rec.Message)}]++
 		}
-		if waitsForTask(rec, now) {
+		if sweep.WaitsForTask(rec, now) {
 			sc.waiting = append(sc.waiting, taskRef{outRequestNo: rec.OutRequestNo,
 				id: tasks.Key{MchID: rec.MchID, OutRequestNo: rec.OutRequestNo}.TaskID(), queues: s.taskQueues(rec.Queue)})
 		}

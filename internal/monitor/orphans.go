@@ -9,7 +9,6 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/couponflow/dispatcher/internal/idempotency"
 	"github.com/couponflow/dispatcher/internal/keyspace"
 	"github.com/couponflow/dispatcher/internal/tasks"
 )
@@ -43,19 +42,6 @@ type orphanState struct {
 	checked  time.Time
 	suspects map[string]time.Time
 	shown    []string // confirmed orphans, sorted
-}
-
-// waitsForTask is the sweeper's rule (sweep.Sweeper.waiting): a send not
-// settled waits for a delivery that asynq must hold; one in flight does
-// only once its claim has run out.
-func waitsForTask(rec idempotency.Record, now time.Time) bool {
-	switch rec.State {
-	case idempotency.Pending, idempotency.Retrying, idempotency.WaitingRate, idempotency.WaitingBudget:
-		return true
-	case idempotency.InFlight:
-		return !rec.LeaseUntil.After(now)
-	}
-	return false
 }
 
 // taskQueues are the queues that may hold a send's task: the one its

@@ -192,14 +192,18 @@ func (s *Sweeper) Campaign(ctx context.Context, name string) (Result, error) {
 	return res, err
 }
 
-// waiting reports whether a send waits for a delivery that asynq must hold.
-func (s *Sweeper) waiting(rec idempotency.Record) bool {
+func (s *Sweeper) waiting(rec idempotency.Record) bool { return WaitsForTask(rec, s.now()) }
+
+// WaitsForTask reports whether a send waits, at now, for a delivery that
+// asynq must hold: a send whose task asynq no longer holds is lost (the
+// monitor shows it as an orphan, the sweeper queues it again).
+func WaitsForTask(rec idempotency.Record, now time.Time) bool {
 	switch rec.State {
 	case idempotency.Pending, idempotency.Retrying, idempotency.WaitingRate, idempotency.WaitingBudget:
 		return true
 	case idempotency.InFlight:
 		// Under a live lease a delivery holds it; after, asynq must.
-		return !rec.LeaseUntil.After(s.now())
+		return !rec.LeaseUntil.After(now)
 	}
 	return false
 }
