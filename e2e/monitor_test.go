@@ -162,10 +162,14 @@ func TestCampaignPageInRealRun(t *testing.T) {
 	}
 
 	// An operator deletes a held task in asynqmon: its send is an orphan.
+	// A held send's task waits in asynq's retry set, but comes up at each
+	// probe of the breaker: look again until one is there.
 	insp := asynq.NewInspectorFromRedisClient(r.rdb)
-	held, err := insp.ListRetryTasks(tasks.DefaultQueue)
-	if err != nil || len(held) == 0 {
-		t.Fatalf("no held task of dry in asynq's retry set: %d, %v", len(held), err)
+	var held []*asynq.TaskInfo
+	for deadline := time.Now().Add(15 * time.Second); len(held) == 0; time.Sleep(100 * time.Millisecond) {
+		if held, err = insp.ListRetryTasks(tasks.DefaultQueue); err != nil || time.Now().After(deadline) {
+			t.Fatalf("no held task of dry in asynq's retry set within 15 s: %v", err)
+		}
 	}
 	victim, ok := tasks.ParseTaskID(held[0].ID)
 	if !ok {

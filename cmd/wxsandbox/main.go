@@ -74,6 +74,10 @@ func run(args []string) error {
 	if err != nil {
 		return err
 	}
+	// Before it listens: a SIGTERM sent as soon as it answers (a test, an
+	// orchestrator) must shut it down gracefully, not kill it.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
 	l, err := net.Listen("tcp", *addr)
 	if err != nil {
 		_ = srv.Close()
@@ -93,8 +97,6 @@ func run(args []string) error {
 		"admin", srv.URL()+"/sandbox/ (no signature needed)",
 		"mchid", id.MchID, "stock_id", id.StockID, "multiuse_stock_id", id.MultiuseStockID, "faults", f)
 
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
 	select {
 	case <-ctx.Done():
 		log.Info("shutting down")
