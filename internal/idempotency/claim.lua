@@ -9,15 +9,17 @@ local rec = KEYS[1]
 local now = tonumber(ARGV[2])
 
 local function claim()
-  local st = redis.call('HGET', rec, 'state')
+  -- What the claim reads of the record, in one call.
+  local f = redis.call('HMGET', rec, 'state', 'owner', 'lease_until', 'attempts', 'first_at')
+  local st = f[1]
   -- Each answer carries the record as it now stands, saving a read-back.
   if st == 'succeeded' or st == 'failed' or st == 'cancelled' then
     return {'terminal', redis.call('HGETALL', rec)}
   end
   local takeover = false
   if st == 'in_flight' then
-    local owner = redis.call('HGET', rec, 'owner')
-    local lease_until = tonumber(redis.call('HGET', rec, 'lease_until') or '0')
+    local owner = f[2]
+    local lease_until = tonumber(f[3] or '0')
     if owner ~= ARGV[1] and lease_until > now then
       return {'busy', redis.call('HGETALL', rec)}
     end
@@ -35,7 +37,7 @@ local function claim()
   if control == 'paused' then
     return {'paused', redis.call('HGETALL', rec)}
   end
-  local bad = numbers(KEYS[2], {st or 'pending', 'in_flight', 'total', 'cancelled', 'unknown'}) or numbers(rec, {'attempts'})
+  local bad = numbers(KEYS[2], {st or 'pending', 'in_flight', 'total', 'cancelled', 'unknown'}) or valid(rec, {'attempts'}, {f[4]})
   if bad then
     return bad
   end
@@ -60,19 +62,23 @@ local function claim()
     redis.call('RPUSH', KEYS[3], ARGV[5] .. ':' .. ARGV[6])
     st = 'pending'
   end
-  if takeover then
-    -- Kept until WeChat answers this out_request_no: only its answer can
-    -- say that nothing was issued.
-    redis.call('HSET', rec, 'maybe_issued', '1')
-  end
   redis.call('HINCRBY', KEYS[2], st, -1)
   redis.call('HINCRBY', KEYS[2], 'in_flight', 1)
   redis.call('HSET', KEYS[2], 'changed_ms', ARGV[2])
   -- claimed_from lets a delivery stopped before its call give the send back as it was.
-  redis.call('HSET', rec, 'state', 'in_flight', 'owner', ARGV[1], 'lease_until', now + tonumber(ARGV[3]),
-    'last_at', ARGV[2], 'claimed_from', st)
-  redis.call('HSETNX', rec, 'first_at', ARGV[2])
-  redis.call('HINCRBY', rec, 'attempts', 1)
+  local set = {'state', 'in_flight', 'owner', ARGV[1], 'lease_until', now + tonumber(ARGV[3]),
+    'last_at', ARGV[2], 'claimed_from', st, 'attempts', (tonumber(f[4]) or 0) + 1}
+  if not f[5] then
+    table.insert(set, 'first_at')
+    table.insert(set, ARGV[2])
+  end
+  if takeover then
+    -- Kept until WeChat answers this out_request_no: only its answer can
+    -- say that nothing was issued.
+    table.insert(set, 'maybe_issued')
+    table.insert(set, '1')
+  end
+  redis.call('HSET', rec, unpack(set))
   return {'claimed', redis.call('HGETALL', rec)}
 end
 
