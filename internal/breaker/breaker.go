@@ -65,9 +65,18 @@ func (c *closedCache) store(key string, gen uint64, now time.Time) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.gen == gen {
-		c.until[key] = now.Add(c.ttl)
+	if c.gen != gen {
+		return
 	}
+	if len(c.until) >= 1024 {
+		// Stocks come and go with campaigns: drop the stale entries.
+		for k, t := range c.until {
+			if !now.Before(t) {
+				delete(c.until, k)
+			}
+		}
+	}
+	c.until[key] = now.Add(c.ttl)
 }
 
 func (c *closedCache) forget() {
