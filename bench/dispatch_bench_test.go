@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"runtime/pprof"
 	"strconv"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -43,6 +44,36 @@ type dispatchRig struct {
 	n        int
 	// Redis used_memory before the campaign was enqueued, and once it was.
 	memBase, memPending int64
+	// own counts this process's round trips to Redis (the status poll, the
+	// INFO reads), so that they can be told from the worker's.
+	own *roundTrips
+}
+
+// roundTrips is a go-redis hook counting round trips: one per command, one
+// per pipeline.
+type roundTrips struct{ n atomic.Int64 }
+
+func (c *roundTrips) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (c *roundTrips) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error { c.n.Add(1); return next(ctx, cmd) }
+}
+func (c *roundTrips) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error { c.n.Add(1); return next(ctx, cmds) }
+}
+
+// workerRoundTrips is how many requests Redis read from its clients since
+// CONFIG RESETSTAT (INFO stats total_reads_processed: one per round trip
+// of a client that waits for each answer, as the worker's clients do),
+// less this process's own. total_commands_processed would not do: it
+// counts the commands a script runs as well.
+func (r *dispatchRig) workerRoundTrips(b *testing.B) int64 {
+	b.Helper()
+	own := r.own.n.Load()
+	reads, err := strconv.ParseInt(redisInfo(b, r.rdb, "stats")["total_reads_processed"], 10, 64)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return reads - own
 }
 
 func newDispatchRig(b *testing.B, n int) *dispatchRig {
@@ -50,6 +81,8 @@ func newDispatchRig(b *testing.B, n int) *dispatchRig {
 	ctx := context.Background()
 	r := &dispatchRig{redis: redistest.Start(b), sb: sandboxtest.Start(b), campaign: "dispatch", n: n}
 	r.rdb = openRedis(b, r.redis.Addr)
+	r.own = &roundTrips{}
+	r.rdb.AddHook(r.own)
 	r.store = idempotency.New(r.rdb)
 	env := r.sb.Env()
 	deadline := time.Now().Add(72 * time.Hour)
@@ -75,6 +108,7 @@ func newDispatchRig(b *testing.B, n int) *dispatchRig {
 	if err := r.rdb.ConfigResetStat(ctx).Err(); err != nil { // count dispatch alone
 		b.Fatal(err)
 	}
+	r.own.n.Store(0)
 	return r
 }
 
@@ -166,7 +200,7 @@ func BenchmarkDispatch(b *testing.B) {
 	var sends int64
 	var wall, workerCPU, workerLife, selfCPUUsed, redisCPUUsed, sigCPU time.Duration
 	var sigs int
-	var memDone int64
+	var memDone, trips int64
 	for b.Loop() {
 		b.StopTimer()
 		r := newDispatchRig(b, n)
@@ -218,6 +252,7 @@ func BenchmarkDispatch(b *testing.B) {
 			b.Fatal("worker did not stop within a minute of SIGTERM")
 		}
 		logFile.Close()
+		trips += r.workerRoundTrips(b)
 		r.check(b)
 		b.Logf("redis commandstats per send: %s", commandStats(b, r.rdb, int64(n)))
 		memDone += usedMemory(b, r.rdb) - r.memBase
@@ -250,6 +285,8 @@ func BenchmarkDispatch(b *testing.B) {
 	b.ReportMetric(float64(workerCPU.Microseconds())/float64(sends), "worker-cpu-us/send")
 	b.ReportMetric(float64(selfCPUUsed.Microseconds())/float64(sends), "sandbox-cpu-us/send")
 	b.ReportMetric(float64(redisCPUUsed.Microseconds())/float64(sends), "redis-cpu-us/send")
+	// Over the worker's whole life, its start and shutdown included.
+	b.ReportMetric(float64(trips)/float64(int64(n)*int64(b.N)), "redis-round-trips/send")
 	b.ReportMetric(float64(memDone)/float64(int64(n)*int64(b.N)), "done-bytes/send")
 }
 

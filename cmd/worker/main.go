@@ -136,7 +136,11 @@ func run(argv []string) error {
 	keys := keyspace.New(*keyPrefix)
 	store := idempotency.New(rdb, idempotency.WithKeys(keys))
 	limiter := ratelimit.New(rdb, ratelimit.WithLimits(limits), ratelimit.WithKeys(keys))
-	breakers := breaker.New(rdb, breaker.WithProbeInterval(*probe, *probeMax), breaker.WithKeys(keys))
+	// A closed breaker is taken from memory for a second: a breaker another
+	// worker opens costs this one at most its calls until WeChat's first
+	// refusal (which issues nothing) comes back, and saves a round trip per send.
+	breakers := breaker.New(rdb, breaker.WithProbeInterval(*probe, *probeMax), breaker.WithKeys(keys),
+		breaker.WithClosedCache(time.Second))
 	m := metrics.New()
 	h := dispatch.New(dispatch.WeChat(wx), store, dispatch.WithLogger(log),
 		dispatch.WithCallTimeout(*callTimeout), dispatch.WithBudgetWait(*probe, *probeMax),

@@ -15,6 +15,7 @@ import (
 	_ "embed"
 	"fmt"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -33,6 +34,59 @@ type Breakers struct {
 	first, max time.Duration
 	probeLease time.Duration
 	now        func() time.Time
+	closed     closedCache
+}
+
+// closedCache remembers, for a while, which stocks Check found closed (their
+// merchant's breaker too), so that the common case costs no round trip. A
+// breaker opened meanwhile by another worker is not seen until the entry
+// ages out, or until this process trips a breaker itself: the calls made
+// in between get WeChat's refusal (NOT_ENOUGH, SIGN_ERROR), which issues
+// nothing, and the first such answer this process records empties the cache.
+type closedCache struct {
+	ttl   time.Duration // 0: no cache
+	mu    sync.Mutex
+	gen   uint64 // bumped by every Trip, so that a Check begun before it stores nothing
+	until map[string]time.Time
+}
+
+func (c *closedCache) hit(key string, now time.Time) (gen uint64, ok bool) {
+	if c.ttl <= 0 {
+		return 0, false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.gen, now.Before(c.until[key])
+}
+
+func (c *closedCache) store(key string, gen uint64, now time.Time) {
+	if c.ttl <= 0 {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.gen != gen {
+		return
+	}
+	if len(c.until) >= 1024 {
+		// Stocks come and go with campaigns: drop the stale entries.
+		for k, t := range c.until {
+			if !now.Before(t) {
+				delete(c.until, k)
+			}
+		}
+	}
+	c.until[key] = now.Add(c.ttl)
+}
+
+func (c *closedCache) forget() {
+	if c.ttl <= 0 {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.gen++
+	clear(c.until)
 }
 
 // Option configures Breakers.
@@ -46,10 +100,20 @@ func WithProbeInterval(first, max time.Duration) Option {
 // WithKeys sets the key layout (default keyspace.Default).
 func WithKeys(k keyspace.Keys) Option { return func(b *Breakers) { b.keys = k } }
 
+// WithClosedCache lets Check answer Closed from memory for d after Redis
+// last said a stock's breaker (and its merchant's) was closed, saving a
+// round trip per send. The price: for up to d after another process opens
+// a breaker, this one keeps calling, until its first refusal from WeChat
+// (recorded through Trip) makes it ask Redis again. Open breakers are never
+// cached: a held send is held by what Redis says.
+func WithClosedCache(d time.Duration) Option {
+	return func(b *Breakers) { b.closed.ttl = d }
+}
+
 // New returns the breakers kept in rdb.
 func New(rdb redis.UniversalClient, opts ...Option) *Breakers {
 	b := &Breakers{rdb: rdb, keys: keyspace.Default, first: 30 * time.Second, max: 10 * time.Minute,
-		probeLease: time.Minute, now: time.Now}
+		probeLease: time.Minute, now: time.Now, closed: closedCache{until: map[string]time.Time{}}}
 	for _, o := range opts {
 		o(b)
 	}
@@ -95,6 +159,11 @@ type Decision struct {
 
 // Check says whether a send of the stock may call WeChat now.
 func (b *Breakers) Check(ctx context.Context, mchID, stockID string) (Decision, error) {
+	key := mchID + "\x00" + stockID
+	gen, ok := b.closed.hit(key, b.now())
+	if ok {
+		return Decision{Verdict: Closed}, nil
+	}
 	r, err := b.run(ctx, mchID, stockID, "check", "", time.Time{})
 	if err != nil {
 		return Decision{}, err
@@ -105,6 +174,7 @@ func (b *Breakers) Check(ctx context.Context, mchID, stockID string) (Decision, 
 	case "probe":
 		return Decision{Verdict: Probe, Merchant: r.merchant}, nil
 	}
+	b.closed.store(key, gen, b.now())
 	return Decision{Verdict: Closed}, nil
 }
 
@@ -120,6 +190,9 @@ func (b *Breakers) Exhausted(ctx context.Context, mchID, stockID string, probe b
 // itself (a daily budget): the next probe waits for it instead of
 // probing at growing intervals until then.
 func (b *Breakers) Trip(ctx context.Context, mchID, stockID string, probe bool, reason string, until time.Time) (time.Time, error) {
+	// Forgotten before the breaker is written, so that no Check of this
+	// process answers Closed from memory once it has.
+	b.closed.forget()
 	op := "exhausted"
 	if probe {
 		op = "exhausted_probe"

@@ -263,3 +263,81 @@ func TestMerchantBreakerHoldsEveryStock(t *testing.T) {
 		t.Fatalf("the stock's own breaker: %+v", d)
 	}
 }
+
+// hookFunc runs before every command or pipeline of a client.
+type hookFunc func()
+
+func (h hookFunc) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h hookFunc) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error { h(); return next(ctx, cmd) }
+}
+func (h hookFunc) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error { h(); return next(ctx, cmds) }
+}
+
+// A worker's cache of closed breakers: no round trip while it holds, a
+// breaker opened elsewhere seen once the entry ages out or once this
+// worker records a refusal itself, and an open breaker never cached.
+func TestClosedBreakersAreCached(t *testing.T) {
+	srv := redistest.Start(t)
+	clock := time.Unix(1_800_000_000, 0)
+	rdb := srv.Client()
+	var trips int
+	var onTrip func()
+	rdb.AddHook(hookFunc(func() {
+		trips++
+		if onTrip != nil {
+			onTrip()
+		}
+	}))
+	w := New(rdb, WithProbeInterval(30*time.Second, 10*time.Minute), WithClosedCache(time.Second))
+	other := New(srv.Client(), WithProbeInterval(30*time.Second, 10*time.Minute))
+	w.now = func() time.Time { return clock }
+	other.now = w.now
+	ctx := context.Background()
+	check := func(stock string, want Verdict, wantTrips int) Decision {
+		t.Helper()
+		trips = 0
+		d, err := w.Check(ctx, "m", stock)
+		if err != nil || d.Verdict != want || trips != wantTrips {
+			t.Fatalf("check %s: %+v %v in %d round trips, want verdict %d in %d", stock, d, err, trips, want, wantTrips)
+		}
+		return d
+	}
+	if _, err := w.Check(ctx, "warm-up", "s0"); err != nil { // the connection and the script
+		t.Fatal(err)
+	}
+	check("s1", Closed, 1)
+	check("s1", Closed, 0)
+	check("s2", Closed, 1)
+
+	// Opened by another worker: this one does not see it for a while...
+	other.Exhausted(ctx, "m", "s1", false)
+	check("s1", Closed, 0)
+	clock = clock.Add(999 * time.Millisecond)
+	check("s1", Closed, 0)
+	// ...until the entry ages out, and an open breaker is asked every time.
+	clock = clock.Add(time.Millisecond)
+	check("s1", Hold, 1)
+	check("s1", Hold, 1)
+	check("s2", Closed, 1)
+
+	// Or until this worker records a refusal of its own: every entry goes,
+	// the merchant's breaker covering all its stocks.
+	check("s2", Closed, 0)
+	other.Trip(ctx, "m", Merchant, false, "SIGN_ERROR: x", time.Time{})
+	w.Trip(ctx, "m", Merchant, false, "SIGN_ERROR: x", time.Time{})
+	if d := check("s2", Hold, 1); !d.Merchant {
+		t.Fatalf("held by %+v", d)
+	}
+	w.Resume(ctx, "m", Merchant)
+	check("s2", Closed, 1)
+
+	// A Check that was under way when a Trip began stores nothing, since
+	// it may have read the breaker before the Trip opened it.
+	clock = clock.Add(time.Second)
+	onTrip = func() { onTrip = nil; w.closed.forget() }
+	check("s2", Closed, 1)
+	check("s2", Closed, 1)
+	check("s2", Closed, 0)
+}

@@ -2,16 +2,32 @@
 -- script that fails halfway, so a script checks what could fail before it
 -- writes anything.
 
--- numbers returns an error reply naming the first field of hash key that
--- holds something other than a number, or nil.
-local function numbers(key, fields)
-  for _, f in ipairs(fields) do
-    local v = redis.call('HGET', key, f)
+-- valid returns an error reply naming the first of fields of hash key
+-- whose value, already read (values[i] for fields[i]), is something other
+-- than a number, or nil.
+local function valid(key, fields, values)
+  for i, f in ipairs(fields) do
+    local v = values[i]
     if v and not tonumber(v) then
       return redis.error_reply(f .. ' of ' .. key .. ' is not a number: ' .. v)
     end
   end
   return nil
+end
+
+-- numbers returns an error reply naming the first field of hash key that
+-- holds something other than a number, or nil. One HMGET: each call from
+-- a script costs Redis more than the work it does on a small hash.
+local function numbers(key, fields)
+  -- Up to the first nil, as ipairs reads a list: HMGET takes no nil.
+  local list = {}
+  for _, f in ipairs(fields) do
+    list[#list + 1] = f
+  end
+  if #list == 0 then
+    return nil
+  end
+  return valid(key, list, redis.call('HMGET', key, unpack(list)))
 end
 
 -- admit decides whether a campaign takes a new record. A campaign that

@@ -121,11 +121,17 @@ type Send struct {
 
 // Store is the Redis-backed record. Keys of one campaign share a hash tag,
 // so a campaign's records and counters live on one Redis Cluster slot and
-// every script touches a single slot (see internal/keyspace).
+// every script touches a single slot (see internal/keyspace); only on one
+// Redis do the claim and finish scripts also take and release the user
+// lock, which is on a slot of its own.
 type Store struct {
 	rdb  redis.UniversalClient
 	keys keyspace.Keys
 	now  func() time.Time
+	// lockApart: the user lock is on another Cluster slot than the
+	// campaign's keys, so it cannot be taken and released in the claim and
+	// finish scripts and costs a round trip of its own each time.
+	lockApart bool
 }
 
 // Option configures a Store.
@@ -139,7 +145,8 @@ func WithPrefix(p string) Option { return WithKeys(keyspace.New(p)) }
 
 // New returns a store over rdb.
 func New(rdb redis.UniversalClient, opts ...Option) *Store {
-	s := &Store{rdb: rdb, keys: keyspace.Default, now: time.Now}
+	_, cluster := rdb.(*redis.ClusterClient)
+	s := &Store{rdb: rdb, keys: keyspace.Default, now: time.Now, lockApart: cluster}
 	for _, o := range opts {
 		o(s)
 	}
@@ -224,51 +231,32 @@ var ErrLeaseLost = errors.New("idempotency: lease lost to another delivery")
 // rule-limit errors). A terminal send is returned as it is, unclaimed. A
 // send without a record in a campaign whose retention has passed is
 // refused with an *ExpiredError.
+//
+// On one Redis (standalone or Sentinel) the lock is taken by the claim
+// script and released by Finish's, so a send costs two round trips to the
+// store; on a Cluster, where the lock has a slot of its own, four.
 func (s *Store) TryClaim(ctx context.Context, send Send, owner string, lease time.Duration) (Claim, error) {
 	lockKey := s.userLockKey(send.MchID, send.OpenID)
 	lockVal := owner + "|" + send.OutRequestNo
-	// The user lock is its own key (its own Cluster slot), so it is taken
-	// with a plain SET NX rather than inside the claim script.
-	ok, err := s.rdb.SetNX(ctx, lockKey, lockVal, lease).Result()
-	if err != nil {
-		return Claim{}, fmt.Errorf("idempotency: locking user of %s: %w", send.OutRequestNo, err)
-	}
-	if !ok {
-		// Our own earlier attempt may hold it (a redelivery of the same
-		// send by the same owner); otherwise someone else is sending.
-		cur, err := s.rdb.Get(ctx, lockKey).Result()
-		if err != nil && !errors.Is(err, redis.Nil) {
-			return Claim{}, fmt.Errorf("idempotency: reading user lock: %w", err)
+	keys := []string{s.recordKey(send.Campaign, send.MchID, send.OutRequestNo), s.countsKey(send.Campaign),
+		s.membersKey(send.Campaign), s.metaKey(send.Campaign), s.keys.Tomb(send.Campaign)}
+	if s.lockApart {
+		if c, done, err := s.lockUser(ctx, send, lockKey, lockVal, lease); done {
+			return c, err
 		}
-		if cur != lockVal {
-			// A lock without a TTL (written by hand, or by an old
-			// version) would hold the user for ever: bound it.
-			if ttl, err := s.rdb.PTTL(ctx, lockKey).Result(); err == nil && ttl == -1 {
-				s.rdb.PExpire(ctx, lockKey, lease)
-			}
-			rec, err := s.Get(ctx, send)
-			if err != nil {
-				return Claim{}, err
-			}
-			if rec.State.Terminal() {
-				return Claim{Record: rec}, nil
-			}
-			return Claim{Busy: true, Record: rec}, nil
-		}
-		s.rdb.PExpire(ctx, lockKey, lease)
+	} else {
+		keys = append(keys, lockKey) // claim.lua takes the lock too
 	}
 	now := s.now()
-	res, err := claimScript.Run(ctx, s.rdb,
-		[]string{s.recordKey(send.Campaign, send.MchID, send.OutRequestNo), s.countsKey(send.Campaign),
-			s.membersKey(send.Campaign), s.metaKey(send.Campaign), s.keys.Tomb(send.Campaign)},
+	res, err := claimScript.Run(ctx, s.rdb, keys,
 		owner, now.UnixMilli(), lease.Milliseconds(), send.Campaign, send.MchID, send.OutRequestNo,
-		send.OpenID, send.StockID, send.Settle).Slice()
+		send.OpenID, send.StockID, send.Settle, lockVal).Slice()
 	if err != nil {
 		s.unlock(ctx, lockKey, lockVal)
 		return Claim{}, fmt.Errorf("idempotency: claiming %s: %w", send.OutRequestNo, err)
 	}
 	verdict, _ := res[0].(string)
-	if verdict != "claimed" {
+	if verdict != "claimed" && s.lockApart {
 		s.unlock(ctx, lockKey, lockVal)
 	}
 	if verdict == "closed" {
@@ -295,6 +283,41 @@ func (s *Store) TryClaim(ctx context.Context, send Send, owner string, lease tim
 	default: // terminal
 		return Claim{Record: rec}, nil
 	}
+}
+
+// lockUser takes the user lock on its own, on a Redis Cluster, before the
+// claim script. done: the send was not claimed, and c and err say why.
+func (s *Store) lockUser(ctx context.Context, send Send, lockKey, lockVal string, lease time.Duration) (c Claim, done bool, err error) {
+	ok, err := s.rdb.SetNX(ctx, lockKey, lockVal, lease).Result()
+	if err != nil {
+		return Claim{}, true, fmt.Errorf("idempotency: locking user of %s: %w", send.OutRequestNo, err)
+	}
+	if ok {
+		return Claim{}, false, nil
+	}
+	// Our own earlier attempt may hold it (a redelivery of the same send by
+	// the same owner); otherwise someone else is sending.
+	cur, err := s.rdb.Get(ctx, lockKey).Result()
+	if err != nil && !errors.Is(err, redis.Nil) {
+		return Claim{}, true, fmt.Errorf("idempotency: reading user lock: %w", err)
+	}
+	if cur == lockVal {
+		s.rdb.PExpire(ctx, lockKey, lease)
+		return Claim{}, false, nil
+	}
+	// A lock without a TTL (written by hand, or by an old version) would
+	// hold the user for ever: bound it.
+	if ttl, err := s.rdb.PTTL(ctx, lockKey).Result(); err == nil && ttl == -1 {
+		s.rdb.PExpire(ctx, lockKey, lease)
+	}
+	rec, err := s.Get(ctx, send)
+	if err != nil {
+		return Claim{}, true, err
+	}
+	if rec.State.Terminal() {
+		return Claim{Record: rec}, true, nil
+	}
+	return Claim{Busy: true, Record: rec}, true, nil
 }
 
 // Result is what a call came to.
@@ -333,15 +356,21 @@ func (r Result) issued() string {
 // issued must never be missing from the record.
 func (s *Store) Finish(ctx context.Context, send Send, owner string, r Result) error {
 	now := s.now()
-	res, err := finishScript.Run(ctx, s.rdb,
-		[]string{s.recordKey(send.Campaign, send.MchID, send.OutRequestNo), s.countsKey(send.Campaign),
-			s.rateKey(send.Campaign, now.Unix()), s.keys.Coupons(send.Campaign), s.keys.FailRate(send.Campaign, now.Unix())},
+	lockKey, lockVal := s.userLockKey(send.MchID, send.OpenID), owner+"|"+send.OutRequestNo
+	keys := []string{s.recordKey(send.Campaign, send.MchID, send.OutRequestNo), s.countsKey(send.Campaign),
+		s.rateKey(send.Campaign, now.Unix()), s.keys.Coupons(send.Campaign), s.keys.FailRate(send.Campaign, now.Unix())}
+	if !s.lockApart {
+		keys = append(keys, lockKey) // finish.lua releases the lock too
+	}
+	res, err := finishScript.Run(ctx, s.rdb, keys,
 		owner, string(r.State), r.CouponID, r.Code, r.Message, now.UnixMilli(), r.NotCalled, r.issued(), r.Task,
-		send.MchID+":"+send.OutRequestNo).Text()
+		send.MchID+":"+send.OutRequestNo, lockVal).Text()
 	if err != nil {
 		return fmt.Errorf("idempotency: recording %s: %w", send.OutRequestNo, err)
 	}
-	s.unlock(ctx, s.userLockKey(send.MchID, send.OpenID), owner+"|"+send.OutRequestNo)
+	if s.lockApart {
+		s.unlock(ctx, lockKey, lockVal)
+	}
 	if res == "lost" {
 		return ErrLeaseLost
 	}

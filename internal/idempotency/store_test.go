@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
 	"github.com/couponflow/dispatcher/internal/keyspace"
 	"github.com/couponflow/dispatcher/internal/redistest"
 )
@@ -393,5 +395,107 @@ func TestUserLockWithoutTTLIsBounded(t *testing.T) {
 	time.Sleep(100 * time.Millisecond)
 	if c, _ := s.TryClaim(ctx, a, "w1", time.Minute); !c.Acquired {
 		t.Fatalf("the user is still held: %+v", c)
+	}
+}
+
+// roundTrips counts a client's round trips: one per command, one per
+// pipeline.
+type roundTrips struct{ n atomic.Int64 }
+
+func (c *roundTrips) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (c *roundTrips) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error { c.n.Add(1); return next(ctx, cmd) }
+}
+func (c *roundTrips) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error { c.n.Add(1); return next(ctx, cmds) }
+}
+
+// The user lock, on one Redis and on a Cluster (where it lives on another
+// slot and costs round trips of its own): one send per user at a time,
+// taken with the claim, released with the result, and a send that is not
+// claimed leaves no lock behind.
+func TestUserLockOnOneRedisAndOnACluster(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		rdb   func(t *testing.T) redis.UniversalClient
+		trips int64 // of a TryClaim and a Finish, with their scripts loaded
+	}{
+		{"one redis", func(t *testing.T) redis.UniversalClient { return redistest.Start(t).Client() }, 2},
+		{"cluster", func(t *testing.T) redis.UniversalClient { return redistest.StartCluster(t, 3).Client() }, 4},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rdb := tc.rdb(t)
+			s, ctx := New(rdb), context.Background()
+			a, b, c := send(1), send(2), send(3)
+			// Three sends to one user: c loads the scripts on the nodes
+			// of the user's lock and of the campaign.
+			b.OpenID, c.OpenID = a.OpenID, a.OpenID
+			for _, x := range []Send{a, b, c} {
+				if _, _, err := s.Register(ctx, x); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// The steady state is counted, with the scripts loaded.
+			if cl, err := s.TryClaim(ctx, c, "w0", time.Minute); err != nil || !cl.Acquired {
+				t.Fatalf("claim: %+v %v", cl, err)
+			}
+			if err := s.Finish(ctx, c, "w0", Result{State: Succeeded, CouponID: "k3"}); err != nil {
+				t.Fatal(err)
+			}
+
+			trips := &roundTrips{}
+			rdb.AddHook(trips)
+			lock := s.userLockKey(a.MchID, a.OpenID)
+			cl, err := s.TryClaim(ctx, a, "w1", time.Minute)
+			if err != nil || !cl.Acquired {
+				t.Fatalf("claim: %+v %v", cl, err)
+			}
+			if err := s.Finish(ctx, a, "w1", Result{State: Succeeded, CouponID: "k1"}); err != nil {
+				t.Fatal(err)
+			}
+			if n := trips.n.Load(); n != tc.trips {
+				t.Errorf("a claim and a finish took %d round trips, want %d", n, tc.trips)
+			}
+
+			if cl, _ := s.TryClaim(ctx, b, "w2", time.Minute); !cl.Acquired {
+				t.Fatalf("the user is still held after the first send finished: %+v", cl)
+			}
+			if v, _ := rdb.Get(ctx, lock).Result(); v != "w2|"+b.OutRequestNo {
+				t.Fatalf("lock %q", v)
+			}
+			// Another delivery of the first send, already sent, finds it
+			// terminal; a third send to the user finds the user busy.
+			if cl, _ := s.TryClaim(ctx, a, "w3", time.Minute); cl.Acquired || cl.Busy || cl.Record.State != Succeeded {
+				t.Fatalf("claim of a sent send under another's lock: %+v", cl)
+			}
+			d := send(4)
+			d.OpenID = a.OpenID
+			if cl, _ := s.TryClaim(ctx, d, "w4", time.Minute); !cl.Busy {
+				t.Fatalf("claim under another's lock: %+v", cl)
+			}
+			if v, _ := rdb.Get(ctx, lock).Result(); v != "w2|"+b.OutRequestNo {
+				t.Fatalf("a refused claim changed the lock: %q", v)
+			}
+			// A redelivery by the same owner takes its own lock again.
+			if cl, _ := s.TryClaim(ctx, b, "w2", time.Minute); !cl.Acquired {
+				t.Fatalf("the holder's own claim: %+v", cl)
+			}
+			if err := s.Finish(ctx, b, "w2", Result{State: Retrying, Code: "SYSTEM_ERROR"}); err != nil {
+				t.Fatal(err)
+			}
+			if n, _ := rdb.Exists(ctx, lock).Result(); n != 0 {
+				t.Fatal("the lock outlived the send's result")
+			}
+			// A claim that is refused (a paused campaign) leaves no lock.
+			if err := rdb.HSet(ctx, s.metaKey("c1"), "control", "paused").Err(); err != nil {
+				t.Fatal(err)
+			}
+			if cl, _ := s.TryClaim(ctx, b, "w5", time.Minute); !cl.Paused {
+				t.Fatalf("claim in a paused campaign: %+v", cl)
+			}
+			if n, _ := rdb.Exists(ctx, lock).Result(); n != 0 {
+				t.Fatal("a paused send left its user locked")
+			}
+		})
 	}
 }

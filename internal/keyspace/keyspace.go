@@ -12,7 +12,9 @@
 //     names are letters, digits, '_', '.' and '-' (tasks.ValidateCampaign),
 //     so a name never holds a brace.
 //   - A user lock is its own tag, {mchid:openid}: one send per user at a
-//     time, spread over the cluster.
+//     time, spread over the cluster. On one Redis (standalone, Sentinel)
+//     the claim and finish scripts take and release it with the record; on
+//     a Cluster it is on another slot, so each costs a round trip of its own.
 //   - A merchant's budget breakers and its set of open breakers share the
 //     tag {mchid}, so the breaker script updates a breaker and the open set
 //     in one atomic step.
