@@ -221,19 +221,21 @@ func (s *Server) workerCount() int {
 	for _, q := range tasks.ShardQueues(s.queue, s.queueShards) {
 		ours[q] = true
 	}
-	n := 0
+	// A worker process runs two asynq servers (its queues, their woken
+	// queues): it counts once.
+	procs := map[string]bool{}
 	for _, srv := range servers {
 		if srv.Status != "active" {
 			continue // stopped: it takes no new task
 		}
 		for q := range srv.Queues {
 			if ours[q] {
-				n++
+				procs[fmt.Sprintf("%s\x00%d", srv.Host, srv.PID)] = true
 				break
 			}
 		}
 	}
-	return n
+	return len(procs)
 }
 
 func (s *Server) newLook() *look {

@@ -60,11 +60,15 @@ func ShardQueues(queue string, shards int) []string {
 
 // WokenQueue is where sends that must not wait behind a queue's backlog
 // go: sends held on a stock whose budget is back (enqueuer stock resume),
-// and sends whose task asynq lost (the sweeper). Workers serve it before
-// queue itself: WokenWeight times queue's weight.
+// and sends whose task asynq lost (the sweeper). Workers serve the woken
+// queues from an asynq server of their own, sharing the worker's call
+// slots with the queues' server, so that a woken send waits for a slot,
+// not for the backlog, and an empty woken queue costs the queues' sends
+// no Redis round trip.
 func WokenQueue(queue string) string { return queue + "-woken" }
 
-// WokenWeight is the weight of a woken queue relative to its queue's.
+// WokenWeight is the weight of a woken queue relative to its queue's,
+// among the woken queues of several shards.
 const WokenWeight = 10
 
 // MaxRetry bounds only failures that count (ambiguous outcomes: 5xx,
