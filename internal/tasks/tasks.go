@@ -78,6 +78,11 @@ const WokenWeight = 10
 // has been reported to come back as SYSTEM_ERROR).
 const MaxRetry = 10
 
+// Timeout bounds one attempt of a task (asynq's Timeout). Sends can wait
+// on a budget for days; a task's own timeout only needs to cover one
+// attempt.
+const Timeout = 2 * time.Minute
+
 var campaignRE = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,64}$`)
 
 // Common holds the fields every send has. It is embedded in each payload,
@@ -227,9 +232,7 @@ func NewTask(args Args, opts ...asynq.Option) (*asynq.Task, error) {
 		asynq.TaskID(args.Key().TaskID()),
 		asynq.Queue(DefaultQueue),
 		asynq.MaxRetry(MaxRetry),
-		// Sends can wait on a budget for days; a task's own timeout only
-		// needs to cover one attempt.
-		asynq.Timeout(2 * time.Minute),
+		asynq.Timeout(Timeout),
 	}
 	return asynq.NewTask(args.Kind(), payload, append(base, opts...)...), nil
 }
