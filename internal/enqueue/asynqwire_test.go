@@ -196,7 +196,6 @@ func (quietLogger) Warn(...any)  {}
 func (quietLogger) Error(...any) {}
 func (quietLogger) Fatal(...any) {}
 
-
 // A task id already taken is never reported as new: not a second batch of
 // the same sends, not a send named twice in one batch, and not a send whose
 // task asynq holds though the record was never written.

@@ -57,7 +57,7 @@ type BulkOptions struct {
 	Concurrency int // batches in flight at once, default 32
 	// Batch is the rows recorded and queued together, in two round trips
 	// (Producer.EnqueueBatch); default 64.
-	Batch int
+	Batch       int
 	KeepInvalid int // invalid rows kept for the summary, default 20
 	// Ack, when set, makes the rows written so far durable (a replica
 	// holds them: redisconn.Acknowledger); Bulk counts a row as enqueued
