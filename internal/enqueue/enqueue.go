@@ -149,7 +149,7 @@ func (p *Producer) EnqueueBatch(ctx context.Context, batch []tasks.Args) ([]Resu
 		}
 		sends = append(sends, idempotency.Send{
 			MchID: b.MchID, OutRequestNo: b.OutRequestNo, Campaign: b.Campaign, OpenID: b.OpenID, StockID: b.StockID,
-			Task: tasks.Keep(task), Queue: queue,
+			Task: tasks.KeepSlim(args, task), Queue: queue,
 		})
 		at = append(at, i)
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/couponflow/dispatcher/internal/keyspace"
+	"github.com/couponflow/dispatcher/internal/tasks"
 )
 
 // State of one send.
@@ -75,8 +76,8 @@ type Record struct {
 	// Until WeChat answers this out_request_no, the send is never
 	// recorded as failed and never held by a budget breaker.
 	MaybeIssued bool
-	// Task is the send's task as tasks.Keep wrote it, kept until the send
-	// is settled: the sweeper queues it again if asynq loses it, and
+	// Task is the send's task as tasks.Keep wrote it (the record may hold
+	// it slim: tasks.KeepSlim), kept until the send is settled: the sweeper queues it again if asynq loses it, and
 	// reconcile resends it.
 	Task []byte
 	// Queue is the asynq queue the producer put the task in.
@@ -109,7 +110,7 @@ type Send struct {
 	Campaign     string
 	OpenID       string
 	StockID      string
-	// Task (tasks.Keep) and Queue, for Register: kept in the record until
+	// Task (tasks.Keep or tasks.KeepSlim) and Queue, for Register: kept in the record until
 	// the coupon exists, so that a task asynq lost can be queued again.
 	Task  []byte
 	Queue string
@@ -436,7 +437,13 @@ func recordFrom(mchID, outRequestNo string, m map[string]string) Record {
 		Message: m["message"], MaybeIssued: m["maybe_issued"] == "1", ClaimedFrom: State(m["claimed_from"]),
 	}
 	if p, ok := m["task"]; ok {
+		// A producer keeps a pending send's task slim (tasks.KeepSlim);
+		// a kept task that cannot be read is returned as it is, for its
+		// reader's error to show.
 		r.Task = []byte(p)
+		if kept, err := tasks.Unslim(r.Task, r.Campaign, mchID, r.OpenID, r.StockID, outRequestNo); err == nil {
+			r.Task = kept
+		}
 	}
 	r.Queue = m["queue"]
 	r.LeaseUntil = millis(m["lease_until"])

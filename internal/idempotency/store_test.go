@@ -12,6 +12,7 @@ import (
 
 	"github.com/couponflow/dispatcher/internal/keyspace"
 	"github.com/couponflow/dispatcher/internal/redistest"
+	"github.com/couponflow/dispatcher/internal/tasks"
 )
 
 func newStore(t *testing.T) *Store {
@@ -95,6 +96,34 @@ func TestRegisterBatch(t *testing.T) {
 	}
 	if rec, _ := s.Get(ctx, send(5001)); rec.State != "" {
 		t.Errorf("the refused batch wrote %+v", rec)
+	}
+}
+
+// A record keeps a cash-coupon task slim, in a listpack hash, and reads
+// it back whole.
+func TestRecordKeepsTaskSlim(t *testing.T) {
+	s, ctx := newStore(t), context.Background()
+	a := send(1)
+	args := tasks.SendCoupon{Common: tasks.Common{V: tasks.Version, Campaign: a.Campaign, MchID: a.MchID, OpenID: a.OpenID,
+		StockID: a.StockID, OutRequestNo: a.OutRequestNo, AppID: "wx1", Deadline: time.Unix(2e9, 0)}, StockCreatorMchID: a.MchID}
+	task, err := tasks.NewTask(args)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.Task, a.Queue = tasks.KeepSlim(args, task), "coupons"
+	if _, _, err := s.Register(ctx, a); err != nil {
+		t.Fatal(err)
+	}
+	key := s.recordKey(a.Campaign, a.MchID, a.OutRequestNo)
+	if enc := s.rdb.ObjectEncoding(ctx, key).Val(); enc != "listpack" {
+		t.Errorf("the record is a %s hash", enc)
+	}
+	rec, err := s.Get(ctx, a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(rec.Task) != string(tasks.Keep(task)) {
+		t.Errorf("task read back as %q, want %q", rec.Task, tasks.Keep(task))
 	}
 }
 
