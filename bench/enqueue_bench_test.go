@@ -32,7 +32,7 @@ const (
 
 // BenchmarkEnqueue enqueues a BENCH_ROWS-row campaign file (default
 // 1,000,000) through the producer's real path, campaign.Open and
-// Producer.Bulk with its default 32 enqueues in flight, into a private
+// Producer.Bulk with its default 32 batches (of 64 rows) in flight, into a private
 // Redis; and, in the same run, the same number of equivalent tasks (the
 // same payload bytes and TaskIDs) with plain asynq.Client.Enqueue from 32
 // goroutines into another private Redis. The plain run is split in two
