@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"path/filepath"
+	"runtime/metrics"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -42,7 +43,9 @@ const (
 // Metrics: rows/s (ours), plain-tasks/s, ratio (ours ÷ plain), the Redis
 // memory each pending send costs (used_memory after − before, ÷ rows), and
 // where the CPU went (this process, the producer; and redis-server), per row.
-// Then the same file is run again, every row already queued: rerun-rows/s,
+// peak-heap-MB is the most Go heap this process held while Bulk ran
+// (live and not yet collected objects, sampled every 10 ms): flat in the
+// file's size. Then the same file is run again, every row already queued: rerun-rows/s,
 // and rerun-ratio (the re-run's rows/s ÷ the first run's).
 func BenchmarkEnqueue(b *testing.B) {
 	n := envInt(b, "BENCH_ROWS", 1_000_000)
@@ -53,6 +56,7 @@ func BenchmarkEnqueue(b *testing.B) {
 	c := enqueue.Campaign{Name: "bench", MchID: benchMchID, AppID: benchAppID, StockID: benchStockID, Deadline: deadline}
 
 	var ours, plain, rerun side
+	var peakHeap uint64
 	for b.Loop() {
 		b.StopTimer()
 		oursRedis, plainRedis := redistest.Start(b), redistest.Start(b)
@@ -88,7 +92,9 @@ func BenchmarkEnqueue(b *testing.B) {
 			}
 		}
 		ours.begin(b, oursRDB)
+		stopHeap := watchHeap(&peakHeap)
 		ours.run(b, oursRDB, func() { bulk(true) })
+		stopHeap()
 		ours.end(b, oursRDB)
 		plain.run(b, plainRDB, func() { plainEnqueue(b, plainClient, c, n/2, n) })
 		plain.end(b, plainRDB)
@@ -129,6 +135,7 @@ func BenchmarkEnqueue(b *testing.B) {
 	b.ReportMetric(float64(ours.redisCPU.Microseconds())/rows, "redis-cpu-us/row")
 	b.ReportMetric(float64(plain.clientCPU.Microseconds())/float64(plain.rows), "plain-client-cpu-us/task")
 	b.ReportMetric(float64(plain.redisCPU.Microseconds())/float64(plain.rows), "plain-redis-cpu-us/task")
+	b.ReportMetric(float64(peakHeap)/(1<<20), "peak-heap-MB")
 	b.ReportMetric(float64(rerun.rows)/rerun.wall.Seconds(), "rerun-rows/s")
 	b.ReportMetric((float64(rerun.rows)/rerun.wall.Seconds())/(rows/ours.wall.Seconds()), "rerun-ratio")
 	b.Logf("ours: %d rows in %s; plain: %d tasks in %s; the same file again: %d rows in %s (CPU per row: producer %.1f µs, redis-server %.1f µs)",
@@ -218,4 +225,26 @@ func plainEnqueue(b *testing.B, client *asynq.Client, c enqueue.Campaign, from, 
 		}()
 	}
 	wg.Wait()
+}
+
+// watchHeap samples the Go heap's objects every 10 ms into *peak until
+// the returned stop is called.
+func watchHeap(peak *uint64) (stop func()) {
+	sample := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}}
+	done, finished := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(finished)
+		t := time.NewTicker(10 * time.Millisecond)
+		defer t.Stop()
+		for {
+			metrics.Read(sample)
+			*peak = max(*peak, sample[0].Value.Uint64())
+			select {
+			case <-done:
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return func() { close(done); <-finished }
 }
