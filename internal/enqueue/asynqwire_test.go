@@ -268,3 +268,36 @@ func TestBatchDuplicatesAreNotNew(t *testing.T) {
 		t.Errorf("%d tasks pending after the second batch, want 3", n)
 	}
 }
+
+// A campaign that starts later is recorded in a batch and scheduled
+// through asynq's client: asynq holds its tasks as scheduled, and a
+// second run queues none of them again.
+func TestBatchScheduledForLater(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	rdb := redistest.Start(t).Client()
+	start := time.Now().Add(time.Hour)
+	p := New(asynq.NewClientFromRedisClient(rdb), idempotency.New(rdb), WithProcessAt(start))
+	batch := []tasks.Args{coupon("c", "r-1"), coupon("c", "r-2")}
+	for run, want := range []Outcome{Enqueued, Duplicate} {
+		res, err := p.EnqueueBatch(ctx, batch)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, r := range res {
+			if r.Outcome != want || r.Err != nil {
+				t.Errorf("run %d, send %d: %+v, want %v", run+1, i, r, want)
+			}
+		}
+	}
+	insp := asynq.NewInspectorFromRedisClient(rdb)
+	for _, args := range batch {
+		info, err := insp.GetTaskInfo(tasks.DefaultQueue, args.Key().TaskID())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.State != asynq.TaskStateScheduled || info.NextProcessAt.Unix() != start.Unix() {
+			t.Errorf("%s: %v at %s, want scheduled at %s", info.ID, info.State, info.NextProcessAt, start)
+		}
+	}
+}

@@ -164,8 +164,9 @@ func (p *Producer) EnqueueBatch(ctx context.Context, batch []tasks.Args) ([]Resu
 	var queuedAt []int
 	for j, reg := range regs {
 		i := at[j]
+		res[i].State = reg.State
 		if !reg.Created {
-			res[i].Outcome, res[i].State = Duplicate, reg.State
+			res[i].Outcome = Duplicate
 			if reg.State.Terminal() {
 				// asynq has forgotten a finished task's id; the record has not.
 				continue
@@ -180,7 +181,10 @@ func (p *Producer) EnqueueBatch(ctx context.Context, batch []tasks.Args) ([]Resu
 		return res, nil
 	}
 	if p.processAt.After(time.Now()) {
-		return res, p.schedule(ctx, batch, queuedAt, res)
+		if err := p.schedule(ctx, batch, queuedAt, res); err != nil {
+			return nil, err
+		}
+		return res, nil
 	}
 	queued, err := p.queueTasks(ctx, toQueue)
 	if err != nil {
