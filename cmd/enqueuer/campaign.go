@@ -40,7 +40,7 @@ func cmdCampaign(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	startAt := c.fs.String("start-at", "", `process the sends from this time (kept from the first run): RFC 3339, or local "2006-01-02 15:04[:05]"`)
 	rateLimits := c.fs.String("rate-limits", "", "the merchant's limits, as the workers' --rate-limits, for the dry run's duration")
 	asJSON := c.fs.Bool("json", false, "with --dry-run: print the report as JSON")
-	concurrency := c.fs.Int("concurrency", 32, "enqueues in flight at once")
+	concurrency := c.fs.Int("concurrency", 32, "batches of 64 rows in flight at once (each recorded in one round trip and queued in another)")
 	queue := c.fs.String("queue", tasks.DefaultQueue, "asynq queue")
 	c.retryFlag()
 	reopen := c.fs.Bool("reopen", false, "queue into a campaign that was cancelled (its cancelled sends stay so)")

@@ -54,7 +54,10 @@ func (s *Stats) addInvalid(msg string) {
 
 // BulkOptions tune Bulk.
 type BulkOptions struct {
-	Concurrency int // enqueues in flight at once, default 32
+	Concurrency int // batches in flight at once, default 32
+	// Batch is the rows recorded and queued together, in two round trips
+	// (Producer.EnqueueBatch); default 64.
+	Batch       int
 	KeepInvalid int // invalid rows kept for the summary, default 20
 	// Ack, when set, makes the rows written so far durable (a replica
 	// holds them: redisconn.Acknowledger); Bulk counts a row as enqueued
@@ -139,6 +142,9 @@ func (p *Producer) Bulk(ctx context.Context, r *campaign.Reader, c Campaign, sta
 	if opts.Concurrency <= 0 {
 		opts.Concurrency = 32
 	}
+	if opts.Batch <= 0 {
+		opts.Batch = 64
+	}
 	if opts.KeepInvalid <= 0 {
 		opts.KeepInvalid = 20
 	}
@@ -176,31 +182,49 @@ func (p *Producer) Bulk(ctx context.Context, r *campaign.Reader, c Campaign, sta
 		}
 	}()
 
-	rows := make(chan campaign.Row, opts.Concurrency*4)
+	batches := make(chan []campaign.Row, opts.Concurrency)
 	var wg sync.WaitGroup
 	for i := 0; i < opts.Concurrency; i++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for row := range rows {
+			args := make([]tasks.Args, 0, opts.Batch)
+			for rows := range batches {
 				if ctx.Err() != nil {
 					continue // drain
 				}
-				res, err := p.Enqueue(ctx, c.args(row))
-				var inv *InvalidError
-				switch {
-				case errors.As(err, &inv):
-					stats.addInvalid(fmt.Sprintf("line %d: %v", row.Line, err))
-				case err != nil:
-					cancel(fmt.Errorf("line %d: %w", row.Line, err))
-				default:
-					counts.add(res.Outcome == Duplicate)
+				args = args[:0]
+				for _, row := range rows {
+					args = append(args, c.args(row))
+				}
+				res, err := p.EnqueueBatch(ctx, args)
+				if err != nil {
+					cancel(fmt.Errorf("lines %d to %d: %w", rows[0].Line, rows[len(rows)-1].Line, err))
+					continue
+				}
+				for j, r := range res {
+					if r.Err != nil {
+						stats.addInvalid(fmt.Sprintf("line %d: %v", rows[j].Line, r.Err))
+						continue
+					}
+					counts.add(r.Outcome == Duplicate)
 				}
 			}
 		}()
 	}
 
 	var fileErr error
+	batch := make([]campaign.Row, 0, opts.Batch)
+	send := func() {
+		if len(batch) == 0 {
+			return
+		}
+		select {
+		case batches <- batch:
+		case <-ctx.Done():
+		}
+		batch = make([]campaign.Row, 0, opts.Batch)
+	}
 	for ctx.Err() == nil {
 		row, err := r.Next()
 		stats.Lines.Store(int64(r.Line()))
@@ -217,12 +241,16 @@ func (p *Producer) Bulk(ctx context.Context, r *campaign.Reader, c Campaign, sta
 			fileErr = err
 			break
 		}
-		select {
-		case rows <- row:
-		case <-ctx.Done():
+		batch = append(batch, row)
+		if len(batch) == opts.Batch {
+			send()
 		}
 	}
-	close(rows)
+	// The rows read before a file error are valid: queue them too.
+	if ctx.Err() == nil {
+		send()
+	}
+	close(batches)
 	wg.Wait()
 	close(stopAcks)
 	<-acksDone

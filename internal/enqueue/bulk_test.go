@@ -85,7 +85,8 @@ func TestBulkCountsAcknowledgedRows(t *testing.T) {
 // counted, and the error says to run the command again.
 func TestBulkStopsWhenNotAcknowledged(t *testing.T) {
 	t.Parallel()
-	p, store, r := bulkRig(t, 2000)
+	// Enough rows that the run is still writing at the third call.
+	p, store, r := bulkRig(t, 50000)
 	var stats Stats
 	ack := &fakeAck{t: t, store: store, stats: &stats, failFrom: 3}
 	err := p.Bulk(context.Background(), r, bulkCampaign, &stats, BulkOptions{Ack: ack, AckInterval: 2 * time.Millisecond})

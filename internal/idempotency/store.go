@@ -22,6 +22,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/couponflow/dispatcher/internal/keyspace"
+	"github.com/couponflow/dispatcher/internal/tasks"
 )
 
 // State of one send.
@@ -75,8 +76,8 @@ type Record struct {
 	// Until WeChat answers this out_request_no, the send is never
 	// recorded as failed and never held by a budget breaker.
 	MaybeIssued bool
-	// Task is the send's task as tasks.Keep wrote it, kept until the send
-	// is settled: the sweeper queues it again if asynq loses it, and
+	// Task is the send's task as tasks.Keep wrote it (the record may hold
+	// it slim: tasks.KeepSlim), kept until the send is settled: the sweeper queues it again if asynq loses it, and
 	// reconcile resends it.
 	Task []byte
 	// Queue is the asynq queue the producer put the task in.
@@ -109,7 +110,7 @@ type Send struct {
 	Campaign     string
 	OpenID       string
 	StockID      string
-	// Task (tasks.Keep) and Queue, for Register: kept in the record until
+	// Task (tasks.Keep or tasks.KeepSlim) and Queue, for Register: kept in the record until
 	// the coupon exists, so that a task asynq lost can be queued again.
 	Task  []byte
 	Queue string
@@ -165,6 +166,9 @@ func (s *Store) userLockKey(mchID, openID string) string   { return s.keys.UserL
 // Keys is the store's key layout.
 func (s *Store) Keys() keyspace.Keys { return s.keys }
 
+// Redis is the client the store writes through.
+func (s *Store) Redis() redis.UniversalClient { return s.rdb }
+
 var (
 	//go:embed lib.lua
 	libLua string
@@ -189,20 +193,83 @@ var (
 // A new send in a sealed campaign whose keys are still kept reopens it; in
 // one whose retention has passed it is refused with an *ExpiredError.
 func (s *Store) Register(ctx context.Context, send Send) (created bool, state State, err error) {
-	keys := []string{s.recordKey(send.Campaign, send.MchID, send.OutRequestNo), s.countsKey(send.Campaign),
-		s.membersKey(send.Campaign), s.metaKey(send.Campaign), s.keys.Tomb(send.Campaign)}
-	res, err := registerScript.Run(ctx, s.rdb, keys, send.Campaign, send.MchID, send.OutRequestNo,
-		send.OpenID, send.StockID, s.now().UnixMilli(), send.Task, send.Queue).Text()
+	regs, err := s.RegisterBatch(ctx, []Send{send})
 	if err != nil {
-		return false, "", fmt.Errorf("idempotency: registering %s: %w", send.OutRequestNo, err)
+		return false, "", err
+	}
+	return regs[0].Created, regs[0].State, nil
+}
+
+// Registered is what RegisterBatch did with one send.
+type Registered struct {
+	Created bool  // the record is new, pending
+	State   State // the state it was already in, if not created
+}
+
+// registerChunk bounds the sends of one script call: one call blocks
+// Redis for its whole run, and Lua's unpack has a bounded stack.
+const registerChunk = 512
+
+// RegisterBatch is Register for many sends, all of one campaign, in one
+// round trip and one atomic step: registering sends one by one costs a
+// round trip and a script call each, more than the writes themselves. A
+// send named twice in sends is created once; the second reads as pending.
+func (s *Store) RegisterBatch(ctx context.Context, sends []Send) ([]Registered, error) {
+	out := make([]Registered, 0, len(sends))
+	for len(sends) > 0 {
+		n := min(len(sends), registerChunk)
+		regs, err := s.registerBatch(ctx, sends[:n])
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, regs...)
+		sends = sends[n:]
+	}
+	return out, nil
+}
+
+func (s *Store) registerBatch(ctx context.Context, sends []Send) ([]Registered, error) {
+	c := sends[0].Campaign
+	keys := make([]string, 4, 4+len(sends))
+	keys[0], keys[1], keys[2], keys[3] = s.countsKey(c), s.membersKey(c), s.metaKey(c), s.keys.Tomb(c)
+	argv := make([]any, 2, 2+6*len(sends))
+	argv[0], argv[1] = c, s.now().UnixMilli()
+	for _, send := range sends {
+		if send.Campaign != c {
+			return nil, fmt.Errorf("idempotency: one batch holds sends of campaigns %q and %q", c, send.Campaign)
+		}
+		keys = append(keys, s.recordKey(c, send.MchID, send.OutRequestNo))
+		argv = append(argv, send.MchID, send.OutRequestNo, send.OpenID, send.StockID, send.Task, send.Queue)
+	}
+	res, err := registerScript.Run(ctx, s.rdb, keys, argv...).Result()
+	if err != nil {
+		return nil, fmt.Errorf("idempotency: registering %s: %w", describe(sends), err)
 	}
 	if res == "closed" {
-		return false, "", s.closedError(ctx, send.Campaign)
+		return nil, s.closedError(ctx, c)
 	}
-	if res == "new" {
-		return true, Pending, nil
+	states, ok := res.([]any)
+	if !ok || len(states) != len(sends) {
+		return nil, fmt.Errorf("idempotency: registering %s: the script answered %v", describe(sends), res)
 	}
-	return false, State(res), nil
+	out := make([]Registered, len(sends))
+	for i, v := range states {
+		st, _ := v.(string)
+		if st == "new" {
+			out[i] = Registered{Created: true, State: Pending}
+		} else {
+			out[i] = Registered{State: State(st)}
+		}
+	}
+	return out, nil
+}
+
+// describe names a batch's sends for an error message.
+func describe(sends []Send) string {
+	if len(sends) == 1 {
+		return sends[0].OutRequestNo
+	}
+	return fmt.Sprintf("%d sends (%s … %s)", len(sends), sends[0].OutRequestNo, sends[len(sends)-1].OutRequestNo)
 }
 
 // Claim is the outcome of TryClaim.
@@ -399,7 +466,13 @@ func recordFrom(mchID, outRequestNo string, m map[string]string) Record {
 		Message: m["message"], MaybeIssued: m["maybe_issued"] == "1", ClaimedFrom: State(m["claimed_from"]),
 	}
 	if p, ok := m["task"]; ok {
+		// A producer keeps a pending send's task slim (tasks.KeepSlim);
+		// a kept task that cannot be read is returned as it is, for its
+		// reader's error to show.
 		r.Task = []byte(p)
+		if kept, err := tasks.Unslim(r.Task, r.Campaign, mchID, r.OpenID, r.StockID, outRequestNo); err == nil {
+			r.Task = kept
+		}
 	}
 	r.Queue = m["queue"]
 	r.LeaseUntil = millis(m["lease_until"])

@@ -14,6 +14,7 @@ import (
 
 	"github.com/couponflow/dispatcher/internal/keyspace"
 	"github.com/couponflow/dispatcher/internal/redistest"
+	"github.com/couponflow/dispatcher/internal/tasks"
 )
 
 func newStore(t *testing.T) *Store {
@@ -55,6 +56,77 @@ func TestRegisterOnce(t *testing.T) {
 		t.Fatalf("second: %v %v %v", created, state, err)
 	}
 	wantCounts(t, s, map[State]int64{Pending: 1})
+}
+
+// A batch registers each send once, in file order, counted once: a send
+// named twice, or registered before, is not new.
+func TestRegisterBatch(t *testing.T) {
+	s, ctx := newStore(t), context.Background()
+	if _, _, err := s.Register(ctx, send(1)); err != nil {
+		t.Fatal(err)
+	}
+	batch := []Send{send(1), send(2), send(2), send(3)}
+	for i := 4; i < 1200; i++ { // more than one script call's worth
+		batch = append(batch, send(i))
+	}
+	regs, err := s.RegisterBatch(ctx, batch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, r := range regs {
+		want := Registered{Created: true, State: Pending}
+		if i == 0 || i == 2 {
+			want = Registered{State: Pending}
+		}
+		if r != want {
+			t.Errorf("send %d (%s): %+v, want %+v", i, batch[i].OutRequestNo, r, want)
+		}
+	}
+	wantCounts(t, s, map[State]int64{Pending: 1199})
+	members, err := s.rdb.LRange(ctx, s.membersKey("c1"), 0, -1).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(members) != 1199 || members[0] != "1900000001:r1" || members[1] != "1900000001:r2" || members[2] != "1900000001:r3" || members[1198] != "1900000001:r1199" {
+		t.Errorf("members: %d, starting %v", len(members), members[:3])
+	}
+	// Sends of two campaigns are not one batch; nothing is written.
+	other := send(5000)
+	other.Campaign = "c2"
+	if _, err := s.RegisterBatch(ctx, []Send{send(5001), other}); err == nil {
+		t.Error("a batch of two campaigns was registered")
+	}
+	if rec, _ := s.Get(ctx, send(5001)); rec.State != "" {
+		t.Errorf("the refused batch wrote %+v", rec)
+	}
+}
+
+// A record keeps a cash-coupon task slim, in a listpack hash, and reads
+// it back whole.
+func TestRecordKeepsTaskSlim(t *testing.T) {
+	s, ctx := newStore(t), context.Background()
+	a := send(1)
+	args := tasks.SendCoupon{Common: tasks.Common{V: tasks.Version, Campaign: a.Campaign, MchID: a.MchID, OpenID: a.OpenID,
+		StockID: a.StockID, OutRequestNo: a.OutRequestNo, AppID: "wx1", Deadline: time.Unix(2e9, 0)}, StockCreatorMchID: a.MchID}
+	task, err := tasks.NewTask(args)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.Task, a.Queue = tasks.KeepSlim(args, task), "coupons"
+	if _, _, err := s.Register(ctx, a); err != nil {
+		t.Fatal(err)
+	}
+	key := s.recordKey(a.Campaign, a.MchID, a.OutRequestNo)
+	if enc := s.rdb.ObjectEncoding(ctx, key).Val(); enc != "listpack" {
+		t.Errorf("the record is a %s hash", enc)
+	}
+	rec, err := s.Get(ctx, a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(rec.Task) != string(tasks.Keep(task)) {
+		t.Errorf("task read back as %q, want %q", rec.Task, tasks.Keep(task))
+	}
 }
 
 func TestClaimFinishLifecycle(t *testing.T) {

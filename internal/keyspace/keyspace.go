@@ -46,6 +46,13 @@
 //	cf:sweep:swept                             hash    campaign → when the orphan sweeper last swept it
 //	cf:replica-ack                             string  the enqueuer's marker write before WAIT (standalone, Sentinel)
 //	cf:replica-ack:{<n>}                       string  the same on each cluster master, n chosen to land there
+//
+// asynq's keys that the producer writes itself, exactly as asynq's client
+// does (asynq/internal/base; asynq's own layout, outside the prefix):
+//
+//	asynq:queues                               set     every queue's name
+//	asynq:{<queue>}:t:<task id>                hash    a task: msg, state, pending_since
+//	asynq:{<queue>}:pending                    list    task ids, pushed at the head
 package keyspace
 
 import (
@@ -190,6 +197,19 @@ func (k Keys) ReplicaAckTagged(n int) string {
 	return k.ReplicaAck() + ":{" + strconv.Itoa(n) + "}"
 }
 
+// AsynqQueues is asynq's set of queue names (base.AllQueues).
+func AsynqQueues() string { return "asynq:queues" }
+
+// AsynqTask is the hash of one asynq task (base.TaskKey), whose field
+// "state" says where asynq holds it (pending, active, scheduled, retry,
+// archived, completed): the producer writes it, the monitor reads it to
+// find sends whose task is gone in one pipeline (TestAsynqTaskKey and
+// TestQueuedAsAsynqWould fail if an asynq upgrade moves it).
+func AsynqTask(queue, taskID string) string { return "asynq:{" + queue + "}:t:" + taskID }
+
+// AsynqPending is a queue's list of pending task ids (base.PendingKey).
+func AsynqPending(queue string) string { return "asynq:{" + queue + "}:pending" }
+
 // Owns reports whether key belongs to this layout.
 func (k Keys) Owns(key string) bool { return strings.HasPrefix(key, k.Prefix()+":") }
 
@@ -208,11 +228,3 @@ func Validate(prefix string) error {
 	}
 	return nil
 }
-
-// AsynqTask is the key of asynq's hash for a task, "asynq:{<queue>}:t:<id>",
-// whose field "state" says where asynq holds it (pending, active,
-// scheduled, retry, archived, completed). It is asynq's layout, not ours
-// (asynq's internal/base.TaskKey), read by the monitor to find sends
-// whose task is gone in one pipeline instead of an Inspector call each;
-// TestAsynqTaskKey fails if an asynq upgrade moves it.
-func AsynqTask(queue, id string) string { return "asynq:{" + queue + "}:t:" + id }

@@ -137,3 +137,21 @@ func TestValidate(t *testing.T) {
 		}
 	}
 }
+
+// asynq's keys are asynq's layout (asynq/internal/base); a queue's task
+// hashes and its pending list share the queue's slot, so one script may
+// write both.
+func TestAsynqLayout(t *testing.T) {
+	for got, want := range map[string]string{
+		AsynqQueues():                    "asynq:queues",
+		AsynqTask("coupons", "send:1:x"): "asynq:{coupons}:t:send:1:x",
+		AsynqPending("coupons-3"):        "asynq:{coupons-3}:pending",
+	} {
+		if got != want {
+			t.Errorf("%q, want %q", got, want)
+		}
+	}
+	if slot(AsynqTask("coupons", "a")) != slot(AsynqPending("coupons")) || slot(AsynqTask("coupons", "b")) != slot(AsynqPending("coupons")) {
+		t.Error("a queue's task and pending list on different slots")
+	}
+}

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"regexp"
+	"strconv"
 	"strings"
 	"time"
 
@@ -82,6 +83,11 @@ const WokenWeight = 10
 // request that WeChat answers 5xx every time (a wrong stock_creator_mchid
 // has been reported to come back as SYSTEM_ERROR).
 const MaxRetry = 10
+
+// Timeout bounds one attempt of a task (asynq's Timeout). Sends can wait
+// on a budget for days; a task's own timeout only needs to cover one
+// attempt.
+const Timeout = 2 * time.Minute
 
 var campaignRE = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,64}$`)
 
@@ -253,9 +259,7 @@ func NewTask(args Args, opts ...asynq.Option) (*asynq.Task, error) {
 		asynq.TaskID(args.Key().TaskID()),
 		asynq.Queue(DefaultQueue),
 		asynq.MaxRetry(MaxRetry),
-		// Sends can wait on a budget for days; a task's own timeout only
-		// needs to cover one attempt.
-		asynq.Timeout(2 * time.Minute),
+		asynq.Timeout(Timeout),
 	}
 	return asynq.NewTask(args.Kind(), payload, append(base, opts...)...), nil
 }
@@ -313,4 +317,75 @@ func Requeue(kept []byte, queue string, opts ...asynq.Option) (*asynq.Task, erro
 		return nil, err
 	}
 	return NewTask(args, append([]asynq.Option{asynq.Queue(queue)}, opts...)...)
+}
+
+// A record keeps its send's task until the send is settled, and most
+// sends are pending for most of their life. A kept task of ~300 bytes
+// turns the record's hash into Redis's hashtable encoding (any value over
+// hash-max-listpack-value, 64 bytes by default), which costs about three
+// times the listpack's memory. So a cash-coupon task is kept slim: only
+// what the record does not hold already (campaign, mchid, openid,
+// stock_id and out_request_no are the record's own), in one short value
+// without a newline, which Kept tasks always have.
+
+// slimFields separates a slim task's fields; none of them may hold it.
+const slimFields = "|"
+
+// KeepSlim is Keep(t) for the task NewTask made of args, slimmed when
+// args is a SendCoupon whose slim form gives back exactly t's bytes, and
+// Keep(t) itself otherwise. Unslim reverses it.
+func KeepSlim(args Args, t *asynq.Task) []byte {
+	full := Keep(t)
+	a, ok := args.(SendCoupon)
+	if !ok {
+		return full
+	}
+	deadline := a.Deadline.Format(time.RFC3339Nano)
+	for _, f := range []string{a.AppID, deadline, a.StockCreatorMchID} {
+		if strings.ContainsAny(f, slimFields+"\n") {
+			return full
+		}
+	}
+	slim := strings.Join([]string{strconv.Itoa(a.V), a.AppID, deadline, a.StockCreatorMchID,
+		strconv.FormatInt(a.CouponValue, 10), strconv.FormatInt(a.CouponMinimum, 10)}, slimFields)
+	c := a.Common
+	if kept, err := Unslim([]byte(slim), c.Campaign, c.MchID, c.OpenID, c.StockID, c.OutRequestNo); err != nil || !bytes.Equal(kept, full) {
+		return full
+	}
+	return []byte(slim)
+}
+
+// Unslim is the kept task (as Keep writes it) of a task KeepSlim kept,
+// given what the record holds; a kept task that is not slim is returned
+// as it is.
+func Unslim(kept []byte, campaign, mchID, openID, stockID, outRequestNo string) ([]byte, error) {
+	if bytes.IndexByte(kept, '\n') >= 0 {
+		return kept, nil
+	}
+	f := strings.Split(string(kept), slimFields)
+	if len(f) != 6 {
+		return nil, fmt.Errorf("a slim kept task has 6 fields; got %d", len(f))
+	}
+	v, err := strconv.Atoi(f[0])
+	if err != nil {
+		return nil, fmt.Errorf("slim kept task: version %q", f[0])
+	}
+	deadline, err := time.Parse(time.RFC3339Nano, f[2])
+	if err != nil {
+		return nil, fmt.Errorf("slim kept task: deadline: %w", err)
+	}
+	value, err1 := strconv.ParseInt(f[4], 10, 64)
+	minimum, err2 := strconv.ParseInt(f[5], 10, 64)
+	if err1 != nil || err2 != nil {
+		return nil, fmt.Errorf("slim kept task: coupon value %q and minimum %q", f[4], f[5])
+	}
+	payload, err := json.Marshal(SendCoupon{
+		Common: Common{V: v, Campaign: campaign, MchID: mchID, OpenID: openID, StockID: stockID,
+			OutRequestNo: outRequestNo, AppID: f[1], Deadline: deadline},
+		StockCreatorMchID: f[3], CouponValue: value, CouponMinimum: minimum,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return append([]byte(TypeSendCoupon+"\n"), payload...), nil
 }

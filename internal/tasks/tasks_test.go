@@ -197,3 +197,60 @@ func TestTaskIDShownWholeAndParsed(t *testing.T) {
 		}
 	}
 }
+
+// A kept cash-coupon task is slim, short enough for a listpack hash, and
+// gives back the very bytes Keep does; a task whose slim form would not
+// is kept whole.
+func TestKeepSlim(t *testing.T) {
+	shanghai := time.FixedZone("CST", 8*3600)
+	valued := coupon()
+	valued.CouponValue, valued.CouponMinimum = 100, 1000
+	nanos := coupon()
+	nanos.Deadline = time.Date(2027, 1, 2, 3, 4, 5, 123456789, shanghai)
+	local := coupon()
+	local.Deadline = time.Unix(2e9, 0).In(shanghai)
+	multi := SendMultiuse{Common: coupon().Common, CardType: "ID_CARD",
+		Identity: wechat.EncryptedIdentity{UserName: "Y2lwaGVy", IDCardNumber: "Y2lwaGVyMg==", KeyID: "PUB_KEY_ID_1"}}
+	for _, tc := range []struct {
+		name string
+		args Args
+		slim bool
+	}{
+		{"coupon", coupon(), true},
+		{"value and minimum", valued, true},
+		{"deadline with nanoseconds and an offset", nanos, true},
+		{"deadline in a named zone", local, true},
+		{"a payload that is not the args' own encoding", coupon(), false},
+		{"multiuse", multi, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			task, err := NewTask(tc.args)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if strings.HasPrefix(tc.name, "a payload") {
+				task = asynq.NewTask(task.Type(), append([]byte(" "), task.Payload()...))
+			}
+			kept := KeepSlim(tc.args, task)
+			if isSlim := !strings.Contains(string(kept), "\n"); isSlim != tc.slim {
+				t.Fatalf("slim %v, want %v: %q", isSlim, tc.slim, kept)
+			}
+			if tc.slim && len(kept) > 64 && tc.name == "coupon" {
+				t.Errorf("%d bytes, over hash-max-listpack-value: %q", len(kept), kept)
+			}
+			c := tc.args.Base()
+			full, err := Unslim(kept, c.Campaign, c.MchID, c.OpenID, c.StockID, c.OutRequestNo)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if string(full) != string(Keep(task)) {
+				t.Errorf("unslimmed %q\nkept      %q", full, Keep(task))
+			}
+		})
+	}
+	for _, bad := range []string{"1|wx", "x|wx|2027-01-02T03:04:05Z|1900|0|0", "1|wx|tomorrow|1900|0|0", "1|wx|2027-01-02T03:04:05Z|1900|a|0"} {
+		if _, err := Unslim([]byte(bad), "c", "m", "o", "s", "r"); err == nil {
+			t.Errorf("%q unslimmed", bad)
+		}
+	}
+}
