@@ -11,12 +11,17 @@
 -- ceiling and the rate is set just under it. If it saw none, the cut went
 -- below the real limit: the rate goes half way back up and measures again.
 -- Outside episodes the rate probes above the ceiling slowly, and only while
--- the fleet uses it, since an unused rate tests nothing.
+-- the fleet uses it, since an unused rate tests nothing. One exception: a
+-- rate the fleet used for a whole probe interval without a 429 ("best") in
+-- the last best_for_ms is known to be WeChat's to take. Below it the rate
+-- grows back linearly, as fast as before (0 to best in recover_ms), so that
+-- a 429 storm of a few seconds does not leave the fleet crawling for
+-- minutes.
 --
 -- KEYS: the state hash
 -- ARGV: now_ms, max_rate (the caller's configured limit), op, granted,
 --       floor, cut_unknown, cut_known, settle_ms, window_ms, margin,
---       probe_ms, probe_step, cooldown_ms, ttl_ms
+--       probe_ms, probe_step, cooldown_ms, ttl_ms, recover_ms, best_for_ms
 -- op: "get" (a worker reads the rate; granted is the slots it took since
 --     its last report), "decrease" (a worker saw a 429), "peek" (a reader:
 --     the state as the workers left it, nothing written).
@@ -26,7 +31,7 @@ local now = tonumber(ARGV[1])
 local max = tonumber(ARGV[2])
 local op = ARGV[3]
 local s = redis.call('HMGET', h, 'rate', 'ceil', 'limit', 'g', 'l', 'ep', 'ep_at', 'ep_g', 'ep_l', 'hi',
-  'dec_at', 'probe_at', 'probe_g', 'steps')
+  'dec_at', 'probe_at', 'probe_g', 'steps', 'at', 'best', 'best_at', 'probe_l')
 
 if op == 'peek' then
   local limit = tonumber(s[3]) or max
@@ -44,7 +49,10 @@ local l = tonumber(s[5]) or 0
 local ep = tonumber(s[6]) or 0
 local ep_at, ep_g, ep_l, hi = tonumber(s[7]), tonumber(s[8]), tonumber(s[9]), tonumber(s[10])
 local dec_at = tonumber(s[11])
-local probe_at, probe_g = tonumber(s[12]) or now, tonumber(s[13]) or g
+local probe_at, probe_g, probe_l = tonumber(s[12]) or now, tonumber(s[13]) or g, tonumber(s[18]) or l
+local at = tonumber(s[15]) or now
+local best, best_at = tonumber(s[16]), tonumber(s[17])
+if best and now - best_at > tonumber(ARGV[16]) then best, best_at = nil, nil end
 local lowered = 0
 
 if op == 'decrease' then
@@ -82,7 +90,11 @@ elseif ep == 2 and now - ep_at >= tonumber(ARGV[9]) then
     end
   end
   dec_at = now
-  probe_at, probe_g = now, g
+  probe_at, probe_g, probe_l = now, g, l
+end
+
+if ep == 0 and best and cur < best and dec_at ~= now then
+  cur = math.min(best, cur + (now - at) / tonumber(ARGV[15]) * best)
 end
 
 -- Each clean probe doubles the next step (up to 16 times the first), so
@@ -90,17 +102,26 @@ end
 -- while near the ceiling the fleet creeps up by a step at a time.
 local steps = tonumber(s[14]) or 1
 if lowered == 1 or dec_at == now then steps = 1 end
-if ep == 0 and cur < max and now - probe_at >= tonumber(ARGV[11]) then
+if ep == 0 and now - probe_at >= tonumber(ARGV[11]) then
   local used = (g - probe_g) / ((now - probe_at) / 1000)
-  if used >= 0.9 * cur then
-    cur = math.min(max, cur * (1 + steps * tonumber(ARGV[12])))
-    steps = math.min(16, steps * 2)
+  if used >= 0.9 * cur and l == probe_l then
+    best, best_at = math.max(best or 0, math.min(used, cur)), now
+    if cur < max and cur >= best then
+      cur = math.min(max, cur * (1 + steps * tonumber(ARGV[12])))
+      steps = math.min(16, steps * 2)
+    end
   end
-  probe_at, probe_g = now, g
+  probe_at, probe_g, probe_l = now, g, l
 end
 
 local fields = {'rate', tostring(cur), 'limit', tostring(max), 'g', tostring(g), 'l', tostring(l), 'ep', ep,
-  'probe_at', probe_at, 'probe_g', tostring(probe_g), 'steps', steps}
+  'probe_at', probe_at, 'probe_g', tostring(probe_g), 'probe_l', tostring(probe_l), 'steps', steps, 'at', now}
+if best then
+  fields[#fields + 1] = 'best'
+  fields[#fields + 1] = tostring(best)
+  fields[#fields + 1] = 'best_at'
+  fields[#fields + 1] = best_at
+end
 if ceil then
   fields[#fields + 1] = 'ceil'
   fields[#fields + 1] = tostring(ceil)

@@ -130,6 +130,10 @@ type Adaptation struct {
 	ProbeStep  float64
 	// Cooldown: no new episode this long after one, however many 429s.
 	Cooldown time.Duration
+	// Below a rate the fleet used without a 429 for a whole probe interval
+	// within BestFor, the rate grows back linearly, from 0 to it in
+	// Recover: a short 429 storm is not a new limit.
+	Recover, BestFor time.Duration
 	// Keep is how long the learned state lives in Redis without a write.
 	Keep time.Duration
 }
@@ -143,7 +147,8 @@ var DefaultAdaptation = Adaptation{
 	Margin:     0.97,
 	ProbeEvery: 10 * time.Second, ProbeStep: 0.01,
 	Cooldown: time.Second,
-	Keep:     30 * 24 * time.Hour,
+	Recover:  30 * time.Second, BestFor: 10 * time.Minute,
+	Keep: 30 * 24 * time.Hour,
 }
 
 func (l *Limiter) turn(mchID string, ep Endpoint) chan struct{} {
@@ -387,7 +392,7 @@ func (l *Limiter) aimd(ctx context.Context, mchID string, ep Endpoint, op string
 	v, err := aimdScript.Run(ctx, l.rdb, []string{l.keys.LimiterRate(mchID, string(ep))},
 		now.UnixMilli(), max, op, granted, max*l.floorFrac, a.CutUnknown, a.CutKnown,
 		a.Settle.Milliseconds(), a.Window.Milliseconds(), a.Margin, a.ProbeEvery.Milliseconds(), a.ProbeStep,
-		a.Cooldown.Milliseconds(), a.Keep.Milliseconds()).Slice()
+		a.Cooldown.Milliseconds(), a.Keep.Milliseconds(), a.Recover.Milliseconds(), a.BestFor.Milliseconds()).Slice()
 	if err != nil {
 		if granted > 0 { // report them next time
 			l.mu.Lock()

@@ -187,6 +187,16 @@ func TestAdaptiveDecision(t *testing.T) {
 			[]event{{0, 0, "429", 10}}, []event{{50, 0, "get", 6}},
 			burst(60, 440, 10), []event{{450, 0, "get", 50}, {10_450, 0, "get", 500}},
 		), rate: 97, ceiling: 100},
+		// 500/s was used for 10 s without a 429: a storm that teaches
+		// 100/s is left at the old pace, 500/s in 30 s.
+		{name: "under a rate used without 429s, the rate grows back linearly", evs: seq(
+			[]event{{0, 0, "get", 0}, {10_000, 0, "get", 5000}, {10_100, 1, "429", 0}, {10_150, 0, "get", 6}},
+			burst(10_160, 10_540, 10), []event{{10_550, 0, "get", 50}, {13_550, 0, "get", 300}},
+		), rate: 97 + 0.1*500, ceiling: 100},
+		{name: "but not once that rate was used more than ten minutes ago", evs: seq(
+			[]event{{0, 0, "get", 0}, {10_000, 0, "get", 5000}, {700_100, 1, "429", 0}, {700_150, 0, "get", 6}},
+			burst(700_160, 700_540, 10), []event{{700_550, 0, "get", 50}, {703_550, 0, "get", 300}},
+		), rate: 97, ceiling: 100},
 		{name: "the rate never falls under a floor", evs: seq(
 			[]event{{0, 0, "429", 10}}, []event{{50, 0, "get", 6}},
 			burst(60, 440, 50), []event{{450, 0, "get", 50}},
