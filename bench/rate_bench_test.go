@@ -58,6 +58,7 @@ type ledgerSample struct {
 	at            time.Time
 	ok, limited   int64
 	rate, ceiling float64
+	measuring     bool
 }
 
 func runUnknownLimit(b *testing.B, bin string, realLimit, configured, n int) {
@@ -90,7 +91,7 @@ func runUnknownLimit(b *testing.B, bin string, realLimit, configured, n int) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			s.rate, s.ceiling = sh.Rate, sh.Ceiling
+			s.rate, s.ceiling, s.measuring = sh.Rate, sh.Ceiling, sh.Measuring
 			samples = append(samples, s)
 			if s.ok >= int64(n) {
 				break
@@ -174,6 +175,32 @@ func runUnknownLimit(b *testing.B, bin string, realLimit, configured, n int) {
 			realLimit, configured, n, calls, last.limited, 100*runShare, at2s.limited, 100*lateShare,
 			firstAt, runConverge, runUtil, last.ceiling)
 		b.Logf("shared rate every 0.5 s: %s", strings.Join(rates, " "))
+		var changes []string
+		for i, s := range samples {
+			if i > 0 && (s.rate != samples[i-1].rate || s.measuring != samples[i-1].measuring) && len(changes) < 12 {
+				m := ""
+				if s.measuring {
+					m = " measuring"
+				}
+				changes = append(changes, fmt.Sprintf("%.2fs %.1f/s%s (429s %d)", s.at.Sub(first).Seconds(), s.rate, m, s.limited))
+			}
+		}
+		b.Logf("shared rate changes from the first call: %s", strings.Join(changes, ", "))
+		if !firstLimited.IsZero() {
+			// Where the 429s fell: in each 100 ms from the first one.
+			var per []string
+			prev, next := int64(0), firstLimited
+			for _, s := range samples {
+				if s.at.After(firstLimited.Add(2 * time.Second)) {
+					break
+				}
+				if !s.at.Before(next) {
+					per = append(per, strconv.FormatInt(s.limited-prev, 10))
+					prev, next = s.limited, next.Add(100*time.Millisecond)
+				}
+			}
+			b.Logf("429s by 100 ms from the first: %s", strings.Join(per, " "))
+		}
 		share += runShare
 		early += float64(at2s.limited)
 		converge += runConverge

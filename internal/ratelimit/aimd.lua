@@ -31,7 +31,7 @@ local now = tonumber(ARGV[1])
 local max = tonumber(ARGV[2])
 local op = ARGV[3]
 local s = redis.call('HMGET', h, 'rate', 'ceil', 'limit', 'g', 'l', 'ep', 'ep_at', 'ep_g', 'ep_l', 'hi',
-  'dec_at', 'probe_at', 'probe_g', 'steps', 'at', 'best', 'best_at', 'probe_l')
+  'dec_at', 'probe_at', 'probe_g', 'steps', 'at', 'best', 'best_at', 'probe_l', 'settle_at', 'settle_l')
 
 if op == 'peek' then
   local limit = tonumber(s[3]) or max
@@ -54,6 +54,7 @@ local at = tonumber(s[15]) or now
 local best, best_at = tonumber(s[16]), tonumber(s[17])
 if best and now - best_at > tonumber(ARGV[16]) then best, best_at = nil, nil end
 local lowered = 0
+local settle_at, settle_l
 
 if op == 'decrease' then
   l = l + 1
@@ -68,23 +69,50 @@ if op == 'decrease' then
     hi = cur
     cur = math.max(floor, cur * cut)
     ep, ep_at, dec_at, lowered = 1, now, now, 1
+    settle_at, settle_l = now, l
   end
 end
 
 if ep == 1 and now - ep_at >= tonumber(ARGV[8]) then
-  -- The 429s of calls granted before the cut have come back: measure.
-  ep, ep_at, ep_g, ep_l = 2, now, g, l
+  -- Measure once the 429s of calls granted before the cut (and by workers
+  -- that had not read it yet) have come back: over the last settling time
+  -- no more 429s than the new rate could have granted calls. Counting them
+  -- in the window would take them for calls WeChat refused at the new
+  -- rate, and make the limit look lower than it is.
+  local since, at_l = tonumber(s[19]) or ep_at, tonumber(s[20]) or l
+  if now - since >= tonumber(ARGV[8]) then
+    if l - at_l <= cur * (now - since) / 1000 + 1 or now - ep_at >= 10 * tonumber(ARGV[8]) then
+      ep, ep_at, ep_g, ep_l = 2, now, g, l
+    else
+      settle_at, settle_l = now, l
+    end
+  end
 elseif ep == 2 and now - ep_at >= tonumber(ARGV[9]) then
   local dt = (now - ep_at) / 1000
   local dg, dl = g - ep_g, l - ep_l
-  if dl > 0 then
-    ceil = math.max(floor, (dg - dl) / dt)
+  local est = (dg - dl) / dt
+  if dl > 0 and dl < dg and est >= 0.5 * cur then
+    ceil = math.max(floor, est)
     cur = math.min(max, math.max(floor, ceil * tonumber(ARGV[10])))
     ep = 0
+  elseif dl > 0 and dl < dg then
+    -- Half the rate or less got through: rather than trust one short
+    -- window that far down (late 429s may still have fallen in it), halve
+    -- and measure again; the limit is under this rate.
+    hi = cur
+    cur = math.max(floor, cur / 2)
+    ep, ep_at = 1, now
+    settle_at, settle_l = now, l
+  elseif dl > 0 then
+    -- More 429s than slots granted in the window: late 429s of the cut
+    -- fell in it. Measure again at the same rate.
+    ep, ep_at = 1, now
+    settle_at, settle_l = now, l
   else
     cur = (cur + hi) / 2
     if hi - cur > 0.02 * hi then
       ep, ep_at = 1, now
+      settle_at, settle_l = now, l
     else
       ep = 0
     end
@@ -133,6 +161,12 @@ if ep ~= 0 then
       fields[#fields + 1] = tostring(kv[2])
     end
   end
+end
+if settle_at then
+  fields[#fields + 1] = 'settle_at'
+  fields[#fields + 1] = settle_at
+  fields[#fields + 1] = 'settle_l'
+  fields[#fields + 1] = tostring(settle_l)
 end
 if dec_at then
   fields[#fields + 1] = 'dec_at'

@@ -143,7 +143,7 @@ type Adaptation struct {
 // second of the first 429.
 var DefaultAdaptation = Adaptation{
 	CutUnknown: 0.25, CutKnown: 0.9,
-	Settle: 50 * time.Millisecond, Window: 400 * time.Millisecond,
+	Settle: 100 * time.Millisecond, Window: 300 * time.Millisecond,
 	Margin:     0.97,
 	ProbeEvery: 10 * time.Second, ProbeStep: 0.01,
 	Cooldown: time.Second,
