@@ -10,6 +10,9 @@
 -- time, so the accepted rate is the real limit: it becomes the learned
 -- ceiling and the rate is set just under it. If it saw none, the cut went
 -- below the real limit: the rate goes half way back up and measures again.
+-- A window the cut's late 429s spoiled is measured again rather than
+-- trusted: more 429s than slots granted (same rate), or half the rate or
+-- less accepted (the rate halves first: the limit is under it).
 -- Outside episodes the rate probes above the ceiling slowly, and only while
 -- the fleet uses it, since an unused rate tests nothing. One exception: a
 -- rate the fleet used for a whole probe interval without a 429 ("best") in
