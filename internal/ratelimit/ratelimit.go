@@ -124,8 +124,10 @@ type Adaptation struct {
 	Settle, Window time.Duration
 	// Margin sets the rate under the measured limit.
 	Margin float64
-	// ProbeEvery and ProbeStep: above the rate the fleet uses, the rate
-	// grows by ProbeStep (doubling after each clean probe, up to 16 times).
+	// ProbeEvery and ProbeStep: after each ProbeEvery in which the fleet
+	// used at least 90% of the rate without a 429, the rate grows by
+	// ProbeStep, the step doubling after each such probe (up to 16 times)
+	// and starting over after a 429.
 	ProbeEvery time.Duration
 	ProbeStep  float64
 	// Cooldown: no new episode this long after one, however many 429s.
@@ -138,9 +140,8 @@ type Adaptation struct {
 	Keep time.Duration
 }
 
-// DefaultAdaptation measured, in bench/rate_bench_test.go, a fleet of three
-// workers configured at five times the real limit converging within half a
-// second of the first 429.
+// DefaultAdaptation is what BenchmarkUnknownLimit (bench/) was measured
+// with; docs/benchmarks.md has its figures.
 var DefaultAdaptation = Adaptation{
 	CutUnknown: 0.25, CutKnown: 0.9,
 	Settle: 100 * time.Millisecond, Window: 300 * time.Millisecond,
