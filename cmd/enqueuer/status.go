@@ -144,20 +144,22 @@ func retentionLine(meta idempotency.Campaign) string {
 	return line
 }
 
-// fleet is what the workers share: the current rates and open breakers.
+// fleet is what the workers share: the rates they use (as they wrote them
+// to Redis, whatever this command's --rate-limits) and the open breakers.
 type fleet struct {
 	Rates    map[ratelimit.Endpoint]float64
+	Shared   map[ratelimit.Endpoint]ratelimit.Shared
 	Breakers []breaker.State
 }
 
 func fleetOf(ctx context.Context, l *ratelimit.Limiter, b *breaker.Breakers, mchID string) (fleet, error) {
-	f := fleet{Rates: map[ratelimit.Endpoint]float64{}}
+	f := fleet{Rates: map[ratelimit.Endpoint]float64{}, Shared: map[ratelimit.Endpoint]ratelimit.Shared{}}
 	for _, ep := range []ratelimit.Endpoint{ratelimit.SendCoupon, ratelimit.SendMultiuse} {
-		r, err := l.Rate(ctx, mchID, ep)
+		sh, err := l.Fleet(ctx, mchID, ep)
 		if err != nil {
 			return f, err
 		}
-		f.Rates[ep] = r
+		f.Rates[ep], f.Shared[ep] = sh.Rate, sh
 	}
 	var err error
 	f.Breakers, err = b.Open(ctx, mchID)
@@ -215,8 +217,9 @@ func printStatus(w io.Writer, meta idempotency.Campaign, st idempotency.Status, 
 	if n := st.ByState[idempotency.Unknown]; n > 0 {
 		fmt.Fprintf(w, "  %d sends are unknown: WeChat never answered them and their coupons may exist; do not resend them elsewhere. Run: enqueuer reconcile --campaign %s\n", n, meta.Name)
 	}
-	fmt.Fprintf(w, "  shared rate now: %s %.1f/s, %s %.2f/s (the configured limit, or less for a while after WeChat answered 429)\n",
-		ratelimit.SendCoupon, f.Rates[ratelimit.SendCoupon], ratelimit.SendMultiuse, f.Rates[ratelimit.SendMultiuse])
+	fmt.Fprintf(w, "  shared rate now: %s %.1f/s, %s %.2f/s (%s; %s)\n",
+		ratelimit.SendCoupon, f.Rates[ratelimit.SendCoupon], ratelimit.SendMultiuse, f.Rates[ratelimit.SendMultiuse],
+		sharedLine(ratelimit.SendCoupon, f.Shared[ratelimit.SendCoupon]), sharedLine(ratelimit.SendMultiuse, f.Shared[ratelimit.SendMultiuse]))
 	for _, b := range f.Breakers {
 		what, hint := "stock "+b.StockID, ""
 		if b.StockID == breaker.Merchant {
@@ -255,12 +258,32 @@ func printStatusJSON(w io.Writer, meta idempotency.Campaign, st idempotency.Stat
 		"total": st.Total, "by_state": byState, "failed_by_code": st.FailedByCode,
 		"rate_per_second": st.Rate, "rate_10s": st.Rate10s, "done": st.Done(),
 		"expected": st.Expected, "missing": st.Missing(),
-		"shared_rates": f.Rates, "open_breakers": f.Breakers, "control": string(meta.Control), "actions": audit,
+		"shared_rates": f.Rates, "rate_limits": sharedJSON(f.Shared), "open_breakers": f.Breakers, "control": string(meta.Control), "actions": audit,
 		"retention": meta.Retention.String(), "finished_at": jsonTime(meta.FinishedAt), "expires_at": jsonTime(meta.ExpiresAt),
 		"report": meta.Report, "start_at": jsonTime(meta.StartAt), "scheduled": scheduled(meta, st),
 		"redeemed": st.Redeemed, "redeemed_amount": st.RedeemedAmount, "redemption_rate": st.RedemptionRate(),
 		"redeemed_by_sync": st.RedeemedBySync, "mean_time_to_redemption_seconds": st.MeanTimeToRedemption().Seconds(),
 	})
+}
+
+// sharedLine says where an endpoint's shared rate comes from: the workers'
+// configured limit and the real limit learned from WeChat's 429s.
+func sharedLine(ep ratelimit.Endpoint, sh ratelimit.Shared) string {
+	per, unit := sh.Limit, "s"
+	if ep == ratelimit.SendMultiuse {
+		per, unit = math.Round(per*60*1000)/1000, "m"
+	}
+	line := fmt.Sprintf("%s: workers' limit %g/%s", ep, per, unit)
+	if !sh.WorkersLimit {
+		line = fmt.Sprintf("%s: no worker has run yet; default limit %g/%s", ep, per, unit)
+	}
+	switch {
+	case sh.Measuring:
+		line += ", measuring WeChat's limit after a 429"
+	case sh.Ceiling > 0:
+		line += fmt.Sprintf(", WeChat's limit learned from its 429s %.1f/s", sh.Ceiling)
+	}
+	return line
 }
 
 // scheduled is how many sends wait for the campaign's --start-at: before
@@ -270,6 +293,15 @@ func scheduled(meta idempotency.Campaign, st idempotency.Status) int64 {
 		return 0
 	}
 	return st.ByState[idempotency.Pending]
+}
+
+func sharedJSON(m map[ratelimit.Endpoint]ratelimit.Shared) map[ratelimit.Endpoint]any {
+	out := map[ratelimit.Endpoint]any{}
+	for ep, sh := range m {
+		out[ep] = map[string]any{"workers_limit_per_second": sh.Limit, "workers_reported": sh.WorkersLimit,
+			"rate_per_second": sh.Rate, "learned_ceiling_per_second": sh.Ceiling, "measuring": sh.Measuring}
+	}
+	return out
 }
 
 func jsonTime(t time.Time) any {

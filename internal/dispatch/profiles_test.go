@@ -110,9 +110,7 @@ func TestEveryThrottleAnswerIsARateWait(t *testing.T) {
 			t.Parallel()
 			lims := make(chan *ratelimit.Limiter, 1)
 			w := newWorld(t, 4, func(rdb *redis.Client) dispatch.Option {
-				// A slow recovery, so that the lowered rate is still there to see.
-				l := ratelimit.New(rdb, ratelimit.WithRecovery(10*time.Minute),
-					ratelimit.WithLimits(map[ratelimit.Endpoint]ratelimit.Limit{ratelimit.SendCoupon: {N: 50, Per: time.Second}}))
+				l := ratelimit.New(rdb, ratelimit.WithLimits(map[ratelimit.Endpoint]ratelimit.Limit{ratelimit.SendCoupon: {N: 50, Per: time.Second}}))
 				lims <- l
 				return dispatch.WithLimiter(l, time.Second)
 			})

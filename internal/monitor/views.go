@@ -154,8 +154,11 @@ type Merchant struct {
 	MchID string `json:"mchid"`
 	// Rates is the current shared rate per endpoint, calls per second
 	// (lower than Limits after WeChat answered 429).
-	Rates        map[ratelimit.Endpoint]float64 `json:"shared_rates"`
+	Rates map[ratelimit.Endpoint]float64 `json:"shared_rates"`
+	// Limits is the workers' configured limit, as they wrote it to Redis;
+	// Ceilings the real limit learned from WeChat's 429s (0: none).
 	Limits       map[ratelimit.Endpoint]float64 `json:"limits"`
+	Ceilings     map[ratelimit.Endpoint]float64 `json:"learned_ceilings"`
 	OpenBreakers []Breaker                      `json:"open_breakers"`
 	// OtherBreakers, on one campaign's page and API, counts the merchant's
 	// open breakers left out of OpenBreakers because they hold none of its
@@ -404,14 +407,13 @@ func percent(n, total int64) float64 {
 // merchant reads the shared rate and the open breakers of mchID.
 func (s *Server) merchant(ctx context.Context, mchID string) (Merchant, error) {
 	m := Merchant{MchID: mchID, Rates: map[ratelimit.Endpoint]float64{}, Limits: map[ratelimit.Endpoint]float64{},
-		OpenBreakers: []Breaker{}}
+		Ceilings: map[ratelimit.Endpoint]float64{}, OpenBreakers: []Breaker{}}
 	for _, ep := range endpoints {
-		r, err := s.limiter.Rate(ctx, mchID, ep)
+		sh, err := s.limiter.Fleet(ctx, mchID, ep)
 		if err != nil {
 			return m, err
 		}
-		m.Rates[ep] = r
-		m.Limits[ep] = s.limiter.Limit(ep).PerSecond()
+		m.Rates[ep], m.Limits[ep], m.Ceilings[ep] = sh.Rate, sh.Limit, sh.Ceiling
 	}
 	open, err := s.breakers.Open(ctx, mchID)
 	if err != nil {

@@ -1,8 +1,10 @@
 // Package ratelimit is one rate limit shared by every worker through
 // Redis, per merchant and endpoint, because WeChat Pay counts calls per
 // merchant, not per worker. The algorithm is GCRA (go-redis/redis_rate);
-// on top of it the rate adapts: when WeChat answers 429 anyway, the shared
-// rate halves for every worker at once, then grows back linearly.
+// on top of it the rate adapts: when WeChat answers 429 anyway, the fleet
+// measures the rate WeChat accepted, sets the shared rate just under it for
+// every worker at once, keeps it as the learned ceiling, and probes above it
+// slowly (see aimd.lua).
 package ratelimit
 
 import (
@@ -98,16 +100,56 @@ type Limiter struct {
 	limits map[Endpoint]Limit
 	keys   keyspace.Keys
 
-	decrease  float64       // factor applied on a 429
-	recovery  time.Duration // time to grow from 0 back to the configured rate
-	cooldown  time.Duration // one decrease per cooldown, however many 429s
-	cacheFor  time.Duration
-	floorFrac float64
+	adapt Adaptation
+	// How long a worker uses the rate it read before asking again: shorter
+	// while an episode measures, so that every worker's slots are counted
+	// when the window closes.
+	cacheFor, episodeCacheFor time.Duration
+	floorFrac                 float64
 
-	mu    sync.Mutex
-	cache map[string]cached
-	turns map[string]chan struct{}
-	now   func() time.Time
+	mu      sync.Mutex
+	cache   map[string]cached
+	granted map[string]int64 // slots taken and not yet reported to Redis
+	turns   map[string]chan struct{}
+	now     func() time.Time
+}
+
+// Adaptation is how the shared rate reacts to 429s (see aimd.lua).
+type Adaptation struct {
+	// CutUnknown and CutKnown multiply the rate on the first 429 of a
+	// burst: with no learned ceiling (or far above it), and near one.
+	CutUnknown, CutKnown float64
+	// Settle is left after the cut for the 429s of calls granted before it
+	// to come back; Window is how long the accepted rate is then measured.
+	Settle, Window time.Duration
+	// Margin sets the rate under the measured limit.
+	Margin float64
+	// ProbeEvery and ProbeStep: after each ProbeEvery in which the fleet
+	// used at least 90% of the rate without a 429, the rate grows by
+	// ProbeStep, the step doubling after each such probe (up to 16 times)
+	// and starting over after a 429.
+	ProbeEvery time.Duration
+	ProbeStep  float64
+	// Cooldown: no new episode this long after one, however many 429s.
+	Cooldown time.Duration
+	// Below a rate the fleet used without a 429 for a whole probe interval
+	// within BestFor, the rate grows back linearly, from 0 to it in
+	// Recover: a short 429 storm is not a new limit.
+	Recover, BestFor time.Duration
+	// Keep is how long the learned state lives in Redis without a write.
+	Keep time.Duration
+}
+
+// DefaultAdaptation is what BenchmarkUnknownLimit (bench/) was measured
+// with; docs/benchmarks.md has its figures.
+var DefaultAdaptation = Adaptation{
+	CutUnknown: 0.25, CutKnown: 0.9,
+	Settle: 100 * time.Millisecond, Window: 300 * time.Millisecond,
+	Margin:     0.97,
+	ProbeEvery: 10 * time.Second, ProbeStep: 0.01,
+	Cooldown: time.Second,
+	Recover:  30 * time.Second, BestFor: 10 * time.Minute,
+	Keep: 30 * 24 * time.Hour,
 }
 
 func (l *Limiter) turn(mchID string, ep Endpoint) chan struct{} {
@@ -132,8 +174,9 @@ func (l *Limiter) cachedRate(mchID string, ep Endpoint) float64 {
 }
 
 type cached struct {
-	rate float64
-	at   time.Time
+	rate    float64
+	at      time.Time
+	episode bool
 }
 
 // Option configures a Limiter.
@@ -142,9 +185,8 @@ type Option func(*Limiter)
 // WithLimits replaces the limits (see ParseLimits).
 func WithLimits(m map[Endpoint]Limit) Option { return func(l *Limiter) { l.limits = m } }
 
-// WithRecovery sets how fast the rate grows back after a decrease: the time
-// it would take to grow from zero to the configured limit (default 30s).
-func WithRecovery(d time.Duration) Option { return func(l *Limiter) { l.recovery = d } }
+// WithAdaptation replaces DefaultAdaptation.
+func WithAdaptation(a Adaptation) Option { return func(l *Limiter) { l.adapt = a } }
 
 // WithKeys sets the key layout (default keyspace.Default).
 func WithKeys(k keyspace.Keys) Option { return func(l *Limiter) { l.keys = k } }
@@ -153,8 +195,8 @@ func WithKeys(k keyspace.Keys) Option { return func(l *Limiter) { l.keys = k } }
 func New(rdb redis.UniversalClient, opts ...Option) *Limiter {
 	l := &Limiter{
 		rdb: rdb, gcra: redis_rate.NewLimiter(unprefixed{rdb}), limits: Defaults, keys: keyspace.Default,
-		decrease: 0.5, recovery: 30 * time.Second, cooldown: time.Second, cacheFor: 200 * time.Millisecond,
-		floorFrac: 0.01, cache: map[string]cached{}, turns: map[string]chan struct{}{}, now: time.Now,
+		adapt: DefaultAdaptation, cacheFor: 200 * time.Millisecond, episodeCacheFor: 20 * time.Millisecond,
+		floorFrac: 0.01, cache: map[string]cached{}, granted: map[string]int64{}, turns: map[string]chan struct{}{}, now: time.Now,
 	}
 	for _, o := range opts {
 		o(l)
@@ -231,7 +273,7 @@ func (l *Limiter) Wait(ctx context.Context, mchID string, ep Endpoint, maxWait t
 	}
 	defer func() { <-turn }()
 	for {
-		rate, err := l.Rate(ctx, mchID, ep)
+		rate, err := l.rate(ctx, mchID, ep)
 		if err != nil {
 			return l.now().Sub(start), err
 		}
@@ -241,6 +283,9 @@ func (l *Limiter) Wait(ctx context.Context, mchID string, ep Endpoint, maxWait t
 		}
 		waited := l.now().Sub(start)
 		if res.Allowed > 0 {
+			l.mu.Lock()
+			l.granted[l.key(mchID, ep)]++
+			l.mu.Unlock()
 			return waited, nil
 		}
 		if waited+res.RetryAfter > maxWait {
@@ -271,49 +316,136 @@ func gcraLimit(perSecond float64) redis_rate.Limit {
 	return redis_rate.Limit{Rate: n, Period: period, Burst: burst}
 }
 
-// Rate is the current shared rate in calls per second: the configured
-// limit, or less after recent 429s. Workers read it at most every 200ms.
-func (l *Limiter) Rate(ctx context.Context, mchID string, ep Endpoint) (float64, error) {
+// rate is the shared rate a worker takes its slots at, read from Redis
+// at most every cacheFor, reporting the slots this process took meanwhile.
+func (l *Limiter) rate(ctx context.Context, mchID string, ep Endpoint) (float64, error) {
 	key := l.key(mchID, ep)
 	l.mu.Lock()
 	c, ok := l.cache[key]
 	l.mu.Unlock()
-	if ok && l.now().Sub(c.at) < l.cacheFor {
+	fresh := l.cacheFor
+	if c.episode {
+		fresh = l.episodeCacheFor
+	}
+	if ok && l.now().Sub(c.at) < fresh {
 		return c.rate, nil
 	}
-	rate, _, err := l.aimd(ctx, mchID, ep, "get")
-	return rate, err
+	st, _, err := l.aimd(ctx, mchID, ep, "get")
+	return st.Rate, err
+}
+
+// Shared is what the fleet uses for one (merchant, endpoint), as the
+// workers last wrote it to Redis.
+type Shared struct {
+	// Limit is the workers' configured limit; the reader's own when no
+	// worker has written it yet (WorkersLimit false).
+	Limit        float64
+	WorkersLimit bool
+	// Rate is the shared rate now, at most Limit.
+	Rate float64
+	// Ceiling is the real limit learned from WeChat's 429s, 0 if none.
+	Ceiling float64
+	// Measuring is set while an episode measures the accepted rate.
+	Measuring bool
+}
+
+// Fleet reads what the fleet uses, without changing it: for status and
+// the monitor, which need no --rate-limits of their own for it.
+func (l *Limiter) Fleet(ctx context.Context, mchID string, ep Endpoint) (Shared, error) {
+	st, _, err := l.aimd(ctx, mchID, ep, "peek")
+	return st, err
+}
+
+// Rate is the shared rate in calls per second that the workers use now:
+// their configured limit, or less after WeChat answered 429. It is a
+// reader's view (see Fleet).
+func (l *Limiter) Rate(ctx context.Context, mchID string, ep Endpoint) (float64, error) {
+	st, err := l.Fleet(ctx, mchID, ep)
+	return st.Rate, err
 }
 
 // Throttled tells the limiter that WeChat answered 429 although a slot was
 // taken: the real limit is lower than configured, or another system shares
-// the merchant. The shared rate drops for every worker, at most once a
-// cooldown however many 429s the fleet sees; it returns the rate now and
-// whether this call lowered it.
+// the merchant. The first 429 of a burst cuts the shared rate for every
+// worker and starts measuring the rate WeChat accepts; it returns the rate
+// now and whether this call lowered it.
 func (l *Limiter) Throttled(ctx context.Context, mchID string, ep Endpoint) (rate float64, lowered bool, err error) {
-	return l.aimd(ctx, mchID, ep, "decrease")
+	st, lowered, err := l.aimd(ctx, mchID, ep, "decrease")
+	return st.Rate, lowered, err
 }
 
-func (l *Limiter) aimd(ctx context.Context, mchID string, ep Endpoint, op string) (float64, bool, error) {
+func (l *Limiter) aimd(ctx context.Context, mchID string, ep Endpoint, op string) (Shared, bool, error) {
 	lim, ok := l.limits[ep]
 	if !ok {
-		return 0, false, fmt.Errorf("ratelimit: no limit for endpoint %q", ep)
+		return Shared{}, false, fmt.Errorf("ratelimit: no limit for endpoint %q", ep)
 	}
 	max := lim.PerSecond()
+	key := l.key(mchID, ep)
+	var granted int64
+	if op != "peek" {
+		l.mu.Lock()
+		granted = l.granted[key]
+		delete(l.granted, key)
+		l.mu.Unlock()
+	}
+	a := l.adapt
 	now := l.now()
 	v, err := aimdScript.Run(ctx, l.rdb, []string{l.keys.LimiterRate(mchID, string(ep))},
-		now.UnixMilli(), max, max/l.recovery.Seconds(), op, l.decrease, max*l.floorFrac, l.cooldown.Milliseconds()).Slice()
+		now.UnixMilli(), max, op, granted, max*l.floorFrac, a.CutUnknown, a.CutKnown,
+		a.Settle.Milliseconds(), a.Window.Milliseconds(), a.Margin, a.ProbeEvery.Milliseconds(), a.ProbeStep,
+		a.Cooldown.Milliseconds(), a.Keep.Milliseconds(), a.Recover.Milliseconds(), a.BestFor.Milliseconds()).Slice()
 	if err != nil {
-		return 0, false, fmt.Errorf("ratelimit: %w", err)
+		if granted > 0 { // report them next time
+			l.mu.Lock()
+			l.granted[key] += granted
+			l.mu.Unlock()
+		}
+		return Shared{}, false, fmt.Errorf("ratelimit: %w", err)
 	}
-	s, _ := v[0].(string)
+	st, lowered, err := parseShared(v, max)
+	if err != nil {
+		return st, false, err
+	}
+	if op != "peek" {
+		l.mu.Lock()
+		l.cache[key] = cached{rate: st.Rate, at: now, episode: st.Measuring}
+		l.mu.Unlock()
+	}
+	return st, lowered, nil
+}
+
+func parseShared(v []any, own float64) (Shared, bool, error) {
+	if len(v) != 5 {
+		return Shared{}, false, fmt.Errorf("ratelimit: bad answer from Redis: %v", v)
+	}
+	num := func(i int) (float64, error) {
+		s, _ := v[i].(string)
+		if s == "" {
+			return 0, nil
+		}
+		f, err := strconv.ParseFloat(s, 64)
+		if err != nil {
+			return 0, errors.New("ratelimit: bad number from Redis: " + s)
+		}
+		return f, nil
+	}
+	var st Shared
+	var err error
+	if st.Rate, err = num(0); err != nil {
+		return st, false, err
+	}
+	if st.Ceiling, err = num(2); err != nil {
+		return st, false, err
+	}
+	if st.Limit, err = num(3); err != nil {
+		return st, false, err
+	}
+	st.WorkersLimit = st.Limit > 0
+	if !st.WorkersLimit {
+		st.Limit = own
+	}
 	lowered, _ := v[1].(int64)
-	rate, err := strconv.ParseFloat(s, 64)
-	if err != nil {
-		return 0, false, errors.New("ratelimit: bad rate from Redis: " + s)
-	}
-	l.mu.Lock()
-	l.cache[l.key(mchID, ep)] = cached{rate: rate, at: now}
-	l.mu.Unlock()
-	return rate, lowered == 1, nil
+	open, _ := v[4].(int64)
+	st.Measuring = open == 1
+	return st, lowered == 1, nil
 }

@@ -3,6 +3,7 @@ package ratelimit
 import (
 	"context"
 	"errors"
+	"math"
 	"slices"
 	"sort"
 	"sync"
@@ -80,42 +81,203 @@ func TestWaitGivesUpBeyondMaxWait(t *testing.T) {
 	}
 }
 
-// A 429 halves the rate for every worker, once per cooldown however many
-// workers report it, and the rate grows back linearly.
-func TestThrottledIsSharedAndRecovers(t *testing.T) {
+// fleetClock drives limiters sharing one Redis on a clock of its own: each
+// event reports the slots taken since the last one, as Wait does.
+type fleetClock struct {
+	t     *testing.T
+	clock time.Time
+	lims  []*Limiter
+}
+
+func newFleetClock(t *testing.T, n int, perSecond float64) *fleetClock {
 	rdb := redistest.Start(t).Client()
-	clock := time.Unix(1_800_000_000, 0)
-	now := func() time.Time { return clock }
-	limits := WithLimits(map[Endpoint]Limit{SendCoupon: {100, time.Second}})
-	a, b := New(rdb, limits, WithRecovery(10*time.Second)), New(rdb, limits, WithRecovery(10*time.Second))
-	a.now, b.now = now, now
+	f := &fleetClock{t: t, clock: time.Unix(1_800_000_000, 0)}
+	for range n {
+		l := New(rdb, WithLimits(map[Endpoint]Limit{SendCoupon: {perSecond, time.Second}}))
+		l.now = func() time.Time { return f.clock }
+		f.lims = append(f.lims, l)
+	}
+	return f
+}
+
+// event is one worker's call at offset ms: "get" after granting slots,
+// or "429" for a Throttled.
+type event struct {
+	ms      int
+	worker  int
+	op      string
+	granted int64
+}
+
+// run plays the events and returns the last answer.
+func (f *fleetClock) run(start time.Time, evs []event) (Shared, bool) {
+	f.t.Helper()
+	var st Shared
+	var lowered bool
+	for _, e := range evs {
+		f.clock = start.Add(time.Duration(e.ms) * time.Millisecond)
+		l := f.lims[e.worker]
+		l.granted[l.key("m1", SendCoupon)] += e.granted
+		op := map[string]string{"get": "get", "429": "decrease"}[e.op]
+		var err error
+		if st, lowered, err = l.aimd(context.Background(), "m1", SendCoupon, op); err != nil {
+			f.t.Fatal(err)
+		}
+	}
+	return st, lowered
+}
+
+// burst is n 429s spread over [from, to) ms, from worker 1 and 2 in turn.
+func burst(from, to, n int) []event {
+	var evs []event
+	for i := range n {
+		evs = append(evs, event{ms: from + i*(to-from)/n, worker: 1 + i%2, op: "429"})
+	}
+	return evs
+}
+
+func seq(parts ...[]event) []event { return slices.Concat(parts...) }
+
+// learn is the first 429s of a fleet at 500/s against a WeChat that takes
+// 100/s, from at ms: the first 429 cuts the rate to 125/s; the 429s of the
+// calls granted before the cut keep coming for 40 ms, so the window waits
+// for a settling time (100 ms) with no more 429s than 125/s could bring;
+// then in 300 ms 40 slots are granted and 10 refused: 30 accepted in 0.3 s
+// is 100/s. It ends at at+500 ms.
+func learn(at int) []event {
+	return seq(
+		[]event{{at, 0, "429", 10}}, burst(at+1, at+40, 30), []event{{at + 100, 0, "get", 6}, {at + 200, 0, "get", 6}},
+		burst(at+210, at+490, 10), []event{{at + 500, 0, "get", 40}},
+	)
+}
+
+// The decision, as a table: what the shared rate and the learned ceiling
+// become after a sequence of slots and 429s seen by three workers sharing
+// one Redis, the workers configured at 500/s.
+func TestAdaptiveDecision(t *testing.T) {
+	cases := []struct {
+		name      string
+		evs       []event
+		rate      float64
+		ceiling   float64
+		measuring bool
+		lowered   bool
+	}{
+		{name: "no 429: the configured limit", evs: []event{{0, 0, "get", 100}}, rate: 500},
+		{name: "the first 429 cuts to a quarter at once", evs: []event{{0, 0, "429", 10}}, rate: 125, measuring: true, lowered: true},
+		{name: "the rest of the burst does not cut again", evs: seq([]event{{0, 0, "429", 10}}, burst(1, 40, 20)), rate: 125, measuring: true},
+		{name: "the accepted rate in the window is the ceiling", evs: learn(0), rate: 97, ceiling: 100},
+		// Counted, the 30 late 429s would make 10 accepted in 0.3 s.
+		{name: "the window waits for the late 429s of the cut", evs: seq(
+			[]event{{0, 0, "429", 10}}, burst(1, 40, 30), []event{{100, 0, "get", 6}},
+		), rate: 125, measuring: true},
+		{name: "while 429s come faster than the new rate, it waits on", evs: seq(
+			[]event{{0, 0, "429", 10}}, burst(1, 40, 30), []event{{100, 0, "get", 6}}, burst(110, 190, 20),
+			[]event{{200, 0, "get", 6}, {300, 0, "get", 6}}, burst(310, 590, 10), []event{{600, 0, "get", 40}},
+		), rate: 97, ceiling: 100},
+		{name: "429s that come back after the window do not start another at once", evs: seq(
+			learn(0), burst(510, 1000, 20),
+		), rate: 97, ceiling: 100},
+		{name: "a window without a 429: half way back up, and measure again", evs: seq(
+			[]event{{0, 0, "429", 10}}, []event{{100, 0, "get", 6}, {400, 0, "get", 50}},
+		), rate: 312.5, measuring: true},
+		{name: "after a window without a 429, the next window with 429s measures", evs: seq(
+			[]event{{0, 0, "429", 10}}, []event{{100, 0, "get", 6}, {400, 0, "get", 50}, {500, 0, "get", 16}},
+			burst(510, 790, 5), []event{{800, 0, "get", 95}},
+		), rate: 0.97 * (95 - 5) / 0.3, ceiling: (95 - 5) / 0.3},
+		{name: "a window that lets half the rate or less through halves it and measures again", evs: seq(
+			[]event{{0, 0, "429", 10}}, []event{{100, 0, "get", 6}}, burst(110, 390, 36), []event{{400, 0, "get", 37}},
+		), rate: 62.5, measuring: true},
+		{name: "a window with more 429s than slots measures again at the same rate", evs: seq(
+			[]event{{0, 0, "429", 10}}, []event{{100, 0, "get", 6}}, burst(110, 390, 20), []event{{400, 0, "get", 10}},
+		), rate: 125, measuring: true},
+		{name: "the next burst near the ceiling cuts by a tenth", evs: seq(
+			learn(0), []event{{5000, 1, "429", 400}},
+		), rate: 97 * 0.9, ceiling: 100, measuring: true, lowered: true},
+		{name: "a probe after 10 s of using the rate: +1%", evs: seq(
+			learn(0), []event{{10_500, 0, "get", 970}},
+		), rate: 97 * 1.01, ceiling: 100},
+		{name: "then +2%, +4%: each clean probe doubles the step", evs: seq(
+			learn(0), []event{{10_500, 0, "get", 970}, {20_500, 0, "get", 980}, {30_500, 0, "get", 1000}},
+		), rate: 97 * 1.01 * 1.02 * 1.04, ceiling: 100},
+		{name: "no probe when the fleet does not use the rate", evs: seq(
+			learn(0), []event{{10_500, 0, "get", 500}},
+		), rate: 97, ceiling: 100},
+		// 500/s was used for 10 s without a 429: a storm that teaches
+		// 100/s is left at the old pace, 500/s in 30 s.
+		{name: "under a rate used without 429s, the rate grows back linearly", evs: seq(
+			[]event{{0, 0, "get", 0}, {10_000, 0, "get", 5000}}, learn(10_100), []event{{13_600, 0, "get", 300}},
+		), rate: 97 + 0.1*500, ceiling: 100},
+		{name: "but not once that rate was used more than ten minutes ago", evs: seq(
+			[]event{{0, 0, "get", 0}, {10_000, 0, "get", 5000}}, learn(700_100), []event{{703_600, 0, "get", 300}},
+		), rate: 97, ceiling: 100},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			f := newFleetClock(t, 3, 500)
+			st, lowered := f.run(f.clock, c.evs)
+			if math.Abs(st.Rate-c.rate) > 1e-6 || math.Abs(st.Ceiling-c.ceiling) > 1e-6 || st.Measuring != c.measuring || lowered != c.lowered || st.Limit != 500 {
+				t.Fatalf("got %+v lowered %v; want rate %v ceiling %v measuring %v lowered %v", st, lowered, c.rate, c.ceiling, c.measuring, c.lowered)
+			}
+		})
+	}
+}
+
+// Readers (status, the monitor) see the workers' limit, rate and ceiling,
+// whatever their own --rate-limits; and what the fleet learned outlives
+// the workers' processes.
+func TestFleetShowsWhatTheWorkersUse(t *testing.T) {
+	f := newFleetClock(t, 1, 500)
+	reader := New(f.lims[0].rdb) // the defaults: 500/s
+	reader.now = f.lims[0].now
 	ctx := context.Background()
-	if r, _ := b.Rate(ctx, "m1", SendCoupon); r != 100 {
-		t.Fatalf("initial rate %v", r)
+	st, err := reader.Fleet(ctx, "m1", SendCoupon)
+	if err != nil || st.WorkersLimit || st.Limit != 500 || st.Rate != 500 || st.Ceiling != 0 {
+		t.Fatalf("before any worker: %+v %v", st, err)
 	}
-	if r, lowered, _ := a.Throttled(ctx, "m1", SendCoupon); r != 50 || !lowered {
-		t.Fatalf("after a 429: %v", r)
+	// The workers run at 300/s.
+	f = &fleetClock{t: t, clock: f.clock}
+	w := New(reader.rdb, WithLimits(map[Endpoint]Limit{SendCoupon: {300, time.Second}}))
+	w.now = func() time.Time { return f.clock }
+	f.lims = []*Limiter{w}
+	f.run(f.clock, seq([]event{{0, 0, "429", 10}}, []event{{100, 0, "get", 6}}, []event{{110, 0, "429", 0}, {400, 0, "get", 36}}))
+	st, err = reader.Fleet(ctx, "m1", SendCoupon)
+	if err != nil || !st.WorkersLimit || st.Limit != 300 || math.Abs(st.Ceiling-(36-1)/0.3) > 1e-6 || math.Abs(st.Rate-0.97*st.Ceiling) > 1e-6 {
+		t.Fatalf("after the workers learned: %+v %v", st, err)
 	}
-	if r, lowered, _ := b.Throttled(ctx, "m1", SendCoupon); r != 50 || lowered {
-		t.Fatalf("a second 429 in the same burst halved again: %v", r)
+	if r, _ := reader.Rate(ctx, "m1", SendCoupon); r != st.Rate {
+		t.Fatalf("Rate %v, Fleet %+v", r, st)
 	}
-	clock = clock.Add(2 * time.Second) // past b's cache and the cooldown
-	if r, _ := b.Rate(ctx, "m1", SendCoupon); r != 70 {
-		t.Fatalf("after 2s of recovery at 10/s: %v, want 70", r)
+	// A worker started later (a restart) takes its slots at the learned
+	// rate, not at its configured limit.
+	again := New(reader.rdb, WithLimits(map[Endpoint]Limit{SendCoupon: {300, time.Second}}))
+	again.now = w.now
+	if r, err := again.rate(ctx, "m1", SendCoupon); err != nil || r != st.Rate {
+		t.Fatalf("a new worker's rate %v (%v), want %v", r, err, st.Rate)
 	}
-	if r, lowered, _ := a.Throttled(ctx, "m1", SendCoupon); r != 35 || !lowered {
-		t.Fatalf("second decrease: %v", r)
+	if ttl := reader.rdb.PTTL(ctx, keyspace.Default.LimiterRate("m1", string(SendCoupon))).Val(); ttl < 29*24*time.Hour {
+		t.Fatalf("the learned state expires in %s", ttl)
 	}
-	clock = clock.Add(time.Minute)
-	if r, _ := b.Rate(ctx, "m1", SendCoupon); r != 100 {
-		t.Fatalf("long after: %v, want the configured 100", r)
+}
+
+// Wait reports the slots it took, so that the fleet can count them.
+func TestWaitCountsSlots(t *testing.T) {
+	rdb := redistest.Start(t).Client()
+	ctx := context.Background()
+	l := New(rdb)
+	for range 5 {
+		if _, err := l.Wait(ctx, "m1", SendCoupon, time.Second); err != nil {
+			t.Fatal(err)
+		}
 	}
-	for i := 0; i < 20; i++ {
-		clock = clock.Add(2 * time.Second)
-		a.Throttled(ctx, "m1", SendCoupon)
+	// The first Wait read the rate before taking its slot; the rest were
+	// counted since and go with the next read.
+	l.cache = map[string]cached{}
+	if _, err := l.rate(ctx, "m1", SendCoupon); err != nil {
+		t.Fatal(err)
 	}
-	if r, _ := a.Rate(ctx, "m1", SendCoupon); r < 1 {
-		t.Fatalf("the rate fell to %v; it must keep a floor", r)
+	if g := rdb.HGet(ctx, keyspace.Default.LimiterRate("m1", string(SendCoupon)), "g").Val(); g != "5" {
+		t.Fatalf("slots counted in Redis: %q, want 5", g)
 	}
 }
 
