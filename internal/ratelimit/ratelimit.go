@@ -111,6 +111,10 @@ type Limiter struct {
 	cache   map[string]cached
 	granted map[string]int64 // slots taken and not yet reported to Redis
 	turns   map[string]chan struct{}
+	// waiting counts the callers in Wait per key; spares are slots the
+	// caller who asked Redis took for them (Wait).
+	waiting map[string]int
+	spares  map[string]spare
 	now     func() time.Time
 }
 
@@ -196,7 +200,8 @@ func New(rdb redis.UniversalClient, opts ...Option) *Limiter {
 	l := &Limiter{
 		rdb: rdb, gcra: redis_rate.NewLimiter(unprefixed{rdb}), limits: Defaults, keys: keyspace.Default,
 		adapt: DefaultAdaptation, cacheFor: 200 * time.Millisecond, episodeCacheFor: 20 * time.Millisecond,
-		floorFrac: 0.01, cache: map[string]cached{}, granted: map[string]int64{}, turns: map[string]chan struct{}{}, now: time.Now,
+		floorFrac: 0.01, cache: map[string]cached{}, granted: map[string]int64{}, turns: map[string]chan struct{}{},
+		waiting: map[string]int{}, spares: map[string]spare{}, now: time.Now,
 	}
 	for _, o := range opts {
 		o(l)
@@ -253,6 +258,18 @@ func (e *TooLong) Error() string {
 // signature costs CPU and expires, a slot only costs a round trip.
 func (l *Limiter) Wait(ctx context.Context, mchID string, ep Endpoint, maxWait time.Duration) (time.Duration, error) {
 	start := l.now()
+	key := l.key(mchID, ep)
+	if l.takeSpare(key) {
+		return 0, nil
+	}
+	l.mu.Lock()
+	l.waiting[key]++
+	l.mu.Unlock()
+	defer func() {
+		l.mu.Lock()
+		l.waiting[key]--
+		l.mu.Unlock()
+	}()
 	// One caller per process asks Redis at a time; the others queue here,
 	// first come first served. Without this every waiter wakes for every
 	// slot and all but one ask Redis in vain.
@@ -273,18 +290,30 @@ func (l *Limiter) Wait(ctx context.Context, mchID string, ep Endpoint, maxWait t
 	}
 	defer func() { <-turn }()
 	for {
+		// The caller before us may have taken our slot.
+		if l.takeSpare(key) {
+			return l.now().Sub(start), nil
+		}
 		rate, err := l.rate(ctx, mchID, ep)
 		if err != nil {
 			return l.now().Sub(start), err
 		}
-		res, err := l.gcra.Allow(ctx, l.key(mchID, ep), gcraLimit(rate))
+		// One round trip takes a slot for each caller of this process
+		// queued behind us too: they take theirs from memory (takeSpare).
+		l.mu.Lock()
+		n := min(max(l.waiting[key], 1), maxBatch)
+		l.mu.Unlock()
+		res, err := l.gcra.AllowAtMost(ctx, key, gcraLimit(rate), n)
 		if err != nil {
 			return l.now().Sub(start), fmt.Errorf("ratelimit: %w", err)
 		}
 		waited := l.now().Sub(start)
 		if res.Allowed > 0 {
 			l.mu.Lock()
-			l.granted[l.key(mchID, ep)]++
+			l.granted[key]++
+			if res.Allowed > 1 {
+				l.spares[key] = spare{n: res.Allowed - 1, until: l.now().Add(spareFor)}
+			}
 			l.mu.Unlock()
 			return waited, nil
 		}
@@ -300,6 +329,35 @@ func (l *Limiter) Wait(ctx context.Context, mchID string, ep Endpoint, maxWait t
 		case <-time.After(sleep):
 		}
 	}
+}
+
+// maxBatch is the most slots one round trip takes for a process, and
+// spareFor how long the ones its caller does not use stay good: the
+// callers queued behind it take them within microseconds; a slot left
+// over (its caller gave up) is dropped soon, not spent late in a burst.
+const (
+	maxBatch = 16
+	spareFor = 20 * time.Millisecond
+)
+
+// spare is slots taken from Redis and not used yet.
+type spare struct {
+	n     int
+	until time.Time
+}
+
+// takeSpare takes one of the key's spare slots, if one is still good.
+func (l *Limiter) takeSpare(key string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	sp, ok := l.spares[key]
+	if !ok || sp.n <= 0 || !l.now().Before(sp.until) {
+		return false
+	}
+	sp.n--
+	l.spares[key] = sp
+	l.granted[key]++
+	return true
 }
 
 // gcraLimit expresses a rate per second for redis_rate, which takes whole
