@@ -115,7 +115,10 @@ type Limiter struct {
 	// caller who asked Redis took for them (Wait).
 	waiting map[string]int
 	spares  map[string]spare
-	now     func() time.Time
+	// used counts the slots this process used per key, in spareFor
+	// windows: the last full window's count is what it takes ahead.
+	used map[string]usage
+	now  func() time.Time
 }
 
 // Adaptation is how the shared rate reacts to 429s (see aimd.lua).
@@ -201,7 +204,7 @@ func New(rdb redis.UniversalClient, opts ...Option) *Limiter {
 		rdb: rdb, gcra: redis_rate.NewLimiter(unprefixed{rdb}), limits: Defaults, keys: keyspace.Default,
 		adapt: DefaultAdaptation, cacheFor: 200 * time.Millisecond, episodeCacheFor: 20 * time.Millisecond,
 		floorFrac: 0.01, cache: map[string]cached{}, granted: map[string]int64{}, turns: map[string]chan struct{}{},
-		waiting: map[string]int{}, spares: map[string]spare{}, now: time.Now,
+		waiting: map[string]int{}, spares: map[string]spare{}, used: map[string]usage{}, now: time.Now,
 	}
 	for _, o := range opts {
 		o(l)
@@ -300,8 +303,11 @@ func (l *Limiter) Wait(ctx context.Context, mchID string, ep Endpoint, maxWait t
 		}
 		// One round trip takes a slot for each caller of this process
 		// queued behind us too: they take theirs from memory (takeSpare).
+		// And ahead, as many as this process used in the last window:
+		// at a steady pace, the callers of the next few milliseconds take
+		// theirs without a round trip.
 		l.mu.Lock()
-		n := min(max(l.waiting[key], 1), maxBatch)
+		n := min(max(l.waiting[key], l.used[key].last(l.now()), 1), maxBatch)
 		l.mu.Unlock()
 		res, err := l.gcra.AllowAtMost(ctx, key, gcraLimit(rate), n)
 		if err != nil {
@@ -310,7 +316,7 @@ func (l *Limiter) Wait(ctx context.Context, mchID string, ep Endpoint, maxWait t
 		waited := l.now().Sub(start)
 		if res.Allowed > 0 {
 			l.mu.Lock()
-			l.granted[key]++
+			l.use(key)
 			if res.Allowed > 1 {
 				l.spares[key] = spare{n: res.Allowed - 1, until: l.now().Add(spareFor)}
 			}
@@ -356,8 +362,39 @@ func (l *Limiter) takeSpare(key string) bool {
 	}
 	sp.n--
 	l.spares[key] = sp
-	l.granted[key]++
+	l.use(key)
 	return true
+}
+
+// use counts a slot this process takes: for the fleet's measurements
+// (granted), and for how many to take ahead (used). Under l.mu.
+func (l *Limiter) use(key string) {
+	l.granted[key]++
+	u := l.used[key]
+	now := l.now()
+	if now.Sub(u.start) >= spareFor {
+		u.prev = u.n
+		if now.Sub(u.start) >= 2*spareFor {
+			u.prev = 0 // a window with no slot lies between
+		}
+		u.start, u.n = now, 0
+	}
+	u.n++
+	l.used[key] = u
+}
+
+// usage is a key's slots used in the current window and the one before.
+type usage struct {
+	start   time.Time
+	n, prev int
+}
+
+// last is the slots used in the last full window, 0 once it is stale.
+func (u usage) last(now time.Time) int {
+	if now.Sub(u.start) >= 2*spareFor {
+		return 0
+	}
+	return u.prev
 }
 
 // gcraLimit expresses a rate per second for redis_rate, which takes whole
