@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"runtime/pprof"
 	"strconv"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -46,19 +45,7 @@ type dispatchRig struct {
 	memBase, memPending int64
 	// own counts this process's round trips to Redis (the status poll, the
 	// INFO reads), so that they can be told from the worker's.
-	own *roundTrips
-}
-
-// roundTrips is a go-redis hook counting round trips: one per command, one
-// per pipeline.
-type roundTrips struct{ n atomic.Int64 }
-
-func (c *roundTrips) DialHook(next redis.DialHook) redis.DialHook { return next }
-func (c *roundTrips) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error { c.n.Add(1); return next(ctx, cmd) }
-}
-func (c *roundTrips) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return func(ctx context.Context, cmds []redis.Cmder) error { c.n.Add(1); return next(ctx, cmds) }
+	own *redistest.RoundTrips
 }
 
 // workerRoundTrips is how many requests Redis read from its clients since
@@ -68,7 +55,7 @@ func (c *roundTrips) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.P
 // counts the commands a script runs as well.
 func (r *dispatchRig) workerRoundTrips(b *testing.B) int64 {
 	b.Helper()
-	own := r.own.n.Load()
+	own := r.own.N()
 	reads, err := strconv.ParseInt(redisInfo(b, r.rdb, "stats")["total_reads_processed"], 10, 64)
 	if err != nil {
 		b.Fatal(err)
@@ -81,7 +68,7 @@ func newDispatchRig(b *testing.B, n int) *dispatchRig {
 	ctx := context.Background()
 	r := &dispatchRig{redis: redistest.Start(b), sb: sandboxtest.Start(b), campaign: "dispatch", n: n}
 	r.rdb = openRedis(b, r.redis.Addr)
-	r.own = &roundTrips{}
+	r.own = &redistest.RoundTrips{}
 	r.rdb.AddHook(r.own)
 	r.store = idempotency.New(r.rdb)
 	env := r.sb.Env()
@@ -108,7 +95,7 @@ func newDispatchRig(b *testing.B, n int) *dispatchRig {
 	if err := r.rdb.ConfigResetStat(ctx).Err(); err != nil { // count dispatch alone
 		b.Fatal(err)
 	}
-	r.own.n.Store(0)
+	r.own.Reset()
 	return r
 }
 

@@ -470,18 +470,6 @@ func TestUserLockWithoutTTLIsBounded(t *testing.T) {
 	}
 }
 
-// roundTrips counts a client's round trips: one per command, one per
-// pipeline.
-type roundTrips struct{ n atomic.Int64 }
-
-func (c *roundTrips) DialHook(next redis.DialHook) redis.DialHook { return next }
-func (c *roundTrips) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error { c.n.Add(1); return next(ctx, cmd) }
-}
-func (c *roundTrips) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return func(ctx context.Context, cmds []redis.Cmder) error { c.n.Add(1); return next(ctx, cmds) }
-}
-
 // The user lock, on one Redis and on a Cluster (where it lives on another
 // slot and costs round trips of its own): one send per user at a time,
 // taken with the claim, released with the result, and a send that is not
@@ -515,7 +503,7 @@ func TestUserLockOnOneRedisAndOnACluster(t *testing.T) {
 				t.Fatal(err)
 			}
 
-			trips := &roundTrips{}
+			trips := &redistest.RoundTrips{}
 			rdb.AddHook(trips)
 			lock := s.userLockKey(a.MchID, a.OpenID)
 			cl, err := s.TryClaim(ctx, a, "w1", time.Minute)
@@ -525,7 +513,7 @@ func TestUserLockOnOneRedisAndOnACluster(t *testing.T) {
 			if err := s.Finish(ctx, a, "w1", Result{State: Succeeded, CouponID: "k1"}); err != nil {
 				t.Fatal(err)
 			}
-			if n := trips.n.Load(); n != tc.trips {
+			if n := trips.N(); n != tc.trips {
 				t.Errorf("a claim and a finish took %d round trips, want %d", n, tc.trips)
 			}
 
