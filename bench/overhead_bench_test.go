@@ -4,6 +4,9 @@ import (
 	"context"
 	crand "crypto/rand"
 	"encoding/hex"
+	"log/slog"
+	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -12,11 +15,15 @@ import (
 	"github.com/hibiken/asynq"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/couponflow/dispatcher/internal/breaker"
+	"github.com/couponflow/dispatcher/internal/dispatch"
 	"github.com/couponflow/dispatcher/internal/enqueue"
 	"github.com/couponflow/dispatcher/internal/idempotency"
+	"github.com/couponflow/dispatcher/internal/ratelimit"
 	"github.com/couponflow/dispatcher/internal/redisconn"
 	"github.com/couponflow/dispatcher/internal/redistest"
 	"github.com/couponflow/dispatcher/internal/tasks"
+	"github.com/couponflow/dispatcher/internal/wechat"
 )
 
 // The two benchmarks here take BenchmarkDispatch's worker apart without
@@ -26,7 +33,8 @@ import (
 // BenchmarkAsynqNoop is asynq's own floor: an asynq.Server configured as
 // the worker's (concurrency 32, same pool size) works off BENCH_SENDS × 4
 // queued tasks (default 20,000) of our payload with a handler that does
-// nothing.
+// nothing (or sleeps BENCH_FLOOR_CALL, for asynq's part of
+// BenchmarkRedisFloor at the same pace).
 func BenchmarkAsynqNoop(b *testing.B) {
 	n := 4 * envInt(b, "BENCH_SENDS", 5000)
 	var tasksDone int64
@@ -44,7 +52,9 @@ func BenchmarkAsynqNoop(b *testing.B) {
 		})
 		b.Cleanup(srv.Shutdown)
 		b.StartTimer()
+		pace := floorCall(b, 0)
 		err := srv.Start(asynq.HandlerFunc(func(context.Context, *asynq.Task) error {
+			time.Sleep(pace)
 			handled.Add(1)
 			return nil
 		}))
@@ -170,4 +180,102 @@ func newOwner() string {
 	var b [8]byte
 	_, _ = crand.Read(b[:])
 	return hex.EncodeToString(b[:])
+}
+
+// pacedCaller stands where WeChat would: it answers every call with a new
+// coupon after d, so that the worker's Redis work runs at the pace
+// BenchmarkDispatch's does, without its signatures.
+type pacedCaller struct {
+	d time.Duration
+	n atomic.Int64
+}
+
+func (c *pacedCaller) Call(ctx context.Context, _ tasks.Args) (string, error) {
+	select {
+	case <-time.After(c.d):
+	case <-ctx.Done():
+		return "", ctx.Err()
+	}
+	return strconv.FormatInt(10000000000+c.n.Add(1), 10), nil
+}
+
+// BenchmarkRedisFloor is the worker's Redis work alone, at the pace of a
+// real one: the handler as cmd/worker builds it (the store, the shared
+// limiter, the breakers' closed cache, an asynq server of concurrency 32
+// on the queue), with a call that takes BENCH_FLOOR_CALL (default 30 ms,
+// about 1,000 sends/s at concurrency 32) and signs nothing. Its
+// redis-cpu-us/send is what any send costs Redis with asynq and one record
+// a send, whatever the WeChat call costs: the floor under
+// BenchmarkDispatch's figure.
+func BenchmarkRedisFloor(b *testing.B) {
+	n := envInt(b, "BENCH_SENDS", 5000)
+	call := floorCall(b, 30*time.Millisecond)
+	var sends, trips int64
+	var wall, rcpu time.Duration
+	for b.Loop() {
+		b.StopTimer()
+		r := newDispatchRig(b, n)
+		rdb := openWorkerRedis(b, r.redis.Addr)
+		mch := r.sb.Env()[wechat.EnvMchID]
+		limiter := ratelimit.New(rdb, ratelimit.WithLimits(map[ratelimit.Endpoint]ratelimit.Limit{ratelimit.SendCoupon: {N: 100000, Per: time.Second}}))
+		breakers := breaker.New(rdb, breaker.WithClosedCache(time.Second))
+		h := dispatch.New(&pacedCaller{d: call}, idempotency.New(rdb), dispatch.WithLimiter(limiter, 10*time.Second),
+			dispatch.WithBreakers(breakers), dispatch.WithMerchant(mch), dispatch.WithLogger(slog.New(slog.DiscardHandler)))
+		srv := asynq.NewServerFromRedisClient(rdb, asynq.Config{
+			Concurrency: workerConcurrency, Queues: map[string]int{tasks.DefaultQueue: 1},
+			RetryDelayFunc: h.RetryDelay, IsFailure: dispatch.IsFailure, ShutdownTimeout: h.ShutdownTimeout(),
+			DelayedTaskCheckInterval: time.Second, LogLevel: asynq.WarnLevel,
+		})
+		mux := asynq.NewServeMux()
+		mux.Handle(tasks.TypeSendCoupon, h)
+		b.StartTimer()
+		if err := srv.Start(mux); err != nil {
+			b.Fatal(err)
+		}
+		var t0 time.Time
+		var rcpu0 time.Duration
+		var at0 int64
+		deadline := time.Now().Add(5 * time.Minute)
+		for {
+			st, err := r.store.Status(context.Background(), r.campaign)
+			if err != nil {
+				b.Fatal(err)
+			}
+			done := st.ByState[idempotency.Succeeded]
+			if done > 0 && t0.IsZero() {
+				t0, rcpu0, at0 = time.Now(), redisCPU(b, r.rdb), done
+			}
+			if done == int64(n) {
+				break
+			}
+			if time.Now().After(deadline) {
+				b.Fatalf("%d of %d sends in 5 minutes", done, n)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		wall += time.Since(t0)
+		rcpu += redisCPU(b, r.rdb) - rcpu0
+		sends += int64(n) - at0
+		b.StopTimer()
+		srv.Shutdown()
+		trips += r.workerRoundTrips(b)
+		b.StartTimer()
+	}
+	b.ReportMetric(0, "ns/op")
+	b.ReportMetric(float64(sends)/wall.Seconds(), "sends/s")
+	b.ReportMetric(float64(rcpu.Microseconds())/float64(sends), "redis-cpu-us/send")
+	b.ReportMetric(float64(trips)/float64(b.N*n), "redis-round-trips/send")
+}
+
+// floorCall is BENCH_FLOOR_CALL, or def.
+func floorCall(b *testing.B, def time.Duration) time.Duration {
+	s := os.Getenv("BENCH_FLOOR_CALL")
+	if s == "" {
+		return def
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		b.Fatalf("BENCH_FLOOR_CALL: %v", err)
+	}
+	return d
 }
