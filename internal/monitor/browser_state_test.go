@@ -177,6 +177,10 @@ func TestBlockedAndDoneInBrowser(t *testing.T) {
 	if err != nil || !strings.HasPrefix(took, "took ") {
 		t.Fatalf("duration %q (%v), want took …", took, err)
 	}
+	// The page replaced itself: the local times are there again.
+	if n, err := chromedp.Run(tctx, chromedp.Evaluate[int](`document.querySelectorAll('time + .local').length`)); err != nil || n == 0 {
+		t.Errorf("after a refresh, %d local times beside UTC (%v)", n, err)
+	}
 	if s := text(`[data-campaign="dry"] h3`); !strings.Contains(s, "done") || strings.Contains(s, "failures") {
 		t.Errorf("heading %q, want done", s)
 	}
