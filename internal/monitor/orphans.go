@@ -134,3 +134,11 @@ func (s *Server) orphans(ctx context.Context, name string, waiting []taskRef, no
 	st.checked, st.suspects, st.shown = now, suspects, shown
 	return shown, nil
 }
+
+// forgetOrphans drops a campaign's orphan checks, so that the monitor
+// keeps no state for the campaigns that are done.
+func (s *Server) forgetOrphans(name string) {
+	s.orphaned.mu.Lock()
+	delete(s.orphaned.m, name)
+	s.orphaned.mu.Unlock()
+}

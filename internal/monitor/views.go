@@ -298,6 +298,8 @@ func (s *Server) campaignWith(ctx context.Context, lk *look, name string, detail
 		}
 		c.Orphans = int64(len(orphans))
 		c.OrphanSample = orphans[:min(len(orphans), maxOrphanSample)]
+	} else {
+		s.forgetOrphans(name) // a done campaign waits for no task
 	}
 	s.judge(&c, st, sc, open, lk)
 	if detail {
