@@ -8,6 +8,8 @@ import (
 	"bytes"
 	"context"
 	"encoding/base64"
+	"encoding/json"
+	"fmt"
 	"image"
 	"image/png"
 	"os"
@@ -70,6 +72,37 @@ func Tab(t testing.TB, user, password string, timeout time.Duration) context.Con
 		}
 	}
 	return tctx
+}
+
+// Text waits for an element and reads its visible text, in one JavaScript
+// evaluation. chromedp.Text finds a node id first and reads it in a second
+// call; our pages replace their content on every refresh, so between the
+// two the node can be gone ("Could not find node with given id").
+func Text(sel string) chromedp.Action[string] {
+	// The text rides in an array, which is truthy even when the text is "".
+	poll := chromedp.Poll[[]string](fmt.Sprintf(
+		`(function () { var e = document.querySelector(%s); return e !== null && [e.innerText]; })()`, jsString(sel)),
+		chromedp.WithPollingInterval(50*time.Millisecond))
+	return func(ctx context.Context, t *chromedp.Target) (string, error) {
+		v, err := poll(ctx, t)
+		if err != nil || len(v) != 1 {
+			return "", fmt.Errorf("reading the text of %s: %v", sel, err)
+		}
+		return v[0], nil
+	}
+}
+
+// Click clicks an element in one JavaScript evaluation, for the same reason
+// as Text. Wrap it in chromedp.RunResponse when the click navigates.
+func Click(sel string) chromedp.Action[chromedp.Void] {
+	return chromedp.Poll[chromedp.Void](fmt.Sprintf(
+		`(function () { var e = document.querySelector(%s); if (e === null) { return false; } e.click(); return true; })()`, jsString(sel)),
+		chromedp.WithPollingInterval(50*time.Millisecond))
+}
+
+func jsString(s string) string {
+	b, _ := json.Marshal(s)
+	return string(b)
 }
 
 // SaveScreenshot checks that a PNG shows something (many colours, a fair

@@ -27,11 +27,11 @@ func TestCampaignActionsInBrowser(t *testing.T) {
 	}
 	// The page refreshes itself while the campaign runs: the click waits
 	// for the button of the page in place.
-	resp, err := chromedp.RunResponse(tctx, chromedp.Click(chromedp.CSS(`#action-pause`)))
+	resp, err := chromedp.RunResponse(tctx, browsertest.Click(`#action-pause`))
 	if err != nil || resp.Status != 200 {
 		t.Fatalf("following Pause…: %v, %v", resp, err)
 	}
-	affects, err := chromedp.Run(tctx, chromedp.Text(chromedp.CSS(`#confirm [data-affects]`)))
+	affects, err := chromedp.Run(tctx, browsertest.Text(`#confirm [data-affects]`))
 	if err != nil || strings.TrimSpace(affects) != "39" {
 		t.Fatalf("the confirmation counts %q sends (%v), want 39", affects, err)
 	}
@@ -44,7 +44,7 @@ func TestCampaignActionsInBrowser(t *testing.T) {
 	}
 	browsertest.SaveScreenshot(t, "confirm-pause.png", shot)
 
-	resp, err = chromedp.RunResponse(tctx, chromedp.Click(chromedp.CSS(`#confirm-button`)))
+	resp, err = chromedp.RunResponse(tctx, browsertest.Click(`#confirm-button`))
 	if err != nil || resp.Status != 200 {
 		t.Fatalf("confirming: %v, %v", resp, err)
 	}
@@ -54,10 +54,10 @@ func TestCampaignActionsInBrowser(t *testing.T) {
 	if err != nil || state != "paused" {
 		t.Fatalf("after confirming, the page shows %q (%v), want paused", state, err)
 	}
-	if text, err := chromedp.Run(tctx, chromedp.Text(chromedp.CSS(`#did`))); err != nil || !strings.Contains(text, "Paused: 39 sends") {
+	if text, err := chromedp.Run(tctx, browsertest.Text(`#did`)); err != nil || !strings.Contains(text, "Paused: 39 sends") {
 		t.Errorf("notice %q, %v", text, err)
 	}
-	if text, err := chromedp.Run(tctx, chromedp.Text(chromedp.CSS(`#audit`))); err != nil || !strings.Contains(text, testUser) || !strings.Contains(text, "pause") {
+	if text, err := chromedp.Run(tctx, browsertest.Text(`#audit`)); err != nil || !strings.Contains(text, testUser) || !strings.Contains(text, "pause") {
 		t.Errorf("audit trail %q, %v", text, err)
 	}
 	if n, err := chromedp.Run(tctx, chromedp.Evaluate[int](`document.querySelectorAll('#action-resume').length`)); err != nil || n != 1 {
@@ -83,7 +83,7 @@ func TestCampaignActionsInBrowser(t *testing.T) {
 	if err != nil || n != 0 {
 		t.Errorf("the read-only page has %d action elements (%v)", n, err)
 	}
-	if text, err := chromedp.Run(tctx, chromedp.Text(chromedp.CSS(`#readonly`))); err != nil || !strings.Contains(text, "read-only") {
+	if text, err := chromedp.Run(tctx, browsertest.Text(`#readonly`)); err != nil || !strings.Contains(text, "read-only") {
 		t.Errorf("read-only note %q, %v", text, err)
 	}
 }

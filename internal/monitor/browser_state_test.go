@@ -120,7 +120,7 @@ func TestBlockedAndDoneInBrowser(t *testing.T) {
 	}
 	text := func(sel string) string {
 		t.Helper()
-		s, err := chromedp.Run(tctx, chromedp.Text(chromedp.CSS(sel)))
+		s, err := chromedp.Run(tctx, browsertest.Text(sel))
 		if err != nil {
 			t.Fatalf("%s: %v", sel, err)
 		}

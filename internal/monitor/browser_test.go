@@ -67,8 +67,7 @@ func TestCampaignPageInBrowser(t *testing.T) {
 	if resp.Status != 200 {
 		t.Fatalf("campaign page: HTTP %d", resp.Status)
 	}
-	progress := chromedp.CSS(`[data-progress="summer"]`)
-	first, err := chromedp.Run(tctx, chromedp.Text(progress))
+	first, err := chromedp.Run(tctx, browsertest.Text(`[data-progress="summer"]`))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -78,7 +77,7 @@ func TestCampaignPageInBrowser(t *testing.T) {
 		t.Fatal(err)
 	}
 	second, err := chromedp.Run(tctx, chromedp.Poll[string](fmt.Sprintf(
-		`(function () { var e = document.querySelector('[data-progress="summer"]'); return e && e.textContent !== %q && e.textContent; })()`, first),
+		`(function () { var e = document.querySelector('[data-progress="summer"]'); return e && e.innerText !== %q && e.innerText; })()`, first),
 		chromedp.WithPollingTimeout(10*time.Second), chromedp.WithPollingInterval(100*time.Millisecond)))
 	if err != nil {
 		t.Fatalf("the progress %q did not change within 10s: %v", first, err)
@@ -92,7 +91,7 @@ func TestCampaignPageInBrowser(t *testing.T) {
 		t.Errorf("progress went from %q to %q, want more of 200 done", first, second)
 	}
 	t.Logf("progress seen: %q, then %q", first, second)
-	if failures, err := chromedp.Run(tctx, chromedp.Text(chromedp.CSS(`#campaign-summer .failures`))); err != nil || !strings.Contains(failures, "USER_ACCOUNT_ABNORMAL") {
+	if failures, err := chromedp.Run(tctx, browsertest.Text(`#campaign-summer .failures`)); err != nil || !strings.Contains(failures, "USER_ACCOUNT_ABNORMAL") {
 		t.Errorf("failures by code: %q, %v", failures, err)
 	}
 	shot, err := chromedp.Run(tctx, chromedp.CaptureScreenshot())
@@ -102,7 +101,7 @@ func TestCampaignPageInBrowser(t *testing.T) {
 	browsertest.SaveScreenshot(t, "campaign-page.png", shot)
 
 	// Follow the page's link into asynqmon.
-	resp, err = chromedp.RunResponse(tctx, chromedp.Click(chromedp.CSS(`#campaign-summer a.queue-link`)))
+	resp, err = chromedp.RunResponse(tctx, browsertest.Click(`#campaign-summer a.queue-link`))
 	if err != nil {
 		t.Fatalf("following the queue link: %v", err)
 	}
@@ -133,7 +132,7 @@ func TestCampaignPageInBrowser(t *testing.T) {
 	if err := chromedp.Do(tctx, chromedp.Navigate(r.url+"/")); err != nil {
 		t.Fatal(err)
 	}
-	if text, err := chromedp.Run(tctx, chromedp.Text(chromedp.CSS(`main`))); err != nil ||
+	if text, err := chromedp.Run(tctx, browsertest.Text(`main`)); err != nil ||
 		!strings.Contains(text, "summer") || !strings.Contains(text, "open in asynqmon") {
 		t.Errorf("index page: %v\n%s", err, text)
 	}
