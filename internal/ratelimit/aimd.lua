@@ -21,7 +21,7 @@
 -- a 429 storm of a few seconds does not leave the fleet crawling for
 -- minutes.
 --
--- KEYS: the state hash, the GCRA state (reserve.lua)
+-- KEYS: the state hash
 -- ARGV: now_ms, max_rate (the caller's configured limit), op, granted,
 --       floor, cut_unknown, cut_known, settle_ms, window_ms, margin,
 --       probe_ms, probe_step, cooldown_ms, ttl_ms, recover_ms, best_for_ms
@@ -46,7 +46,6 @@ end
 
 local floor = tonumber(ARGV[5])
 local cur = math.min(tonumber(s[1]) or max, max)
-local was = cur
 local ceil = tonumber(s[2])
 local g = (tonumber(s[4]) or 0) + tonumber(ARGV[4])
 local l = tonumber(s[5]) or 0
@@ -177,13 +176,6 @@ if dec_at then
   fields[#fields + 1] = dec_at
 end
 redis.call('HSET', h, unpack(fields))
-if cur < was then
-  -- Slots reserved at the old rate are dropped by the workers; the next
-  -- ones start now at the new rate. Left in place, the old reservations
-  -- would hold every call back a while, WeChat's bucket would fill, and
-  -- the window would see no 429 at a rate above the real limit.
-  redis.call('DEL', KEYS[2])
-end
 redis.call('PEXPIRE', h, tonumber(ARGV[14]))
 local open = 0
 if ep ~= 0 then open = 1 end

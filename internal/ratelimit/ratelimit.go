@@ -113,10 +113,6 @@ type Limiter struct {
 	// caller who asked Redis took for them (Wait).
 	waiting map[string]int
 	spares  map[string][]time.Time
-	// gen counts the times a key's reserved slots were dropped.
-	gen map[string]uint64
-	// cuts wake the callers sleeping for slots of the current generation.
-	cuts map[string]chan struct{}
 	// used counts the slots this process used per key, in spareFor
 	// windows: the last full window's count is what it takes ahead.
 	used map[string]usage
@@ -208,7 +204,7 @@ func New(rdb redis.UniversalClient, opts ...Option) *Limiter {
 		rdb: rdb, limits: Defaults, keys: keyspace.Default,
 		adapt: DefaultAdaptation, cacheFor: 200 * time.Millisecond, episodeCacheFor: 20 * time.Millisecond,
 		floorFrac: 0.01, cache: map[string]cached{}, granted: map[string]int64{}, turns: map[string]chan struct{}{},
-		waiting: map[string]int{}, spares: map[string][]time.Time{}, gen: map[string]uint64{}, cuts: map[string]chan struct{}{}, used: map[string]usage{}, bound: map[string]time.Time{}, now: time.Now,
+		waiting: map[string]int{}, spares: map[string][]time.Time{}, used: map[string]usage{}, bound: map[string]time.Time{}, now: time.Now,
 	}
 	for _, o := range opts {
 		o(l)
@@ -237,34 +233,8 @@ func (e *TooLong) Error() string {
 func (l *Limiter) Wait(ctx context.Context, mchID string, ep Endpoint, maxWait time.Duration) (time.Duration, error) {
 	start := l.now()
 	key := l.key(mchID, ep)
-	deadline := start.Add(maxWait)
-	for {
-		at, gen, err := l.slot(ctx, mchID, ep, key, deadline)
-		if err == nil {
-			err = l.sleepUntil(ctx, at, l.cutSignal(key, gen))
-		}
-		if err != nil {
-			return l.now().Sub(start), err
-		}
-		l.mu.Lock()
-		if l.gen[key] == gen {
-			// Counted when used, not when reserved: the fleet measures
-			// the rate WeChat accepted from the calls made.
-			l.use(key)
-			l.mu.Unlock()
-			return l.now().Sub(start), nil
-		}
-		l.mu.Unlock()
-		// The rate was cut while this caller slept for a slot reserved at
-		// the old pace: its call would most likely be refused too.
-	}
-}
-
-// slot takes a slot: a spare one, or one from Redis under the key's turn.
-// gen is the key's generation when it was taken.
-func (l *Limiter) slot(ctx context.Context, mchID string, ep Endpoint, key string, deadline time.Time) (at time.Time, gen uint64, err error) {
-	if at, gen, ok, err := l.takeSpare(key, deadline); ok || err != nil {
-		return at, gen, err
+	if at, ok, err := l.takeSpare(key, start.Add(maxWait)); ok || err != nil {
+		return l.sleepUntil(ctx, start, at, err)
 	}
 	// waiting counts the callers of the process without a slot: a round
 	// trip reserves one for each of them, not for those that sleep for
@@ -272,11 +242,11 @@ func (l *Limiter) slot(ctx context.Context, mchID string, ep Endpoint, key strin
 	l.mu.Lock()
 	l.waiting[key]++
 	l.mu.Unlock()
-	at, gen, err = l.queue(ctx, mchID, ep, key, deadline)
+	at, err := l.queue(ctx, mchID, ep, key, start, maxWait)
 	l.mu.Lock()
 	l.waiting[key]--
 	l.mu.Unlock()
-	return at, gen, err
+	return l.sleepUntil(ctx, start, at, err)
 }
 
 // queue waits for the key's turn and takes a slot under it. One caller
@@ -284,37 +254,37 @@ func (l *Limiter) slot(ctx context.Context, mchID string, ep Endpoint, key strin
 // first served, and take the slots its round trip reserved for them.
 // Without this every waiter would wake for every slot and all but one ask
 // Redis in vain.
-func (l *Limiter) queue(ctx context.Context, mchID string, ep Endpoint, key string, deadline time.Time) (time.Time, uint64, error) {
+func (l *Limiter) queue(ctx context.Context, mchID string, ep Endpoint, key string, start time.Time, maxWait time.Duration) (time.Time, error) {
 	turn := l.turn(mchID, ep)
 	select {
 	case turn <- struct{}{}:
 	default:
-		timer := time.NewTimer(max(deadline.Sub(l.now()), 0))
+		timer := time.NewTimer(maxWait)
 		select {
 		case turn <- struct{}{}:
 			timer.Stop()
 		case <-timer.C:
-			return time.Time{}, 0, &TooLong{RetryAfter: time.Duration(float64(time.Second) / math.Max(l.cachedRate(mchID, ep), 0.001))}
+			return time.Time{}, &TooLong{RetryAfter: time.Duration(float64(time.Second) / math.Max(l.cachedRate(mchID, ep), 0.001))}
 		case <-ctx.Done():
 			timer.Stop()
-			return time.Time{}, 0, ctx.Err()
+			return time.Time{}, ctx.Err()
 		}
 	}
 	// The caller sleeps for its slot after giving the turn on.
 	defer func() { <-turn }()
-	return l.reserve(ctx, mchID, ep, key, deadline)
+	return l.reserve(ctx, mchID, ep, key, start.Add(maxWait))
 }
 
 // reserve takes the caller's slot, from the spares the caller before it
 // reserved or from Redis with spares for the callers queued behind it.
 // Under the key's turn.
-func (l *Limiter) reserve(ctx context.Context, mchID string, ep Endpoint, key string, deadline time.Time) (time.Time, uint64, error) {
-	if at, gen, ok, err := l.takeSpare(key, deadline); ok || err != nil {
-		return at, gen, err
+func (l *Limiter) reserve(ctx context.Context, mchID string, ep Endpoint, key string, deadline time.Time) (time.Time, error) {
+	if at, ok, err := l.takeSpare(key, deadline); ok || err != nil {
+		return at, err
 	}
 	rate, err := l.rate(ctx, mchID, ep)
 	if err != nil {
-		return time.Time{}, 0, err
+		return time.Time{}, err
 	}
 	// One round trip reserves a slot for each caller of this process
 	// queued behind this one too. Below the limit it takes as many more as
@@ -334,11 +304,11 @@ func (l *Limiter) reserve(ctx context.Context, mchID string, ep Endpoint, key st
 	v, err := reserveScript.Run(ctx, l.rdb, []string{key}, limit.burst, limit.rate, limit.period.Seconds(), n,
 		max(deadline.Sub(now), 0).Seconds()).Slice()
 	if err != nil {
-		return time.Time{}, 0, fmt.Errorf("ratelimit: %w", err)
+		return time.Time{}, fmt.Errorf("ratelimit: %w", err)
 	}
 	k, first, interval, err := parseReserved(v)
 	if err != nil {
-		return time.Time{}, 0, err
+		return time.Time{}, err
 	}
 	now = l.now()
 	l.mu.Lock()
@@ -347,14 +317,15 @@ func (l *Limiter) reserve(ctx context.Context, mchID string, ep Endpoint, key st
 		l.bound[key] = now.Add(time.Second)
 	}
 	if k == 0 {
-		return time.Time{}, 0, &TooLong{RetryAfter: first}
+		return time.Time{}, &TooLong{RetryAfter: first}
 	}
+	l.use(key)
 	// A slot's time is in the past while the burst lasts: it is good from
 	// now, not from then, or it would be dropped as stale at once.
 	for i := 1; i < k; i++ {
 		l.spares[key] = append(l.spares[key], later(now, now.Add(first+time.Duration(i)*interval)))
 	}
-	return later(now, now.Add(first)), l.gen[key], nil
+	return later(now, now.Add(first)), nil
 }
 
 func later(a, b time.Time) time.Time {
@@ -374,40 +345,24 @@ func parseReserved(v []any) (k int, first, interval time.Duration, err error) {
 	return int(n), time.Duration(f * float64(time.Second)), time.Duration(i * float64(time.Second)), nil
 }
 
-// sleepUntil sleeps until the slot at comes.
-// A cut wakes the caller at once, to reserve again.
-func (l *Limiter) sleepUntil(ctx context.Context, at time.Time, cut <-chan struct{}) error {
+// sleepUntil sleeps until the slot at comes and returns how long the
+// caller waited since start.
+func (l *Limiter) sleepUntil(ctx context.Context, start, at time.Time, err error) (time.Duration, error) {
+	if err != nil {
+		return l.now().Sub(start), err
+	}
 	if d := at.Sub(l.now()); d > 0 {
 		timer := time.NewTimer(d)
-		defer timer.Stop()
 		select {
 		case <-ctx.Done():
+			timer.Stop()
 			// The slot is lost to the fleet: GCRA has counted it.
-			return ctx.Err()
-		case <-cut:
+			return l.now().Sub(start), ctx.Err()
 		case <-timer.C:
 		}
 	}
-	return nil
+	return l.now().Sub(start), nil
 }
-
-// cutSignal is closed when the key's reserved slots of generation gen are
-// dropped (at once if they already are).
-func (l *Limiter) cutSignal(key string, gen uint64) <-chan struct{} {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.gen[key] != gen {
-		return closed
-	}
-	c, ok := l.cuts[key]
-	if !ok {
-		c = make(chan struct{})
-		l.cuts[key] = c
-	}
-	return c
-}
-
-var closed = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
 
 // maxBatch is the most slots one round trip reserves for a process, and
 // spareFor how long after its time a spare slot stays good: the callers
@@ -425,7 +380,7 @@ var reserveScript = redis.NewScript(reserveLua)
 // takeSpare takes the key's next spare slot still good and says when it
 // may be used. It leaves a slot that comes after deadline for another
 // caller, and says how long this one would have to wait (TooLong).
-func (l *Limiter) takeSpare(key string, deadline time.Time) (time.Time, uint64, bool, error) {
+func (l *Limiter) takeSpare(key string, deadline time.Time) (time.Time, bool, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	sp := l.spares[key]
@@ -435,14 +390,15 @@ func (l *Limiter) takeSpare(key string, deadline time.Time) (time.Time, uint64, 
 	}
 	l.spares[key] = sp
 	if len(sp) == 0 {
-		return time.Time{}, 0, false, nil
+		return time.Time{}, false, nil
 	}
 	if sp[0].After(deadline) {
-		return time.Time{}, 0, false, &TooLong{RetryAfter: sp[0].Sub(now)}
+		return time.Time{}, false, &TooLong{RetryAfter: sp[0].Sub(now)}
 	}
 	at := sp[0]
 	l.spares[key] = sp[1:]
-	return at, l.gen[key], true, nil
+	l.use(key)
+	return at, true, nil
 }
 
 // use counts a slot this process takes: for the fleet's measurements
@@ -562,7 +518,7 @@ func (l *Limiter) aimd(ctx context.Context, mchID string, ep Endpoint, op string
 	}
 	a := l.adapt
 	now := l.now()
-	v, err := aimdScript.Run(ctx, l.rdb, []string{l.keys.LimiterRate(mchID, string(ep)), key},
+	v, err := aimdScript.Run(ctx, l.rdb, []string{l.keys.LimiterRate(mchID, string(ep))},
 		now.UnixMilli(), max, op, granted, max*l.floorFrac, a.CutUnknown, a.CutKnown,
 		a.Settle.Milliseconds(), a.Window.Milliseconds(), a.Margin, a.ProbeEvery.Milliseconds(), a.ProbeStep,
 		a.Cooldown.Milliseconds(), a.Keep.Milliseconds(), a.Recover.Milliseconds(), a.BestFor.Milliseconds()).Slice()
@@ -580,17 +536,6 @@ func (l *Limiter) aimd(ctx context.Context, mchID string, ep Endpoint, op string
 	}
 	if op != "peek" {
 		l.mu.Lock()
-		// Slots reserved at a rate WeChat refused, or above the rate now
-		// shared, would keep the old pace after the cut: they are dropped,
-		// and the callers reserve again at the new rate.
-		if c, ok := l.cache[key]; lowered || ok && st.Rate < c.rate {
-			delete(l.spares, key)
-			l.gen[key]++
-			if c, ok := l.cuts[key]; ok {
-				close(c)
-				delete(l.cuts, key)
-			}
-		}
 		l.cache[key] = cached{rate: st.Rate, at: now, episode: st.Measuring}
 		l.mu.Unlock()
 	}

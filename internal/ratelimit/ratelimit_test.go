@@ -3,7 +3,6 @@ package ratelimit
 import (
 	"context"
 	"errors"
-	"fmt"
 	"math"
 	"slices"
 	"sort"
@@ -291,12 +290,10 @@ func TestKeysUnderThePrefix(t *testing.T) {
 	ctx := context.Background()
 	keys := keyspace.New("acme")
 	l := New(rdb, WithKeys(keys))
-	// A cut drops the GCRA state (the slots reserved at the old rate): the
-	// slot after it writes it again.
-	if _, _, err := l.Throttled(ctx, "m", SendCoupon); err != nil {
+	if _, err := l.Wait(ctx, "m", SendCoupon, time.Second); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := l.Wait(ctx, "m", SendCoupon, time.Second); err != nil {
+	if _, _, err := l.Throttled(ctx, "m", SendCoupon); err != nil {
 		t.Fatal(err)
 	}
 	got := rdb.Keys(ctx, "*").Val()
@@ -412,44 +409,5 @@ func TestReservesSlotsAtTheLimit(t *testing.T) {
 		t.Errorf("%d round trips for %v slots at the limit, want no more than one a slot", rt, n)
 	} else {
 		t.Logf("%v slots in %.2fs, %d round trips", n, elapsed, rt)
-	}
-}
-
-// A caller sleeping for a slot reserved before a 429 cut the rate reserves
-// again at the new rate when it wakes: its slot kept the old pace, which
-// WeChat had just refused.
-func TestACutReservesSleepersAgain(t *testing.T) {
-	for _, cut := range []bool{false, true} {
-		t.Run(fmt.Sprintf("cut=%v", cut), func(t *testing.T) {
-			rdb := redistest.Start(t).Client()
-			calls := gcraCalls()
-			rdb.AddHook(calls)
-			ctx := context.Background()
-			l := New(rdb, WithLimits(map[Endpoint]Limit{SendCoupon: {10, time.Second}}))
-			if _, err := l.Wait(ctx, "m1", SendCoupon, time.Second); err != nil {
-				t.Fatal(err) // the burst of one
-			}
-			before := calls.N()
-			done := make(chan time.Duration)
-			go func() {
-				waited, err := l.Wait(ctx, "m1", SendCoupon, 2*time.Second)
-				if err != nil {
-					t.Error(err)
-				}
-				done <- waited
-			}()
-			time.Sleep(30 * time.Millisecond) // it sleeps for its slot, 100 ms after the first
-			if cut {
-				if _, lowered, err := l.Throttled(ctx, "m1", SendCoupon); err != nil || !lowered {
-					t.Fatalf("Throttled: lowered %v, %v", lowered, err)
-				}
-			}
-			waited := <-done
-			want := map[bool]int64{false: 1, true: 2}[cut]
-			if n := calls.N() - before; n != want {
-				t.Errorf("the sleeper made %d reservations, want %d", n, want)
-			}
-			t.Logf("waited %s", waited.Round(time.Millisecond))
-		})
 	}
 }
