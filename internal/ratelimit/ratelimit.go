@@ -336,10 +336,13 @@ func later(a, b time.Time) time.Time {
 }
 
 func parseReserved(v []any) (k int, first, interval time.Duration, err error) {
+	if len(v) != 3 {
+		return 0, 0, 0, fmt.Errorf("ratelimit: bad answer from Redis: %v", v)
+	}
 	n, ok1 := v[0].(int64)
 	f, err1 := strconv.ParseFloat(fmt.Sprint(v[1]), 64)
 	i, err2 := strconv.ParseFloat(fmt.Sprint(v[2]), 64)
-	if len(v) != 3 || !ok1 || err1 != nil || err2 != nil {
+	if !ok1 || err1 != nil || err2 != nil {
 		return 0, 0, 0, fmt.Errorf("ratelimit: bad answer from Redis: %v", v)
 	}
 	return int(n), time.Duration(f * float64(time.Second)), time.Duration(i * float64(time.Second)), nil

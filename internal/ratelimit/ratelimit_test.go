@@ -411,3 +411,24 @@ func TestReservesSlotsAtTheLimit(t *testing.T) {
 		t.Logf("%v slots in %.2fs, %d round trips", n, elapsed, rt)
 	}
 }
+
+func TestParseReserved(t *testing.T) {
+	for _, tc := range []struct {
+		v    []any
+		k    int
+		wait time.Duration
+		ok   bool
+	}{
+		{[]any{int64(3), "0.25", "0.005"}, 3, 250 * time.Millisecond, true},
+		{[]any{int64(0), "-0.1", "0.01"}, 0, -100 * time.Millisecond, true},
+		{[]any{int64(1), "x", "0.01"}, 0, 0, false},
+		{[]any{"1", "0", "0.01"}, 0, 0, false},
+		{[]any{int64(1)}, 0, 0, false},
+		{nil, 0, 0, false},
+	} {
+		k, first, _, err := parseReserved(tc.v)
+		if (err == nil) != tc.ok || tc.ok && (k != tc.k || first != tc.wait) {
+			t.Errorf("parseReserved(%v) = %d, %s, %v", tc.v, k, first, err)
+		}
+	}
+}
