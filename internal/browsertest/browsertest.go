@@ -92,11 +92,12 @@ func Text(sel string) chromedp.Action[string] {
 	}
 }
 
-// Click clicks an element in one JavaScript evaluation, for the same reason
-// as Text. Wrap it in chromedp.RunResponse when the click navigates.
+// Click clicks an element once it is shown and enabled, in one JavaScript
+// evaluation, for the same reason as Text. Wrap it in chromedp.RunResponse
+// when the click navigates.
 func Click(sel string) chromedp.Action[chromedp.Void] {
 	return chromedp.Poll[chromedp.Void](fmt.Sprintf(
-		`(function () { var e = document.querySelector(%s); if (e === null) { return false; } e.click(); return true; })()`, jsString(sel)),
+		`(function () { var e = document.querySelector(%s); if (e === null || e.disabled || e.getClientRects().length === 0) { return false; } e.click(); return true; })()`, jsString(sel)),
 		chromedp.WithPollingInterval(50*time.Millisecond))
 }
 
