@@ -55,7 +55,7 @@ const (
 // POSTs the sandbox received in the window and the busiest second of them.
 // cores-busy is the CPU the workers, this process (the sandbox) and
 // redis-server used over the window, divided by its length. allows/send is
-// the limiter's GCRA calls (reserve.lua, counted by its TIME call in
+// the limiter's GCRA calls (redis_rate's script, counted by its TIME call in
 // INFO commandstats) per send over the whole run, and deliveries/send
 // asynq's dequeues per send: above 1 when sends went back to the queue, for
 // instance after waiting --rate-max-wait for a slot in vain. Every run must
@@ -245,7 +245,7 @@ func runFleet(b *testing.B, bin string, workers, limit, n int) {
 		b.Logf("%d workers, sandbox limit %d/s (0: none), workers at favor_send=%d/s, %d sends: window %s, %d 2xx (%.1f/s), %d POSTs, busiest second %d, 429s %d in the window and %d in all, up to %d sends seen waiting_rate, %.2f cores busy",
 			workers, limit, configured, n, run.window.Round(time.Millisecond), run.ok, float64(run.ok)/run.window.Seconds(), run.posts, run.peak,
 			run.limited, run.limitedAll, run.waitedForRate, run.cpu.Seconds()/run.window.Seconds())
-		// reserve.lua calls TIME once per reservation, nothing else of
+		// redis_rate's script calls TIME once per Allow, nothing else of
 		// ours does; asynq's dequeue does one RPOPLPUSH per delivery.
 		allows, deliveries := commandCalls(b, r.rdb, "time"), commandCalls(b, r.rdb, "rpoplpush")
 		var sent []string

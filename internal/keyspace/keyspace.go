@@ -40,7 +40,7 @@
 //	cf:user:{<mchid>:<openid>}                 string  the user lock
 //	cf:breaker:{<mchid>}:stock:<stock_id>      hash    a stock's budget breaker
 //	cf:breaker:{<mchid>}:open                  set     stocks whose breaker is open
-//	cf:rl:{<mchid>:<endpoint>}                 string  GCRA state (ratelimit/reserve.lua, redis_rate's format)
+//	cf:rl:{<mchid>:<endpoint>}                 string  GCRA state (go-redis/redis_rate)
 //	cf:rl:{<mchid>:<endpoint>}:aimd            hash    the shared rate, the workers' limit, the learned ceiling (30 d TTL)
 //	cf:lock:<name>                             string  a fleet-wide lock (one sweeper at a time)
 //	cf:sweep:swept                             hash    campaign → when the orphan sweeper last swept it
