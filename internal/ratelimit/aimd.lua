@@ -21,7 +21,7 @@
 -- a 429 storm of a few seconds does not leave the fleet crawling for
 -- minutes.
 --
--- KEYS: the state hash
+-- KEYS: the state hash, the GCRA state (redis_rate's format)
 -- ARGV: now_ms, max_rate (the caller's configured limit), op, granted,
 --       floor, cut_unknown, cut_known, settle_ms, window_ms, margin,
 --       probe_ms, probe_step, cooldown_ms, ttl_ms, recover_ms, best_for_ms
@@ -29,6 +29,9 @@
 --     its last report), "decrease" (a worker saw a 429), "peek" (a reader:
 --     the state as the workers left it, nothing written).
 -- Returns {rate, lowered, ceiling or "", workers' limit or "", episode open}.
+-- The GCRA state is written below with TIME: effects, not the script, are
+-- replicated (the default since Redis 5; redis_rate asks the same).
+redis.replicate_commands()
 local h = KEYS[1]
 local now = tonumber(ARGV[1])
 local max = tonumber(ARGV[2])
@@ -46,6 +49,7 @@ end
 
 local floor = tonumber(ARGV[5])
 local cur = math.min(tonumber(s[1]) or max, max)
+local was = cur
 local ceil = tonumber(s[2])
 local g = (tonumber(s[4]) or 0) + tonumber(ARGV[4])
 local l = tonumber(s[5]) or 0
@@ -176,6 +180,21 @@ if dec_at then
   fields[#fields + 1] = dec_at
 end
 redis.call('HSET', h, unpack(fields))
+if cur < was then
+  -- The GCRA state holds a burst's worth of slots at the old pace (a tenth
+  -- of a second): granted at once after a cut, they are calls WeChat
+  -- refuses too (the real limit is below the old rate). The next slot
+  -- comes one interval at the new rate from now. TIME and the epoch are
+  -- redis_rate's, whose script reads this key.
+  local t = redis.call('TIME')
+  local tnow = (t[1] - 1483228800) + t[2] / 1000000
+  local burst = math.max(1, math.floor(cur / 10))
+  local drained = tnow + burst / cur
+  local tat = tonumber(redis.call('GET', KEYS[2]))
+  if not tat or tat < drained then
+    redis.call('SET', KEYS[2], tostring(drained), 'EX', math.ceil(drained - tnow))
+  end
+end
 redis.call('PEXPIRE', h, tonumber(ARGV[14]))
 local open = 0
 if ep ~= 0 then open = 1 end

@@ -500,7 +500,7 @@ func (l *Limiter) aimd(ctx context.Context, mchID string, ep Endpoint, op string
 	}
 	a := l.adapt
 	now := l.now()
-	v, err := aimdScript.Run(ctx, l.rdb, []string{l.keys.LimiterRate(mchID, string(ep))},
+	v, err := aimdScript.Run(ctx, l.rdb, []string{l.keys.LimiterRate(mchID, string(ep)), key},
 		now.UnixMilli(), max, op, granted, max*l.floorFrac, a.CutUnknown, a.CutKnown,
 		a.Settle.Milliseconds(), a.Window.Milliseconds(), a.Margin, a.ProbeEvery.Milliseconds(), a.ProbeStep,
 		a.Cooldown.Milliseconds(), a.Keep.Milliseconds(), a.Recover.Milliseconds(), a.BestFor.Milliseconds()).Slice()
@@ -518,6 +518,11 @@ func (l *Limiter) aimd(ctx context.Context, mchID string, ep Endpoint, op string
 	}
 	if op != "peek" {
 		l.mu.Lock()
+		if c, ok := l.cache[key]; lowered || ok && st.Rate < c.rate {
+			// Spare slots were taken at the old pace; the script drained
+			// the fleet's burst for the same reason.
+			delete(l.spares, key)
+		}
 		l.cache[key] = cached{rate: st.Rate, at: now, episode: st.Measuring}
 		l.mu.Unlock()
 	}

@@ -351,3 +351,28 @@ func TestWaitBatchesQueuedCallers(t *testing.T) {
 		t.Fatalf("slots counted in Redis: %q, want 640", g)
 	}
 }
+
+// A cut takes back the burst the GCRA state holds at the old pace: right
+// after it the next slot is one interval at the new rate away, not a
+// burst's worth at once, since those calls would be refused too.
+func TestCutDrainsTheBurst(t *testing.T) {
+	rdb := redistest.Start(t).Client()
+	ctx := context.Background()
+	l := New(rdb, WithLimits(map[Endpoint]Limit{SendCoupon: {400, time.Second}}))
+	if _, err := l.Wait(ctx, "m1", SendCoupon, 0); err != nil {
+		t.Fatal(err)
+	}
+	rate, lowered, err := l.Throttled(ctx, "m1", SendCoupon)
+	if err != nil || !lowered || rate != 100 {
+		t.Fatalf("the first 429: rate %v lowered %v err %v, want a cut to 100/s", rate, lowered, err)
+	}
+	// Without the drain, 10 slots (a tenth of a second at 100/s) at once.
+	_, err = l.Wait(ctx, "m1", SendCoupon, 0)
+	var tl *TooLong
+	if !errors.As(err, &tl) || tl.RetryAfter <= 0 || tl.RetryAfter > 10*time.Millisecond {
+		t.Fatalf("a slot right after the cut: %v, want one 10 ms (1/100 s) away at most", err)
+	}
+	if _, err := l.Wait(ctx, "m1", SendCoupon, time.Second); err != nil {
+		t.Fatalf("the next slot at the new rate: %v", err)
+	}
+}
