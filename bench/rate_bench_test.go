@@ -2,11 +2,13 @@ package bench
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -62,7 +64,7 @@ type ledgerSample struct {
 }
 
 func runUnknownLimit(b *testing.B, bin string, realLimit, configured, n int) {
-	var share, early, converge, late, util float64
+	var share, early, converge, late, util, unseen, avoidable float64
 	for b.Loop() {
 		b.StopTimer()
 		r := newDispatchRig(b, n)
@@ -121,6 +123,7 @@ func runUnknownLimit(b *testing.B, bin string, realLimit, configured, n int) {
 		}
 		r.sb.OnRequest(nil)
 		r.check(b)
+		calls := readCalls(b, fleet)
 
 		first := posts.first()
 		last := samples[len(samples)-1]
@@ -140,9 +143,10 @@ func runUnknownLimit(b *testing.B, bin string, realLimit, configured, n int) {
 				at10s = s
 			}
 		}
-		calls := last.ok + last.limited
-		runShare := float64(last.limited) / float64(calls)
-		lateShare := float64(last.limited-at10s.limited) / float64(calls-at10s.ok-at10s.limited)
+		total := last.ok + last.limited
+		runShare := float64(last.limited) / float64(total)
+		lateShare := float64(last.limited-at10s.limited) / float64(total-at10s.ok-at10s.limited)
+		blind, seen, lat := calls.split()
 		runConverge := 0.0
 		if !convergedAt.IsZero() {
 			runConverge = convergedAt.Sub(firstLimited).Seconds()
@@ -172,7 +176,7 @@ func runUnknownLimit(b *testing.B, bin string, realLimit, configured, n int) {
 			firstAt = firstLimited.Sub(first).Round(time.Millisecond).String() + " after the first call"
 		}
 		b.Logf("real limit %d/s, workers at %d/s, %d sends: %d calls, %d 429s (%.2f%%), %d in the first 2 s, %.2f%% after the first 10 s; first 429: %s, rate ≤ real %.3f s after it; utilisation %.3f from 1 s after it; learned ceiling %.1f/s",
-			realLimit, configured, n, calls, last.limited, 100*runShare, at2s.limited, 100*lateShare,
+			realLimit, configured, n, total, last.limited, 100*runShare, at2s.limited, 100*lateShare,
 			firstAt, runConverge, runUtil, last.ceiling)
 		b.Logf("shared rate every 0.5 s: %s", strings.Join(rates, " "))
 		var changes []string
@@ -201,6 +205,12 @@ func runUnknownLimit(b *testing.B, bin string, realLimit, configured, n int) {
 			}
 			b.Logf("429s by 100 ms from the first: %s", strings.Join(per, " "))
 		}
+		if blind+seen > 0 {
+			b.Logf("429s of calls started before any worker had a 429 answer: %d; after: %d (%.2f%% of calls); call latency around the first answer: median %s",
+				blind, seen, 100*float64(seen)/float64(total), lat)
+		}
+		unseen += float64(blind)
+		avoidable += float64(seen) / float64(total)
 		share += runShare
 		early += float64(at2s.limited)
 		converge += runConverge
@@ -215,6 +225,8 @@ func runUnknownLimit(b *testing.B, bin string, realLimit, configured, n int) {
 	b.ReportMetric(converge/N, "converge-s")
 	b.ReportMetric(late/N, "429s-after-10s")
 	b.ReportMetric(util/N, "utilisation")
+	b.ReportMetric(unseen/N, "429s-blind")
+	b.ReportMetric(avoidable/N, "429-share-seen")
 }
 
 // buildWorkerAt builds ./cmd/worker as it was at a git revision, from a
@@ -241,4 +253,72 @@ func buildWorkerAt(b *testing.B, rev string) string {
 		b.Fatalf("building the worker at %s: %v\n%s", rev, err, msg)
 	}
 	return out
+}
+
+// workerCall is one WeChat call as a worker logged it: when it started
+// (before signing) and ended, and whether WeChat answered 429.
+type workerCall struct {
+	start, end time.Time
+	limited    bool
+}
+
+type workerCalls []workerCall
+
+// readCalls reads the calls from the fleet's JSON logs (the "sent" and
+// "will retry" lines, which carry latency_ms).
+func readCalls(b *testing.B, fleet []*fleetWorker) workerCalls {
+	b.Helper()
+	var out workerCalls
+	for _, w := range fleet {
+		f, err := os.Open(w.logPath)
+		if err != nil {
+			b.Fatal(err)
+		}
+		dec := json.NewDecoder(f)
+		for {
+			var l struct {
+				Time    time.Time `json:"time"`
+				Outcome string    `json:"outcome"`
+				Latency *int64    `json:"latency_ms"`
+			}
+			if err := dec.Decode(&l); err != nil {
+				break
+			}
+			if l.Latency == nil || l.Outcome == "" {
+				continue
+			}
+			out = append(out, workerCall{start: l.Time.Add(-time.Duration(*l.Latency) * time.Millisecond), end: l.Time, limited: l.Outcome == "rate_limited"})
+		}
+		f.Close()
+	}
+	return out
+}
+
+// split counts the 429s of calls started before the first 429 answer
+// reached any worker (no limiter could have held them back: nobody knew)
+// and after it, and the median latency of the calls that ended within
+// 100 ms of that first answer.
+func (cs workerCalls) split() (blind, seen int, latency time.Duration) {
+	var first time.Time
+	for _, c := range cs {
+		if c.limited && (first.IsZero() || c.end.Before(first)) {
+			first = c.end
+		}
+	}
+	if first.IsZero() {
+		return 0, 0, 0
+	}
+	var lat []time.Duration
+	for _, c := range cs {
+		if c.limited && c.start.Before(first) {
+			blind++
+		} else if c.limited {
+			seen++
+		}
+		if d := c.end.Sub(first); d > -100*time.Millisecond && d < 100*time.Millisecond {
+			lat = append(lat, c.end.Sub(c.start))
+		}
+	}
+	slices.Sort(lat)
+	return blind, seen, lat[len(lat)/2]
 }
