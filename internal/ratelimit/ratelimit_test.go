@@ -380,7 +380,7 @@ func TestCutDrainsTheBurst(t *testing.T) {
 // At the limit each process reserves its next slot instead of racing the
 // others for it as it frees: about one round trip a slot (the limiter
 // before took 1,566 for 418 slots here), and the rate kept, with no
-// 100 ms after the first burst holding more than its share and a slot.
+// 100 ms after the first burst holding more than its share and a few.
 func TestReservesOneSlotAtTheLimit(t *testing.T) {
 	rdb := redistest.Start(t).Client()
 	calls := gcraCalls()
