@@ -61,23 +61,10 @@ func BenchmarkAsynqNoop(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		var t0 time.Time
 		var cpu0, rcpu0 time.Duration
-		var at0 int64
-		deadline := time.Now().Add(5 * time.Minute)
-		for {
-			h := handled.Load()
-			if h > 0 && t0.IsZero() {
-				t0, cpu0, rcpu0, at0 = time.Now(), selfCPU(b), redisCPU(b, rdb), h
-			}
-			if h == int64(n) {
-				break
-			}
-			if time.Now().After(deadline) {
-				b.Fatalf("%d of %d tasks handled in 5 minutes", h, n)
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
+		t0, at0 := fromFirstDone(b, int64(n), "tasks handled", 5*time.Millisecond, handled.Load, func() {
+			cpu0, rcpu0 = selfCPU(b), redisCPU(b, rdb)
+		})
 		wall += time.Since(t0)
 		cpu += selfCPU(b) - cpu0
 		rcpu += redisCPU(b, rdb) - rcpu0
@@ -232,27 +219,17 @@ func BenchmarkRedisFloor(b *testing.B) {
 		if err := srv.Start(mux); err != nil {
 			b.Fatal(err)
 		}
-		var t0 time.Time
 		var rcpu0 time.Duration
-		var at0 int64
-		deadline := time.Now().Add(5 * time.Minute)
-		for {
+		succeeded := func() int64 {
 			st, err := r.store.Status(context.Background(), r.campaign)
 			if err != nil {
 				b.Fatal(err)
 			}
-			done := st.ByState[idempotency.Succeeded]
-			if done > 0 && t0.IsZero() {
-				t0, rcpu0, at0 = time.Now(), redisCPU(b, r.rdb), done
-			}
-			if done == int64(n) {
-				break
-			}
-			if time.Now().After(deadline) {
-				b.Fatalf("%d of %d sends in 5 minutes", done, n)
-			}
-			time.Sleep(20 * time.Millisecond)
+			return st.ByState[idempotency.Succeeded]
 		}
+		t0, at0 := fromFirstDone(b, int64(n), "sends succeeded", 20*time.Millisecond, succeeded, func() {
+			rcpu0 = redisCPU(b, r.rdb)
+		})
 		wall += time.Since(t0)
 		rcpu += redisCPU(b, r.rdb) - rcpu0
 		sends += int64(n) - at0
@@ -278,4 +255,27 @@ func floorCall(b *testing.B, def time.Duration) time.Duration {
 		b.Fatalf("BENCH_FLOOR_CALL: %v", err)
 	}
 	return d
+}
+
+// fromFirstDone polls done every interval until it reaches n, failing after
+// five minutes, and returns when it first saw one done and how many then:
+// the measured window starts there, after the start-up. mark runs at that
+// moment, for the CPU counters read at the window's start.
+func fromFirstDone(b *testing.B, n int64, what string, every time.Duration, done func() int64, mark func()) (t0 time.Time, at0 int64) {
+	b.Helper()
+	deadline := time.Now().Add(5 * time.Minute)
+	for {
+		d := done()
+		if d > 0 && t0.IsZero() {
+			t0, at0 = time.Now(), d
+			mark()
+		}
+		if d == n {
+			return t0, at0
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("%d of %d %s in 5 minutes", d, n, what)
+		}
+		time.Sleep(every)
+	}
 }

@@ -3,7 +3,9 @@ package bench
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -205,6 +207,9 @@ func runUnknownLimit(b *testing.B, bin string, realLimit, configured, n int) {
 			}
 			b.Logf("429s by 100 ms from the first: %s", strings.Join(per, " "))
 		}
+		if int64(blind+seen) != last.limited {
+			b.Errorf("the workers logged %d 429s, the sandbox answered %d: the split below is not to be trusted", blind+seen, last.limited)
+		}
 		if blind+seen > 0 {
 			b.Logf("429s of calls started before any worker had a 429 answer: %d; after: %d (%.2f%% of calls); call latency around the first answer: median %s",
 				blind, seen, 100*float64(seen)/float64(total), lat)
@@ -281,8 +286,10 @@ func readCalls(b *testing.B, fleet []*fleetWorker) workerCalls {
 				Outcome string    `json:"outcome"`
 				Latency *int64    `json:"latency_ms"`
 			}
-			if err := dec.Decode(&l); err != nil {
+			if err := dec.Decode(&l); errors.Is(err, io.EOF) {
 				break
+			} else if err != nil {
+				b.Fatalf("%s: not a JSON log line: %v", w.logPath, err)
 			}
 			if l.Latency == nil || l.Outcome == "" {
 				continue
