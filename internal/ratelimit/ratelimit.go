@@ -119,7 +119,11 @@ type Limiter struct {
 	used map[string]usage
 	// bound is until when a key is at its limit: a slot was refused.
 	bound map[string]time.Time
-	now   func() time.Time
+	// orphans are reserved slots whose caller left before their time
+	// (its context ended): the next caller of this process takes the slot
+	// at that time instead of reserving one more.
+	orphans map[string]time.Time
+	now     func() time.Time
 }
 
 // Adaptation is how the shared rate reacts to 429s (see aimd.lua).
@@ -205,7 +209,7 @@ func New(rdb redis.UniversalClient, opts ...Option) *Limiter {
 		rdb: rdb, gcra: redis_rate.NewLimiter(unprefixed{rdb}), limits: Defaults, keys: keyspace.Default,
 		adapt: DefaultAdaptation, cacheFor: 200 * time.Millisecond, episodeCacheFor: 20 * time.Millisecond,
 		floorFrac: 0.01, cache: map[string]cached{}, granted: map[string]int64{}, turns: map[string]chan struct{}{},
-		waiting: map[string]int{}, spares: map[string]spare{}, used: map[string]usage{}, bound: map[string]time.Time{}, now: time.Now,
+		waiting: map[string]int{}, spares: map[string]spare{}, used: map[string]usage{}, bound: map[string]time.Time{}, orphans: map[string]time.Time{}, now: time.Now,
 	}
 	for _, o := range opts {
 		o(l)
@@ -293,6 +297,9 @@ func (l *Limiter) Wait(ctx context.Context, mchID string, ep Endpoint, maxWait t
 		}
 	}
 	defer func() { <-turn }()
+	if at, ok := l.takeOrphan(key, start.Add(maxWait)); ok {
+		return l.sleepUntil(ctx, key, start, at)
+	}
 	for {
 		// The caller before us may have taken our slot.
 		if l.takeSpare(key) {
@@ -373,17 +380,50 @@ func (l *Limiter) reserve(ctx context.Context, key string, limit redis_rate.Limi
 		l.bound[key] = l.now().Add(time.Second)
 	}
 	l.use(key)
+	at := l.now().Add(wait)
 	l.mu.Unlock()
-	if wait > 0 {
+	return l.sleepUntil(ctx, key, start, at)
+}
+
+// sleepUntil waits for a reserved slot's time. A caller whose context ends
+// first leaves the slot to the next caller of the process (takeOrphan):
+// the fleet counted it as taken, so unused it would be lost to everyone.
+func (l *Limiter) sleepUntil(ctx context.Context, key string, start, at time.Time) (time.Duration, error) {
+	if wait := at.Sub(l.now()); wait > 0 {
 		t := time.NewTimer(wait)
 		defer t.Stop()
 		select {
 		case <-ctx.Done():
+			l.mu.Lock()
+			l.orphans[key] = at
+			l.mu.Unlock()
 			return l.now().Sub(start), ctx.Err()
 		case <-t.C:
 		}
 	}
 	return l.now().Sub(start), nil
+}
+
+// takeOrphan takes a slot left by a caller who gave up on it, if its time
+// is no later than by and has not passed more than spareFor ago: a slot
+// used late would fall between later ones, above the rate.
+func (l *Limiter) takeOrphan(key string, by time.Time) (time.Time, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	at, ok := l.orphans[key]
+	if !ok {
+		return time.Time{}, false
+	}
+	now := l.now()
+	if now.Sub(at) > spareFor {
+		delete(l.orphans, key)
+		return time.Time{}, false
+	}
+	if at.After(by) {
+		return time.Time{}, false
+	}
+	delete(l.orphans, key)
+	return at, true
 }
 
 func parseReserved(v []any) (bool, time.Duration, error) {

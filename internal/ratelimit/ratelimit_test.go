@@ -445,6 +445,44 @@ func TestReservesOneSlotAtTheLimit(t *testing.T) {
 	}
 }
 
+// A caller whose context ends while it sleeps for its reserved slot
+// returns at once, and leaves the slot to the next caller of its process,
+// which takes it at its time without a round trip: the fleet counted the
+// slot as taken, so dropped it would be lost.
+func TestLeftSlotGoesToTheNextCaller(t *testing.T) {
+	rdb := redistest.Start(t).Client()
+	calls := gcraCalls()
+	rdb.AddHook(calls)
+	ctx := context.Background()
+	const interval = 100 * time.Millisecond
+	l := New(rdb, WithLimits(map[Endpoint]Limit{SendCoupon: {10, time.Second}}))
+	// Up to the limit: the burst, then one slot that had to be waited for.
+	for waited := time.Duration(0); waited == 0; {
+		var err error
+		if waited, err = l.Wait(ctx, "m1", SendCoupon, time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	gone, cancel := context.WithCancel(ctx)
+	time.AfterFunc(10*time.Millisecond, cancel)
+	if waited, err := l.Wait(gone, "m1", SendCoupon, time.Second); !errors.Is(err, context.Canceled) || waited >= interval/2 {
+		t.Fatalf("a caller cancelled during its slot's wait: %v after %v, want context.Canceled at once", err, waited)
+	}
+	before, tat := calls.N(), rdb.Get(ctx, keyspace.Default.Limiter("m1", string(SendCoupon))).Val()
+	waited, err := l.Wait(ctx, "m1", SendCoupon, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := calls.N() - before; n != 0 || rdb.Get(ctx, keyspace.Default.Limiter("m1", string(SendCoupon))).Val() != tat {
+		t.Fatalf("the next caller made %d round trips and moved the GCRA state: it reserved a slot of its own, not the one left", n)
+	}
+	// The left slot is about an interval after the one before it, 10 ms of
+	// which the cancelled caller slept: the next caller waits the rest.
+	if waited < interval/4 {
+		t.Fatalf("the next caller waited %v: it took the left slot before its time", waited)
+	}
+}
+
 func TestParseReserved(t *testing.T) {
 	for _, c := range []struct {
 		v    []any
