@@ -12,7 +12,6 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
-	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -90,8 +89,6 @@ const MaxRetry = 10
 // attempt.
 const Timeout = 2 * time.Minute
 
-var campaignRE = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,64}$`)
-
 // Common holds the fields every send has. It is embedded in each payload,
 // so its fields sit at the top level of the JSON.
 type Common struct {
@@ -134,7 +131,7 @@ func (c Common) validate() error {
 // ValidateCampaign checks a campaign name: it becomes part of Redis keys
 // and of derived out_request_nos.
 func ValidateCampaign(name string) error {
-	if !campaignRE.MatchString(name) {
+	if name == "" || len(name) > 64 || !wechat.OnlyAlnumOr(name, "_.-") {
 		return fmt.Errorf("campaign %q must be 1-64 letters, digits, '_', '.' or '-'", name)
 	}
 	return nil
