@@ -225,6 +225,7 @@ func exponential(n int, first, max time.Duration) time.Duration {
 
 // ProcessTask implements asynq.Handler.
 func (h *Handler) ProcessTask(ctx context.Context, t *asynq.Task) error {
+	growStack(len(t.Payload()))
 	args, err := tasks.Decode(t)
 	if err != nil {
 		// Nothing we could send; retrying cannot help.
@@ -591,4 +592,24 @@ func newOwner() string {
 	var b [8]byte
 	_, _ = crand.Read(b[:])
 	return hex.EncodeToString(b[:])
+}
+
+// growStack grows the calling goroutine's stack to fit a send, in one copy
+// made while the stack is shallow. asynq runs each task on a goroutine of
+// its own, whose stack starts small and grows by copying as the call
+// deepens (the SDK, RSA, go-redis), each copy walking every frame. perf
+// put 2.6 % of the worker's CPU in runtime.morestack; 1.1 % with a 16 KB
+// frame here, 0.8 % with 32 KB (the rest is other goroutines'). In nine
+// BenchmarkDispatch pairs a send took 2.2 % less worker CPU on average,
+// and the signing ratio was higher in every pair.
+//
+// seed is any number the compiler cannot know (the payload's length), so
+// that the frame is kept.
+//
+//go:noinline
+func growStack(seed int) byte {
+	var frame [32 << 10]byte
+	i := seed & (len(frame) - 1)
+	frame[i] = 1
+	return frame[(i*7+1)&(len(frame)-1)]
 }
