@@ -271,3 +271,21 @@ func BenchmarkDecode(b *testing.B) {
 		}
 	}
 }
+
+func TestValidateCampaign(t *testing.T) {
+	for name, ok := range map[string]bool{
+		"spring-2026":           true,
+		"a.b_c-D9":              true,
+		strings.Repeat("c", 64): true,
+		strings.Repeat("c", 65): false,
+		"":                      false,
+		"a b":                   false,
+		"{spring}":              false,
+		"spring:1":              false,
+		"春":                     false,
+	} {
+		if err := ValidateCampaign(name); (err == nil) != ok {
+			t.Errorf("ValidateCampaign(%q) = %v, want ok %v", name, err, ok)
+		}
+	}
+}
