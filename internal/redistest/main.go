@@ -1,0 +1,56 @@
+package redistest
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"time"
+)
+
+// ForMain starts one redis-server for a whole test binary, for code that
+// has no testing.TB: a package's Example functions, from its TestMain.
+// stop kills it and removes its directory.
+func ForMain() (addr string, stop func(), err error) {
+	bin := os.Getenv("REDIS_SERVER")
+	if bin == "" {
+		bin = "redis-server"
+	}
+	path, err := exec.LookPath(bin)
+	if err != nil {
+		return "", nil, fmt.Errorf("redistest: %s not found (apt-get install redis-server, or set REDIS_SERVER): %w", bin, err)
+	}
+	dir, err := os.MkdirTemp("", "redistest-")
+	if err != nil {
+		return "", nil, err
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		os.RemoveAll(dir)
+		return "", nil, err
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	addr = "127.0.0.1:" + strconv.Itoa(port)
+	cmd := exec.Command(path, "--bind", "127.0.0.1", "--port", strconv.Itoa(port), "--dir", dir,
+		"--save", "", "--appendonly", "no", "--protected-mode", "no", "--logfile", "redis.log")
+	cmd.Dir = dir
+	if err := cmd.Start(); err != nil {
+		os.RemoveAll(dir)
+		return "", nil, fmt.Errorf("redistest: starting redis-server: %w", err)
+	}
+	stop = func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		os.RemoveAll(dir)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if err := ping(addr, nil); err == nil {
+			return addr, stop, nil
+		} else if time.Now().After(deadline) {
+			stop()
+			return "", nil, fmt.Errorf("redistest: redis-server on %s did not answer in 10s: %w", addr, err)
+		}
+	}
+}
