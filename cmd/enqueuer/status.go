@@ -20,6 +20,7 @@ import (
 	"github.com/couponflow/dispatcher/internal/breaker"
 	"github.com/couponflow/dispatcher/internal/idempotency"
 	"github.com/couponflow/dispatcher/internal/ratelimit"
+	"github.com/couponflow/dispatcher/internal/tasks"
 	"github.com/couponflow/dispatcher/internal/wechat"
 )
 
@@ -154,7 +155,7 @@ type fleet struct {
 
 func fleetOf(ctx context.Context, l *ratelimit.Limiter, b *breaker.Breakers, mchID string) (fleet, error) {
 	f := fleet{Rates: map[ratelimit.Endpoint]float64{}, Shared: map[ratelimit.Endpoint]ratelimit.Shared{}}
-	for _, ep := range []ratelimit.Endpoint{ratelimit.SendCoupon, ratelimit.SendMultiuse} {
+	for _, ep := range tasks.Endpoints() {
 		sh, err := l.Fleet(ctx, mchID, ep)
 		if err != nil {
 			return f, err
@@ -217,9 +218,16 @@ func printStatus(w io.Writer, meta idempotency.Campaign, st idempotency.Status, 
 	if n := st.ByState[idempotency.Unknown]; n > 0 {
 		fmt.Fprintf(w, "  %d sends are unknown: WeChat never answered them and their coupons may exist; do not resend them elsewhere. Run: enqueuer reconcile --campaign %s\n", n, meta.Name)
 	}
-	fmt.Fprintf(w, "  shared rate now: %s %.1f/s, %s %.2f/s (%s; %s)\n",
-		ratelimit.SendCoupon, f.Rates[ratelimit.SendCoupon], ratelimit.SendMultiuse, f.Rates[ratelimit.SendMultiuse],
-		sharedLine(ratelimit.SendCoupon, f.Shared[ratelimit.SendCoupon]), sharedLine(ratelimit.SendMultiuse, f.Shared[ratelimit.SendMultiuse]))
+	var rates, lines []string
+	for _, ep := range tasks.Endpoints() {
+		prec := 1 // a limit per minute is a fraction a second
+		if ratelimit.Defaults[ep].Per == time.Minute {
+			prec = 2
+		}
+		rates = append(rates, fmt.Sprintf("%s %.*f/s", ep, prec, f.Rates[ep]))
+		lines = append(lines, sharedLine(ep, f.Shared[ep]))
+	}
+	fmt.Fprintf(w, "  shared rate now: %s (%s)\n", strings.Join(rates, ", "), strings.Join(lines, "; "))
 	for _, b := range f.Breakers {
 		what, hint := "stock "+b.StockID, ""
 		if b.StockID == breaker.Merchant {
@@ -270,7 +278,7 @@ func printStatusJSON(w io.Writer, meta idempotency.Campaign, st idempotency.Stat
 // configured limit and the real limit learned from WeChat's 429s.
 func sharedLine(ep ratelimit.Endpoint, sh ratelimit.Shared) string {
 	per, unit := sh.Limit, "s"
-	if ep == ratelimit.SendMultiuse {
+	if ratelimit.Defaults[ep].Per == time.Minute {
 		per, unit = math.Round(per*60*1000)/1000, "m"
 	}
 	line := fmt.Sprintf("%s: workers' limit %g/%s", ep, per, unit)

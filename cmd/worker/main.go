@@ -191,8 +191,9 @@ func run(argv []string) error {
 	srv := asynq.NewServerFromRedisClient(rdb, config(mainQueues, 0))
 	wokenSrv := asynq.NewServerFromRedisClient(rdb, config(wokenQueues, 250*time.Millisecond))
 	mux := asynq.NewServeMux()
-	mux.Handle(tasks.TypeSendCoupon, h)
-	mux.Handle(tasks.TypeSendMultiuse, h)
+	for _, k := range tasks.Kinds {
+		mux.Handle(k.Type, h)
+	}
 	handler := withSlots(slots, mux)
 
 	log.Info("worker starting", "redis", spec, "concurrency", *concurrency, "queues", queueWeights,

@@ -64,24 +64,10 @@ func WeChat(wx *wechat.Client) Caller { return wechatCaller{wx} }
 type wechatCaller struct{ wx *wechat.Client }
 
 func (c wechatCaller) Call(ctx context.Context, args tasks.Args) (string, error) {
-	switch a := args.(type) {
-	case tasks.SendCoupon:
-		resp, err := c.wx.SendCoupon(ctx, a.Request())
-		if err != nil {
-			return "", err
-		}
-		return resp.CouponID, nil
-	case tasks.SendMultiuse:
-		resp, err := c.wx.SendMultiuseCoupon(ctx, a.Request())
-		if err != nil {
-			return "", err
-		}
-		return resp.CouponID, nil
-	}
-	return "", fmt.Errorf("dispatch: no call for %T", args)
+	return args.Call(ctx, c.wx)
 }
 
-// Handler processes send tasks of both kinds.
+// Handler processes send tasks of every kind (tasks.Kinds).
 type Handler struct {
 	policy
 	wx          Caller
@@ -551,10 +537,8 @@ func codeOf(err error) string {
 }
 
 func endpointOf(args tasks.Args) ratelimit.Endpoint {
-	if args.Kind() == tasks.TypeSendMultiuse {
-		return ratelimit.SendMultiuse
-	}
-	return ratelimit.SendCoupon
+	k, _ := tasks.KindOf(args.Kind())
+	return k.Endpoint
 }
 
 // claim takes the send, waiting a little inside the handler when it is

@@ -10,14 +10,16 @@ import (
 	"github.com/couponflow/dispatcher/internal/breaker"
 	"github.com/couponflow/dispatcher/internal/idempotency"
 	"github.com/couponflow/dispatcher/internal/ratelimit"
+	"github.com/couponflow/dispatcher/internal/tasks"
 )
 
 // scrapeTimeout bounds the Redis reads of one scrape, below Prometheus's
 // default scrape timeout of 10s.
 const scrapeTimeout = 5 * time.Second
 
-// endpoints are the limiter's endpoints, in the order they are reported.
-var endpoints = []ratelimit.Endpoint{ratelimit.SendCoupon, ratelimit.SendMultiuse, ratelimit.ListCoupons}
+// endpoints are the limiter's endpoints, in the order they are reported:
+// the sends' (tasks.Kinds), then the list API's.
+var endpoints = append(tasks.Endpoints(), ratelimit.ListCoupons)
 
 // Sources of couponflow_scrape_error.
 const (

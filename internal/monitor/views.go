@@ -200,7 +200,7 @@ type Breaker struct {
 }
 
 // endpoints are the sends whose rate the pages show.
-var endpoints = []ratelimit.Endpoint{ratelimit.SendCoupon, ratelimit.SendMultiuse}
+var endpoints = tasks.Endpoints()
 
 // look is what one request reads once for all the campaigns it shows:
 // the live workers and each merchant's open breakers.

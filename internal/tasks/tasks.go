@@ -6,6 +6,7 @@ package tasks
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/hibiken/asynq"
 
+	"github.com/couponflow/dispatcher/internal/ratelimit"
 	"github.com/couponflow/dispatcher/internal/wechat"
 )
 
@@ -156,6 +158,15 @@ func (a SendCoupon) Request() wechat.SendCouponRequest {
 	}
 }
 
+// Call sends the cash coupon.
+func (a SendCoupon) Call(ctx context.Context, wx *wechat.Client) (string, error) {
+	resp, err := wx.SendCoupon(ctx, a.Request())
+	if err != nil {
+		return "", err
+	}
+	return resp.CouponID, nil
+}
+
 // Validate checks every field the way WeChat will, and the fields of ours.
 func (a SendCoupon) Validate() error {
 	if err := a.Common.validate(); err != nil {
@@ -182,6 +193,15 @@ func (a SendMultiuse) Request() wechat.SendMultiuseRequest {
 		OpenID: a.OpenID, StockID: a.StockID, OutRequestNo: a.OutRequestNo, AppID: a.AppID,
 		Amount: a.Amount, CardType: a.CardType, Identity: a.Identity,
 	}
+}
+
+// Call sends the consumer funds.
+func (a SendMultiuse) Call(ctx context.Context, wx *wechat.Client) (string, error) {
+	resp, err := wx.SendMultiuseCoupon(ctx, a.Request())
+	if err != nil {
+		return "", err
+	}
+	return resp.CouponID, nil
 }
 
 // Validate checks every field; the identity is checked for presence only,
@@ -241,6 +261,53 @@ type Args interface {
 	Base() Common
 	Key() Key
 	Validate() error
+	// Call makes the send's WeChat Pay call and returns the coupon id.
+	Call(ctx context.Context, wx *wechat.Client) (couponID string, err error)
+}
+
+// Kind describes one kind of send beyond its payload type's methods. A
+// new kind is a payload type (Request, Validate, Call), its entry in
+// Kinds, and its call in internal/wechat: the worker registers, decodes
+// and rate-limits every kind from here, and status and the monitor show
+// each Endpoint's shared rate.
+type Kind struct {
+	// Type is asynq's task type, the payload's Kind().
+	Type string
+	// Endpoint is the WeChat Pay API the send calls, whose rate limit it
+	// shares.
+	Endpoint ratelimit.Endpoint
+	decode   func(payload []byte) (Args, error)
+}
+
+// Kinds lists every kind of send.
+var Kinds = []Kind{
+	{Type: TypeSendCoupon, Endpoint: ratelimit.SendCoupon, decode: decodeAs[SendCoupon]},
+	{Type: TypeSendMultiuse, Endpoint: ratelimit.SendMultiuse, decode: decodeAs[SendMultiuse]},
+}
+
+// Endpoints are the rate limits the kinds of send use, in Kinds' order.
+func Endpoints() []ratelimit.Endpoint {
+	out := make([]ratelimit.Endpoint, len(Kinds))
+	for i, k := range Kinds {
+		out[i] = k.Endpoint
+	}
+	return out
+}
+
+// KindOf is the kind whose task type is typ.
+func KindOf(typ string) (Kind, bool) {
+	for _, k := range Kinds {
+		if k.Type == typ {
+			return k, true
+		}
+	}
+	return Kind{}, false
+}
+
+func decodeAs[A Args](payload []byte) (Args, error) {
+	var a A
+	err := json.Unmarshal(payload, &a)
+	return a, err
 }
 
 // NewTask validates args and returns the task with its id, queue and retry
@@ -262,24 +329,15 @@ func NewTask(args Args, opts ...asynq.Option) (*asynq.Task, error) {
 	return asynq.NewTask(args.Kind(), payload, append(base, opts...)...), nil
 }
 
-// Decode parses a payload of either kind.
+// Decode parses a payload of any kind and checks its fields.
 func Decode(t *asynq.Task) (Args, error) {
-	var args Args
-	switch t.Type() {
-	case TypeSendCoupon:
-		var a SendCoupon
-		if err := json.Unmarshal(t.Payload(), &a); err != nil {
-			return nil, fmt.Errorf("%s payload: %w", t.Type(), err)
-		}
-		args = a
-	case TypeSendMultiuse:
-		var a SendMultiuse
-		if err := json.Unmarshal(t.Payload(), &a); err != nil {
-			return nil, fmt.Errorf("%s payload: %w", t.Type(), err)
-		}
-		args = a
-	default:
+	k, ok := KindOf(t.Type())
+	if !ok {
 		return nil, fmt.Errorf("unknown task type %q", t.Type())
+	}
+	args, err := k.decode(t.Payload())
+	if err != nil {
+		return nil, fmt.Errorf("%s payload: %w", t.Type(), err)
 	}
 	if err := args.Validate(); err != nil {
 		return nil, fmt.Errorf("%s payload: %w", t.Type(), err)

@@ -10,6 +10,7 @@ import (
 
 	"github.com/hibiken/asynq"
 
+	"github.com/couponflow/dispatcher/internal/ratelimit"
 	"github.com/couponflow/dispatcher/internal/wechat"
 )
 
@@ -286,6 +287,39 @@ func TestValidateCampaign(t *testing.T) {
 	} {
 		if err := ValidateCampaign(name); (err == nil) != ok {
 			t.Errorf("ValidateCampaign(%q) = %v, want ok %v", name, err, ok)
+		}
+	}
+}
+
+// Every kind is described once, in Kinds: its payload decodes back to the
+// same send, and its endpoint has a rate limit.
+func TestEveryKindDescribed(t *testing.T) {
+	sends := []Args{coupon(), SendMultiuse{Common: coupon().Common, Amount: 5000, CardType: "ID_CARD",
+		Identity: wechat.EncryptedIdentity{UserName: "Y2lwaGVy", IDCardNumber: "Y2lwaGVyMg==", KeyID: "PUB_KEY_ID_1"}}}
+	if len(sends) != len(Kinds) {
+		t.Fatalf("%d kinds, %d sends here: add the new kind's send to this test", len(Kinds), len(sends))
+	}
+	for i, a := range sends {
+		k, ok := KindOf(a.Kind())
+		if !ok || k.Type != Kinds[i].Type {
+			t.Fatalf("%T: KindOf(%q) = %v, %v", a, a.Kind(), k.Type, ok)
+		}
+		if _, ok := ratelimit.Defaults[k.Endpoint]; !ok {
+			t.Errorf("%s: endpoint %q has no rate limit", k.Type, k.Endpoint)
+		}
+		if Endpoints()[i] != k.Endpoint {
+			t.Errorf("Endpoints()[%d] = %q, want %q", i, Endpoints()[i], k.Endpoint)
+		}
+		task, err := NewTask(a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		back, err := Decode(task)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fmt.Sprintf("%#v", back) != fmt.Sprintf("%#v", a) {
+			t.Errorf("%s decoded as\n%#v\nwant\n%#v", k.Type, back, a)
 		}
 	}
 }
