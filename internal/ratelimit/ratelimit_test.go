@@ -454,8 +454,8 @@ func TestLeftSlotGoesToTheNextCaller(t *testing.T) {
 	calls := gcraCalls()
 	rdb.AddHook(calls)
 	ctx := context.Background()
-	const interval = 100 * time.Millisecond
-	l := New(rdb, WithLimits(map[Endpoint]Limit{SendCoupon: {10, time.Second}}))
+	const interval = 200 * time.Millisecond
+	l := New(rdb, WithLimits(map[Endpoint]Limit{SendCoupon: {5, time.Second}}))
 	// Up to the limit: the burst, then one slot that had to be waited for.
 	for waited := time.Duration(0); waited == 0; {
 		var err error
@@ -465,7 +465,7 @@ func TestLeftSlotGoesToTheNextCaller(t *testing.T) {
 	}
 	gone, cancel := context.WithCancel(ctx)
 	time.AfterFunc(10*time.Millisecond, cancel)
-	if waited, err := l.Wait(gone, "m1", SendCoupon, time.Second); !errors.Is(err, context.Canceled) || waited >= interval/2 {
+	if waited, err := l.Wait(gone, "m1", SendCoupon, time.Second); !errors.Is(err, context.Canceled) || waited >= 3*interval/4 {
 		t.Fatalf("a caller cancelled during its slot's wait: %v after %v, want context.Canceled at once", err, waited)
 	}
 	before, tat := calls.N(), rdb.Get(ctx, keyspace.Default.Limiter("m1", string(SendCoupon))).Val()
