@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -22,17 +21,7 @@ import (
 // programs, REDIS_ADDR.
 var exampleRedis string
 
-func TestMain(m *testing.M) {
-	addr, stop, err := redistest.ForMain()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	exampleRedis = addr
-	code := m.Run()
-	stop()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { redistest.Main(m, &exampleRedis) }
 
 // A campaign file queued as enqueuer campaign queues it: each row
 // recorded and queued once, a row WeChat would refuse reported by its

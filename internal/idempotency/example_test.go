@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log"
-	"os"
 	"testing"
 	"time"
 
@@ -18,17 +17,7 @@ import (
 // programs, REDIS_ADDR.
 var exampleRedis string
 
-func TestMain(m *testing.M) {
-	addr, stop, err := redistest.ForMain()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	exampleRedis = addr
-	code := m.Run()
-	stop()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { redistest.Main(m, &exampleRedis) }
 
 // Two deliveries of one send (asynq redelivered it, or two workers hold
 // copies): the first claims it and calls WeChat, the second is told the

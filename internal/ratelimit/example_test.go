@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log"
-	"os"
 	"testing"
 	"time"
 
@@ -18,17 +17,7 @@ import (
 // programs, REDIS_ADDR.
 var exampleRedis string
 
-func TestMain(m *testing.M) {
-	addr, stop, err := redistest.ForMain()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	exampleRedis = addr
-	code := m.Run()
-	stop()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { redistest.Main(m, &exampleRedis) }
 
 // The workers' --rate-limits: WeChat Pay's published limits, with the
 // endpoints named replaced.

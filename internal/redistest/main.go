@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"testing"
 	"time"
 )
 
@@ -53,4 +54,19 @@ func ForMain() (addr string, stop func(), err error) {
 			return "", nil, fmt.Errorf("redistest: redis-server on %s did not answer in 10s: %w", addr, err)
 		}
 	}
+}
+
+// Main is a TestMain for a package whose examples need Redis: it starts
+// one redis-server (ForMain), puts its address in *addr, runs the tests
+// and examples, and exits with their code.
+func Main(m *testing.M, addr *string) {
+	a, stop, err := ForMain()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	*addr = a
+	code := m.Run()
+	stop()
+	os.Exit(code)
 }
