@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
@@ -14,13 +15,9 @@ import (
 // has no testing.TB: a package's Example functions, from its TestMain.
 // stop kills it and removes its directory.
 func ForMain() (addr string, stop func(), err error) {
-	bin := os.Getenv("REDIS_SERVER")
-	if bin == "" {
-		bin = "redis-server"
-	}
-	path, err := exec.LookPath(bin)
+	path, err := lookServer()
 	if err != nil {
-		return "", nil, fmt.Errorf("redistest: %s not found (apt-get install redis-server, or set REDIS_SERVER): %w", bin, err)
+		return "", nil, err
 	}
 	dir, err := os.MkdirTemp("", "redistest-")
 	if err != nil {
@@ -34,9 +31,8 @@ func ForMain() (addr string, stop func(), err error) {
 	port := l.Addr().(*net.TCPAddr).Port
 	l.Close()
 	addr = "127.0.0.1:" + strconv.Itoa(port)
-	cmd := exec.Command(path, "--bind", "127.0.0.1", "--port", strconv.Itoa(port), "--dir", dir,
-		"--save", "", "--appendonly", "no", "--protected-mode", "no", "--logfile", "redis.log")
-	cmd.Dir = dir
+	args := serverArgs(path, strconv.Itoa(port), dir, filepath.Join(dir, "redis.log"))
+	cmd := exec.Command(args[0], args[1:]...)
 	if err := cmd.Start(); err != nil {
 		os.RemoveAll(dir)
 		return "", nil, fmt.Errorf("redistest: starting redis-server: %w", err)

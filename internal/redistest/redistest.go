@@ -47,25 +47,38 @@ func startOn(tb testing.TB, port int, extra ...string) *Server {
 	tb.Helper()
 	s := &Server{Addr: "127.0.0.1:" + strconv.Itoa(port), Dir: tb.TempDir(), tb: tb}
 	s.logf = filepath.Join(s.Dir, "redis.log")
-	s.args = append([]string{serverPath(tb), "--bind", "127.0.0.1", "--port", portOf(s.Addr), "--dir", s.Dir,
-		"--save", "", "--appendonly", "no", "--protected-mode", "no", "--logfile", s.logf}, extra...)
+	s.args = append(serverArgs(serverPath(tb), portOf(s.Addr), s.Dir, s.logf), extra...)
 	s.start()
 	tb.Cleanup(s.Kill)
 	return s
 }
 
+// serverArgs is the command line of a private, unpersisted redis-server.
+func serverArgs(bin, port, dir, logfile string) []string {
+	return []string{bin, "--bind", "127.0.0.1", "--port", port, "--dir", dir,
+		"--save", "", "--appendonly", "no", "--protected-mode", "no", "--logfile", logfile}
+}
+
 // serverPath finds redis-server: REDIS_SERVER, or on PATH.
 func serverPath(tb testing.TB) string {
 	tb.Helper()
+	path, err := lookServer()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return path
+}
+
+func lookServer() (string, error) {
 	bin := os.Getenv("REDIS_SERVER")
 	if bin == "" {
 		bin = "redis-server"
 	}
 	path, err := exec.LookPath(bin)
 	if err != nil {
-		tb.Fatalf("redistest: %s not found (apt-get install redis-server, or set REDIS_SERVER): %v", bin, err)
+		return "", fmt.Errorf("redistest: %s not found (apt-get install redis-server, or set REDIS_SERVER): %w", bin, err)
 	}
-	return path
+	return path, nil
 }
 
 func (s *Server) start() {
