@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log"
-	"net"
 	"os"
 	"testing"
 	"time"
@@ -17,6 +16,7 @@ import (
 	"github.com/couponflow/dispatcher/internal/idempotency"
 	"github.com/couponflow/dispatcher/internal/redistest"
 	"github.com/couponflow/dispatcher/internal/sandbox"
+	"github.com/couponflow/dispatcher/internal/sandbox/sandboxtest"
 	"github.com/couponflow/dispatcher/internal/tasks"
 	"github.com/couponflow/dispatcher/internal/wechat"
 )
@@ -31,31 +31,20 @@ var (
 
 func TestMain(m *testing.M) {
 	os.Exit(func() int {
-		addr, stop, err := redistest.ForMain()
+		sb, stopSandbox, err := sandboxtest.ForMain()
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 1
 		}
-		defer stop()
+		defer stopSandbox()
+		exampleSandbox = sb
+		addr, stopRedis, err := redistest.ForMain()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer stopRedis()
 		exampleRedis = addr
-		dir, err := os.MkdirTemp("", "dispatch-example-")
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			return 1
-		}
-		defer os.RemoveAll(dir)
-		if exampleSandbox, err = sandbox.New(sandbox.Config{DataDir: dir}); err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			return 1
-		}
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			return 1
-		}
-		go exampleSandbox.Serve(l)
-		<-exampleSandbox.Ready()
-		defer exampleSandbox.Close()
 		return m.Run()
 	}())
 }

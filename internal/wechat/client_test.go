@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"runtime"
 	"strings"
@@ -14,6 +13,7 @@ import (
 	"time"
 
 	"github.com/couponflow/dispatcher/internal/sandbox"
+	"github.com/couponflow/dispatcher/internal/sandbox/sandboxtest"
 	"github.com/couponflow/dispatcher/internal/wechat"
 )
 
@@ -22,25 +22,14 @@ import (
 var sb *sandbox.Server
 
 func TestMain(m *testing.M) {
-	os.Exit(func() int {
-		dir, err := os.MkdirTemp("", "wechat-test-")
-		if err != nil {
-			panic(err)
-		}
-		defer os.RemoveAll(dir)
-		sb, err = sandbox.New(sandbox.Config{DataDir: dir})
-		if err != nil {
-			panic(err)
-		}
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			panic(err)
-		}
-		go sb.Serve(l)
-		<-sb.Ready()
-		defer sb.Close()
-		return m.Run()
-	}())
+	var stop func()
+	var err error
+	if sb, stop, err = sandboxtest.ForMain(); err != nil {
+		panic(err)
+	}
+	code := m.Run()
+	stop()
+	os.Exit(code)
 }
 
 func configOf(env map[string]string) wechat.Config {

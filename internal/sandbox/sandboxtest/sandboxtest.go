@@ -4,10 +4,13 @@ package sandboxtest
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"testing"
 	"time"
 
@@ -21,18 +24,48 @@ import (
 // tb.Cleanup closes it. Options adjust the config before it starts.
 func Start(tb testing.TB, opts ...func(*sandbox.Config)) *sandbox.Server {
 	tb.Helper()
-	cfg := sandbox.Config{DataDir: tb.TempDir()}
+	s, stop, err := serve(tb.TempDir(), opts)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		if err := stop(); err != nil {
+			tb.Error(err)
+		}
+	})
+	return s
+}
+
+// ForMain is Start for a whole test binary (its TestMain), for code that
+// has no testing.TB: a package's examples, or one sandbox its tests share
+// because generating RSA keys is slow. stop closes it and removes its
+// directory.
+func ForMain(opts ...func(*sandbox.Config)) (s *sandbox.Server, stop func(), err error) {
+	dir, err := os.MkdirTemp("", "sandboxtest-")
+	if err != nil {
+		return nil, nil, err
+	}
+	s, closeIt, err := serve(dir, opts)
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, nil, err
+	}
+	return s, func() { _ = closeIt(); os.RemoveAll(dir) }, nil
+}
+
+func serve(dir string, opts []func(*sandbox.Config)) (*sandbox.Server, func() error, error) {
+	cfg := sandbox.Config{DataDir: dir}
 	for _, o := range opts {
 		o(&cfg)
 	}
 	s, err := sandbox.New(cfg)
 	if err != nil {
-		tb.Fatalf("sandboxtest: %v", err)
+		return nil, nil, fmt.Errorf("sandboxtest: %w", err)
 	}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		_ = s.Close()
-		tb.Fatalf("sandboxtest: listen: %v", err)
+		return nil, nil, fmt.Errorf("sandboxtest: listen: %w", err)
 	}
 	done := make(chan error, 1)
 	go func() { done <- s.Serve(l) }()
@@ -40,17 +73,19 @@ func Start(tb testing.TB, opts ...func(*sandbox.Config)) *sandbox.Server {
 	case <-s.Ready():
 	case err := <-done:
 		_ = s.Close()
-		tb.Fatalf("sandboxtest: serve: %v", err)
+		return nil, nil, fmt.Errorf("sandboxtest: serve: %w", err)
 	}
-	tb.Cleanup(func() {
+	stop := func() error {
+		var errs []error
 		if err := s.Close(); err != nil {
-			tb.Errorf("sandboxtest: close: %v", err)
+			errs = append(errs, fmt.Errorf("sandboxtest: close: %w", err))
 		}
 		if err := <-done; err != nil {
-			tb.Errorf("sandboxtest: serve: %v", err)
+			errs = append(errs, fmt.Errorf("sandboxtest: serve: %w", err))
 		}
-	})
-	return s
+		return errors.Join(errs...)
+	}
+	return s, stop, nil
 }
 
 // KeyBits sets the RSA key size generated for the sandbox (default 2048).
